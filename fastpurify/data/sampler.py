@@ -1,0 +1,108 @@
+"""Device-resident batches with the ANP augmentation, drawn from a ``torch.Generator``.
+
+The reference and the fast engines both draw through this one module, so that with the same
+seed they see the same batches, crops and flips, draw for draw. Everything stays on the
+tensors' device: no DataLoader, no per-image PIL transforms.
+
+Order of the random draws for one batch (the contract the engines rely on):
+  1. indices  ``torch.randint(N, (B,))``   (with replacement) or a slice of an epoch permutation
+  2. offsets  ``torch.randint(0, 2*padding + 1, (B, 2))``  (row, column) of the crop window
+  3. flips    ``torch.rand(B) < 0.5``
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+
+from ..validation import InputError, check_images, check_labels, check_positive_int
+
+
+def make_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator on ``device`` seeded with ``seed``."""
+    return torch.Generator(device=torch.device(device)).manual_seed(int(seed))
+
+
+def augment_batch(images: torch.Tensor, generator: torch.Generator, padding: int = 4,
+                  flip: bool = True) -> torch.Tensor:
+    """Random crop after zero padding by ``padding`` pixels, then a random horizontal flip.
+
+    Same semantics as torchvision's ``RandomCrop(size, padding)`` + ``RandomHorizontalFlip()``
+    applied image by image, but done for the whole batch at once on its device.
+    """
+    n, _, h, w = images.shape
+    dev = images.device
+    out = images
+    if padding > 0:
+        padded = F.pad(images, (padding, padding, padding, padding))
+        offsets = torch.randint(0, 2 * padding + 1, (n, 2), generator=generator, device=dev)
+        rows = offsets[:, 0, None] + torch.arange(h, device=dev)  # (N, H)
+        cols = offsets[:, 1, None] + torch.arange(w, device=dev)  # (N, W)
+        batch = torch.arange(n, device=dev)[:, None, None]
+        # Advanced indexing on axes 0, 2, 3 puts the channel axis last: (N, H, W, C).
+        out = padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
+    if flip:
+        flips = torch.rand(n, generator=generator, device=dev) < 0.5
+        out = torch.where(flips[:, None, None, None], out.flip(-1), out)
+    return out.contiguous()
+
+
+class DeviceBatchSampler:
+    """Batches of (images, labels) held on one device, with optional ANP augmentation.
+
+    ``sample()`` draws one batch with replacement (as ANP's ``RandomSampler(replacement=True)``);
+    iterating gives one epoch of a fresh permutation (as a shuffled DataLoader), the last
+    partial batch kept unless ``drop_last``.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, *,
+                 generator: torch.Generator | None = None, seed: int = 0, augment: bool = True,
+                 padding: int = 4, flip: bool = True, drop_last: bool = False,
+                 device: torch.device | str | None = None):
+        check_images(images)
+        check_labels(labels, num_images=images.shape[0])
+        check_positive_int(batch_size, "batch_size")
+        if not isinstance(padding, int) or padding < 0:
+            raise InputError(f"padding must be a non-negative integer, got {padding!r}")
+        device = torch.device(device) if device is not None else images.device
+        self.images = images.to(device)
+        self.labels = labels.to(device)
+        self.batch_size = batch_size
+        self.augment, self.padding, self.flip, self.drop_last = augment, padding, flip, drop_last
+        if generator is None:
+            generator = make_generator(seed, device)
+        elif generator.device.type != device.type:
+            raise InputError(f"the generator is on {generator.device} but the data is on {device}; "
+                             "they must share a device type")
+        self.generator = generator
+
+    @property
+    def device(self) -> torch.device:
+        return self.images.device
+
+    def __len__(self) -> int:
+        n = self.images.shape[0]
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def _take(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = self.images[index], self.labels[index]
+        if self.augment:
+            x = augment_batch(x, self.generator, self.padding, self.flip)
+        return x, y
+
+    def sample(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """One batch of ``batch_size`` drawn uniformly with replacement."""
+        index = torch.randint(self.images.shape[0], (self.batch_size,), generator=self.generator,
+                              device=self.device)
+        return self._take(index)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        n = self.images.shape[0]
+        perm = torch.randperm(n, generator=self.generator, device=self.device)
+        for start in range(0, n, self.batch_size):
+            index = perm[start:start + self.batch_size]
+            if self.drop_last and index.shape[0] < self.batch_size:
+                break
+            yield self._take(index)

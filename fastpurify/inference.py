@@ -1,0 +1,48 @@
+"""Batched inference that leaves the model as it found it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.nn as nn
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter or buffer (CPU for a model with neither)."""
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Put every submodule in eval mode, then restore each one's own training flag."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, images: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    """Logits (N, classes) in eval mode, computed in batches on the model's device, returned
+    on the images' device."""
+    device = model_device(model)
+    outs = []
+    with eval_mode(model):
+        for start in range(0, images.shape[0], batch_size):
+            batch = images[start:start + batch_size].to(device, non_blocking=True)
+            outs.append(model(batch).float().to(images.device))
+    return torch.cat(outs)
+
+
+def predict(model: nn.Module, images: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    """Predicted classes (N,)."""
+    return predict_logits(model, images, batch_size).argmax(dim=1)

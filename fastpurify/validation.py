@@ -1,0 +1,102 @@
+"""Input checks shared by every entry point.
+
+Each check raises :class:`InputError` (a ``ValueError``) whose message says what was wrong
+and what is accepted, so that a bad call fails at the door rather than deep in a kernel.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+class InputError(ValueError):
+    """Raised for user input that fastpurify cannot accept."""
+
+
+def check_images(images: torch.Tensor, name: str = "images", unit_range: bool = False) -> None:
+    """Images must be a non-empty floating tensor (N, C, H, W) of finite values.
+
+    With ``unit_range`` the pixels must also lie in [0, 1] (what the attacks and PGD assume).
+    """
+    if not isinstance(images, torch.Tensor):
+        raise InputError(f"{name} must be a torch.Tensor of shape (N, C, H, W), got {type(images).__name__}")
+    if images.dim() != 4:
+        raise InputError(
+            f"{name} must have rank 4, (N, C, H, W), got rank {images.dim()} with shape {tuple(images.shape)}; "
+            "add a channel axis for grayscale images (images.unsqueeze(1))"
+        )
+    if images.shape[0] == 0:
+        raise InputError(f"{name} is empty: no images were given")
+    if min(images.shape[1:]) == 0:
+        raise InputError(f"{name} has an empty channel or spatial axis: shape {tuple(images.shape)}")
+    if not images.is_floating_point():
+        raise InputError(f"{name} must be floating point in [0, 1], got dtype {images.dtype}")
+    finite = torch.isfinite(images)
+    if not bool(finite.all()):
+        bad = int((~finite).sum())
+        raise InputError(f"{name} holds {bad} NaN or Inf pixel value(s); every pixel must be finite")
+    if unit_range:
+        lo, hi = float(images.min()), float(images.max())
+        if lo < 0.0 or hi > 1.0:
+            raise InputError(
+                f"{name} must hold pixel values in [0, 1], found [{lo:.4g}, {hi:.4g}]; un-normalise the "
+                "images (put any mean/std normalisation inside the model)"
+            )
+
+
+def check_labels(labels: torch.Tensor, num_images: int | None = None, num_classes: int | None = None,
+                 name: str = "labels") -> None:
+    """Labels must be a 1-D integer tensor in [0, num_classes), one per image."""
+    if not isinstance(labels, torch.Tensor):
+        raise InputError(f"{name} must be a torch.Tensor of class indices, got {type(labels).__name__}")
+    if labels.dim() != 1:
+        raise InputError(f"{name} must be 1-D (one class index per image), got shape {tuple(labels.shape)}")
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise InputError(f"{name} must hold integer class indices, got dtype {labels.dtype}")
+    if num_images is not None and labels.shape[0] != num_images:
+        raise InputError(f"got {num_images} images but {labels.shape[0]} {name}; there must be one label per image")
+    if labels.numel() == 0:
+        raise InputError(f"{name} is empty: no labels were given")
+    lo, hi = int(labels.min()), int(labels.max())
+    if lo < 0:
+        raise InputError(f"{name} must be class indices >= 0, found {lo}")
+    if num_classes is not None and hi >= num_classes:
+        raise InputError(f"{name} must lie in [0, {num_classes - 1}] for {num_classes} classes, found {hi}")
+
+
+def check_num_classes(num_classes: int) -> None:
+    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 2:
+        raise InputError(f"num_classes must be an integer >= 2, got {num_classes!r}")
+
+
+def check_target(target: int, num_classes: int) -> None:
+    """An attack's target class must be one of the model's classes."""
+    if not isinstance(target, int) or isinstance(target, bool):
+        raise InputError(f"target must be an integer class index, got {target!r}")
+    if not 0 <= target < num_classes:
+        raise InputError(f"target {target} is outside the classes: it must lie in [0, {num_classes - 1}]")
+
+
+def check_fraction(value: float, name: str, *, low_open: bool = True, high_open: bool = True) -> None:
+    """A rate such as a poison rate must lie in the (by default open) interval (0, 1)."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok:
+        above = value > 0 if low_open else value >= 0
+        below = value < 1 if high_open else value <= 1
+        ok = above and below
+    if not ok:
+        interval = f"{'(' if low_open else '['}0, 1{')' if high_open else ']'}"
+        raise InputError(f"{name} must lie in {interval}, got {value!r}")
+
+
+def check_positive_int(value: int, name: str) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise InputError(f"{name} must be a positive integer, got {value!r}")
+
+
+def check_positive(value: float, name: str) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+    if not ok:
+        raise InputError(f"{name} must be a positive finite number, got {value!r}")

@@ -1,0 +1,20 @@
+"""Where the kernels can run: compiled on CUDA, or on CPU through Triton's interpreter.
+
+``TRITON_INTERPRET=1`` must be set before triton is first imported for the interpreter to be
+used; this module reads it without importing triton.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+
+def triton_available() -> bool:
+    """Whether the triton package is installed (it is not on every platform)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def interpreting() -> bool:
+    """Whether Triton kernels run through the interpreter (on CPU tensors)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
