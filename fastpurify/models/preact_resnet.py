@@ -11,6 +11,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .stages import resnet_stages
+
 
 class PreActBlock(nn.Module):
     expansion = 1
@@ -37,15 +39,7 @@ class PreActResNet(nn.Module):
     def __init__(self, num_blocks: tuple[int, ...] = (2, 2, 2, 2), num_classes: int = 10, in_channels: int = 3):
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, 64, 3, stride=1, padding=1, bias=False)
-        in_planes = 64
-        stages = []
-        for i, (planes, blocks) in enumerate(zip((64, 128, 256, 512), num_blocks)):
-            layers = []
-            for j in range(blocks):
-                stride = 2 if (i > 0 and j == 0) else 1
-                layers.append(PreActBlock(in_planes, planes, stride))
-                in_planes = planes
-            stages.append(nn.Sequential(*layers))
+        stages = resnet_stages(PreActBlock, num_blocks)
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.linear = nn.Linear(512, num_classes)

@@ -13,6 +13,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .stages import resnet_stages
+
 
 class BasicBlock(nn.Module):
     expansion = 1
@@ -41,15 +43,7 @@ class CifarResNet(nn.Module):
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, 64, 3, stride=1, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(64)
-        in_planes = 64
-        stages = []
-        for i, (planes, blocks) in enumerate(zip((64, 128, 256, 512), num_blocks)):
-            layers = []
-            for j in range(blocks):
-                stride = 2 if (i > 0 and j == 0) else 1
-                layers.append(BasicBlock(in_planes, planes, stride))
-                in_planes = planes
-            stages.append(nn.Sequential(*layers))
+        stages = resnet_stages(BasicBlock, num_blocks)
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
         self.linear = nn.Linear(512, num_classes)
 
