@@ -20,7 +20,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	mkdir -p bench/results
-	$(BIN)/python -m pytest bench --benchmark-columns=median,min,max,rounds --benchmark-json=bench/results/latest.json
+	$(BIN)/python -m pytest bench --benchmark-enable --benchmark-columns=median,min,max,rounds --benchmark-json=bench/results/latest.json
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .benchmarks

@@ -5,6 +5,12 @@ import platform
 
 import torch
 
+# Each benchmarked shape and layout compiles its own graph: keep them all cached, or dynamo
+# would silently fall back to eager after the default limit and understate torch.compile.
+for _name in ("recompile_limit", "cache_size_limit"):
+    if hasattr(torch._dynamo.config, _name):
+        setattr(torch._dynamo.config, _name, 256)
+
 
 def pytest_benchmark_update_machine_info(config, machine_info):
     import numpy

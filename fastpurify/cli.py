@@ -1,7 +1,8 @@
 """The ``fastpurify`` command line.
 
     fastpurify demo                      poison the bundled digits with BadNets, train a backdoored
-                                         small CNN, report ACC / ASR, save it (safetensors)
+                                         small CNN, report ACC / ASR, save it (safetensors); then
+                                         purify it with reference ANP + the clean-data pruning rule
     fastpurify train --data ... --arch ... --attack ...   the same for any source / model / attack
 """
 
@@ -13,10 +14,11 @@ import time
 from pathlib import Path
 
 from . import __version__
-from .validation import InputError
+from .validation import InputError, check_fraction, check_positive_int
 
 DEMO = dict(data="digits", arch="small_cnn", attack="badnets", mode="all2one", target=0, rate=0.1, epochs=15,
-            lr=0.05, batch_size=64, size=32, channels=1, padding=4, no_flip=True, out="runs/demo")
+            lr=0.05, batch_size=64, size=32, channels=1, padding=4, no_flip=True, out="runs/demo",
+            anp_iterations=200, anp_batch_size=64, clean_images=100, max_drop=0.02)
 
 
 def _add_train_args(p: argparse.ArgumentParser, defaults: dict) -> None:
@@ -46,12 +48,27 @@ def _add_train_args(p: argparse.ArgumentParser, defaults: dict) -> None:
     g.add_argument("--no-progress", action="store_true")
 
 
+def _add_anp_args(p: argparse.ArgumentParser, defaults: dict) -> None:
+    g = p.add_argument_group("purification (reference ANP, after training)")
+    g.add_argument("--anp-iterations", type=int, default=defaults["anp_iterations"],
+                   help="ANP iterations (the paper runs 2000; default: %(default)s)")
+    g.add_argument("--anp-batch-size", type=int, default=defaults["anp_batch_size"],
+                   help="ANP batch size (the paper uses 128; default: %(default)s)")
+    g.add_argument("--clean-images", type=int, default=defaults["clean_images"],
+                   help="held-out test images given to the defender as its clean set; the rest evaluate "
+                        "(default: %(default)s)")
+    g.add_argument("--max-drop", type=float, default=defaults["max_drop"],
+                   help="prune the most neurons whose clean accuracy on the defender's set drops by at most "
+                        "this fraction (default: %(default)s)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastpurify", description="Fast backdoor removal for image classifiers.")
     parser.add_argument("--version", action="version", version=f"fastpurify {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="the embedded end-to-end demo on the bundled digits (CPU, about a minute)")
     _add_train_args(demo, DEMO)
+    _add_anp_args(demo, DEMO)
     train = sub.add_parser("train", help="train a backdoored model (a test subject for the defenses)")
     _add_train_args(train, {})
     return parser
@@ -65,13 +82,13 @@ def _default_device(requested: str | None):
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def cmd_train(args: argparse.Namespace) -> int:
+def _train(args: argparse.Namespace):
+    """Poison, train, evaluate and save the backdoored model; return what the commands report."""
     import torch
 
     from .backdoor import make_attack, train_backdoored
     from .checkpoint import save_model
     from .data import load_source
-    from .files import write_json
     from .models import build_model
 
     device = _default_device(args.device)
@@ -99,14 +116,69 @@ def cmd_train(args: argparse.Namespace) -> int:
     report = {"fastpurify": __version__, "settings": settings, "device": str(device), "seconds": round(seconds, 2),
               "num_poisoned": int(subject.poisoned.poison_indices.numel()), "metrics": m,
               "train_loss": subject.history.loss, "train_accuracy": subject.history.accuracy}
-    write_json(out / "report.json", report)
     ra = f", RA {m['ra']:.1%}" if "ra" in m else ""
     print(f"backdoored model: ACC {m['acc']:.1%}, ASR {m['asr']:.1%}{ra} ({seconds:.1f} s)")
+    return subject, splits, out, meta, report
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .files import write_json
+
+    _, _, out, _, report = _train(args)
+    write_json(out / "report.json", report)
     print(f"wrote {out / 'model.safetensors'} and {out / 'report.json'}")
     return 0
 
 
-COMMANDS = {"demo": cmd_train, "train": cmd_train}
+def _purify_with_anp(subject, test, args: argparse.Namespace, out: Path, meta: dict) -> dict:
+    """Reference ANP on the defender's clean images (the first ``--clean-images`` of the held-out
+    test split: a defender holds a little clean data, never the untrusted training set), pruning
+    by the clean-data rule, ACC / ASR before and after on the rest of the test split."""
+    from .backdoor import evaluate
+    from .checkpoint import save_model
+    from .prune import prune_by_clean_accuracy
+    from .reference import anp
+
+    n = args.clean_images
+    if n >= len(test[1]):
+        raise InputError(f"--clean-images must be below {len(test[1])}, the size of the test split (the rest "
+                         f"evaluate), got {n}")
+    clean, held_out = (test[0][:n], test[1][:n]), (test[0][n:], test[1][n:])
+    result = anp(subject.model, clean, iterations=args.anp_iterations, batch_size=args.anp_batch_size,
+                 padding=args.padding, flip=not args.no_flip, seed=args.seed, progress=not args.no_progress)
+    choice = prune_by_clean_accuracy(subject.model, result.masks, *clean, max_drop=args.max_drop)
+    before = evaluate(subject.model, *held_out, subject.attack)
+    after = evaluate(choice.model, *held_out, subject.attack)
+    result.save(out / "mask_values.txt")
+    save_model(choice.model, out / "pruned_model.safetensors",
+               metadata={**meta, "pruned": {"neurons": choice.point.pruned, "threshold": choice.point.value}})
+    print(f"reference ANP: {args.anp_iterations} iterations on {n} held-out clean images ({result.seconds:.1f} s); "
+          f"pruned {choice.point.pruned} of {result.num_neurons} neurons (threshold {choice.point.value}, the "
+          f"largest whose clean ACC drops by at most {args.max_drop * 100:g} points)")
+    print(f"on the other {len(held_out[1])} test images: before ACC {before['acc']:.1%}, ASR {before['asr']:.1%}; "
+          f"after ACC {after['acc']:.1%}, ASR {after['asr']:.1%}")
+    return {"settings": result.settings, "seconds": round(result.seconds, 2), "num_neurons": result.num_neurons,
+            "pruned": choice.point.pruned, "threshold": choice.point.value, "max_drop": args.max_drop,
+            "clean_images": n, "evaluated_images": len(held_out[1]), "before": before, "after": after,
+            "clean_sweep": [{"threshold": p.value, "pruned": p.pruned, "acc": p.acc} for p in choice.points]}
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .files import write_json
+
+    check_positive_int(args.anp_iterations, "--anp-iterations")
+    check_positive_int(args.anp_batch_size, "--anp-batch-size")
+    check_positive_int(args.clean_images, "--clean-images")
+    check_fraction(args.max_drop, "--max-drop", low_open=False, high_open=False)
+    subject, splits, out, meta, report = _train(args)
+    report["anp"] = _purify_with_anp(subject, splits.test, args, out, meta)
+    write_json(out / "report.json", report)
+    print(f"wrote {out / 'model.safetensors'}, {out / 'mask_values.txt'}, {out / 'pruned_model.safetensors'} "
+          f"and {out / 'report.json'}")
+    return 0
+
+
+COMMANDS = {"demo": cmd_demo, "train": cmd_train}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,3 +18,11 @@ def triton_available() -> bool:
 def interpreting() -> bool:
     """Whether Triton kernels run through the interpreter (on CPU tensors)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def accumulator_dtype(dtype):
+    """Reductions run in float32, or float64 for float64 inputs (used by gradcheck)."""
+    import torch
+    import triton.language as tl
+
+    return tl.float64 if dtype == torch.float64 else tl.float32

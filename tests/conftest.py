@@ -1,11 +1,30 @@
-import pytest
+import os
+
 import torch
+
+# Without a GPU the Triton kernels run through Triton's interpreter on CPU tensors. The flag
+# must be set before any kernel module is imported (fastpurify imports them lazily).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+# The tests run many small tensor operations, where a second intra-op thread costs more than it
+# gives (and on a shared 2-core machine spinning threads make it far worse): use one.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(params=["torch", "triton"])
+def backend(request, monkeypatch):
+    """Run a test on each backend of fastpurify.functional (both on CPU without a GPU)."""
+    monkeypatch.setenv("FASTPURIFY_BACKEND", request.param)
+    return request.param
 
 
 @pytest.fixture

@@ -9,22 +9,39 @@ from fastpurify.backdoor import BadNets, evaluate
 from fastpurify.checkpoint import load_model
 from fastpurify.cli import main
 from fastpurify.data import load_source
+from fastpurify.masks import load_masks
 
 
 @pytest.mark.slow
 def test_demo_end_to_end(tmp_path, capsys):
-    """The README's main job: a backdoored digits model, ACC/ASR reported, saved as safetensors."""
+    """The README's main job: a backdoored digits model, ACC/ASR reported, saved as safetensors;
+    then reference ANP on 100 held-out clean images, pruned by the clean-data rule, ACC/ASR
+    before and after on the other held-out images."""
     assert main(["demo", "--out", str(tmp_path), "--no-progress"]) == 0
     printed = capsys.readouterr().out
-    assert "ACC" in printed and "ASR" in printed
+    assert "backdoored model: ACC" in printed and "reference ANP: 200 iterations on 100 held-out" in printed
+    assert "on the other 259 test images: before ACC" in printed and "after ACC" in printed
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["metrics"]["acc"] >= 0.9 and report["metrics"]["asr"] >= 0.9
     model, meta = load_model(tmp_path / "model.safetensors")  # architecture from the saved metadata
     assert meta["arch"] == "small_cnn" and meta["attack"]["name"] == "badnets"
     splits = load_source("digits", size=32, channels=1, seed=0)
-    again = evaluate(model, *splits.test, BadNets(num_classes=10, target=0))
+    attack = BadNets(num_classes=10, target=0)
+    again = evaluate(model, *splits.test, attack)
     assert again["acc"] == pytest.approx(report["metrics"]["acc"])
     assert again["asr"] == pytest.approx(report["metrics"]["asr"])
+
+    anp = report["anp"]
+    assert anp["clean_images"] == 100 and anp["evaluated_images"] == 259 and anp["settings"]["iterations"] == 200
+    assert anp["after"]["asr"] < anp["before"]["asr"] - 0.3 and anp["after"]["acc"] > anp["before"]["acc"] - 0.08
+    masks = load_masks(tmp_path / "mask_values.txt")
+    assert list(masks) == ["features.1", "features.4", "features.8", "features.11"]
+    pruned, pruned_meta = load_model(tmp_path / "pruned_model.safetensors")
+    assert pruned_meta["pruned"]["neurons"] == anp["pruned"] > 0
+    held_out = splits.test[0][100:], splits.test[1][100:]
+    assert evaluate(pruned, *held_out, attack)["asr"] == pytest.approx(anp["after"]["asr"])
+    zeroed = sum(int((m.weight == 0).sum()) for m in pruned.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    assert zeroed == anp["pruned"]
 
 
 def test_train_command_other_choices(tmp_path):
@@ -35,6 +52,17 @@ def test_train_command_other_choices(tmp_path):
     assert report["settings"]["attack"] == "wanet" and "asr" in report["metrics"]
     model, meta = load_model(tmp_path / "model.safetensors")
     assert meta["image_size"] == [8, 8] and model(torch.rand(2, 3, 8, 8)).shape == (2, 10)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--anp-iterations", "0"], "--anp-iterations must be a positive integer"),
+    (["--max-drop", "2"], r"--max-drop must lie in [0, 1]"),
+    (["--clean-images", "0"], "--clean-images must be a positive integer"),
+])
+def test_bad_demo_arguments_exit_2_before_training(tmp_path, capsys, args, message):
+    assert main(["demo", "--out", str(tmp_path), "--no-progress", *args]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "model.safetensors").exists()
 
 
 @pytest.mark.parametrize("args, message", [

@@ -27,7 +27,7 @@ def test_wheel_ships_kernels_as_a_subpackage(tmp_path):
     assert not [n for n in names if n.startswith("kernels/")], "no top-level kernels package"
     top = {n.split("/")[0] for n in names}
     assert top == {"fastpurify", next(t for t in top if t.endswith(".dist-info"))}
-    for sub in ("models", "backdoor", "data"):
+    for sub in ("models", "backdoor", "data", "reference"):
         assert f"fastpurify/{sub}/__init__.py" in names
     entry = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
     assert "fastpurify = fastpurify.cli:main" in entry

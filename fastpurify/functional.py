@@ -1,0 +1,295 @@
+"""The fused operations of fastpurify, as functions and autograd Functions.
+
+One dispatch rule for the whole package (:func:`backend_for`): the Triton kernels on CUDA
+tensors, the same kernels through Triton's interpreter on CPU tensors when ``TRITON_INTERPRET=1``,
+otherwise a pure-PyTorch path with identical semantics. ``FASTPURIFY_BACKEND=torch|triton``
+forces one. Kernels are imported lazily, so importing fastpurify never imports triton.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+from .kernels.runtime import interpreting, triton_available
+from .validation import InputError, check_positive
+
+BACKENDS = ("auto", "torch", "triton")
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+# ---------------------------------------------------------------------------------------------
+# Dispatch
+# ---------------------------------------------------------------------------------------------
+def backend_for(*tensors: torch.Tensor | None) -> str:
+    """``"triton"`` or ``"torch"`` for an operation on these tensors."""
+    choice = os.environ.get("FASTPURIFY_BACKEND", "auto").strip().lower() or "auto"
+    if choice not in BACKENDS:
+        raise InputError(f"FASTPURIFY_BACKEND must be one of {BACKENDS}, got {choice!r}")
+    on_cuda = any(t is not None and t.is_cuda for t in tensors)
+    if choice == "torch":
+        return "torch"
+    runnable = triton_available() and (on_cuda or interpreting())
+    if choice == "triton" and not runnable:
+        why = "triton is not installed" if not triton_available() else \
+            "the tensors are on the CPU and TRITON_INTERPRET=1 is not set (set it before triton is imported)"
+        raise InputError(f"FASTPURIFY_BACKEND=triton but the kernels cannot run: {why}")
+    return "triton" if runnable else "torch"
+
+
+def _check_same_device(**tensors: torch.Tensor | None) -> None:
+    devices = {name: t.device for name, t in tensors.items() if t is not None}
+    if len(set(devices.values())) > 1:
+        listing = ", ".join(f"{k} on {v}" for k, v in devices.items())
+        raise InputError(f"all tensors must be on one device, got {listing}")
+
+
+def _check_float(name: str, t: torch.Tensor) -> None:
+    if t.dtype not in FLOAT_DTYPES:
+        raise InputError(f"{name} must be a floating tensor (float16, bfloat16, float32 or float64), got {t.dtype}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Masked-and-perturbed BatchNorm
+# ---------------------------------------------------------------------------------------------
+def perturbed_batch_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                         mask: torch.Tensor, noise: torch.Tensor | None = None,
+                         noise_bias: torch.Tensor | None = None, running_mean: torch.Tensor | None = None,
+                         running_var: torch.Tensor | None = None, training: bool = True, momentum: float = 0.1,
+                         eps: float = 1e-5, groups: int = 1) -> torch.Tensor:
+    """BatchNorm whose scale is ``weight * (mask + noise[g])`` and shift ``bias * (1 + noise_bias[g])``.
+
+    ``x`` is (N, C) or (N, C, *spatial), contiguous or channels_last. The batch is ``groups``
+    equal contiguous chunks, each normalised with its own statistics in training mode (exactly
+    as separate forward passes). ``noise``/``noise_bias`` are (groups, C), (C,) for one group, or
+    None. Running statistics are updated in place only when given and ``training`` (group by
+    group, unbiased variance). Gradients flow to x, mask, noise, noise_bias, and to weight/bias
+    only when they require grad. Statistics and reductions are in float32 (float64 for float64).
+    """
+    weight, bias, noise, noise_bias = _check_batch_norm(x, weight, bias, mask, noise, noise_bias, running_mean,
+                                                        running_var, training, eps, groups)
+    if backend_for(x) == "triton":
+        return _PerturbedBatchNorm.apply(x, weight, bias, mask, noise, noise_bias, running_mean, running_var,
+                                         training, momentum, eps, groups)
+    return _perturbed_batch_norm_torch(x, weight, bias, mask, noise, noise_bias, running_mean, running_var,
+                                       training, momentum, eps, groups)
+
+
+def _check_batch_norm(x, weight, bias, mask, noise, noise_bias, running_mean, running_var, training, eps, groups):
+    if not isinstance(x, torch.Tensor) or x.dim() < 2:
+        raise InputError(f"x must be a tensor (N, C) or (N, C, *spatial), got shape {tuple(getattr(x, 'shape', ()))}")
+    _check_float("x", x)
+    n, c = x.shape[:2]
+    _check_same_device(x=x, weight=weight, bias=bias, mask=mask, noise=noise, noise_bias=noise_bias,
+                       running_mean=running_mean, running_var=running_var)
+    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1 or n % groups:
+        raise InputError(f"groups must be a positive integer dividing the batch size {n}, got {groups!r}")
+    check_positive(eps, "eps")
+    if weight is None:
+        weight = torch.ones(c, dtype=mask.dtype, device=x.device)
+    if bias is None:
+        bias = torch.zeros(c, dtype=mask.dtype, device=x.device)
+    for name, t in (("weight", weight), ("bias", bias), ("mask", mask), ("running_mean", running_mean),
+                    ("running_var", running_var)):
+        if t is not None:
+            _check_float(name, t)
+            if tuple(t.shape) != (c,):
+                raise InputError(f"{name} must have shape ({c},) for {c} channels, got {tuple(t.shape)}")
+    noise = _per_group(noise, "noise", groups, c)
+    noise_bias = _per_group(noise_bias, "noise_bias", groups, c)
+    if training:
+        if (n // groups) * x[0, 0].numel() < 2:
+            raise InputError(f"training-mode BatchNorm needs more than one value per channel in each group: "
+                             f"got {n // groups} sample(s) of {x[0, 0].numel()} value(s) per group")
+    elif running_mean is None or running_var is None:
+        raise InputError("eval mode (training=False) normalises with the running statistics: give running_mean "
+                         "and running_var")
+    return weight, bias, noise, noise_bias
+
+
+def _per_group(t: torch.Tensor | None, name: str, groups: int, c: int) -> torch.Tensor | None:
+    if t is None:
+        return None
+    _check_float(name, t)
+    if t.dim() == 1 and groups == 1 and t.shape[0] == c:
+        return t.view(1, c)
+    if tuple(t.shape) != (groups, c):
+        raise InputError(f"{name} must have shape ({groups}, {c}) (groups, channels)"
+                         f"{' or (' + str(c) + ',)' if groups == 1 else ''}, got {tuple(t.shape)}")
+    return t
+
+
+def _perturbed_batch_norm_torch(x, weight, bias, mask, noise, noise_bias, running_mean, running_var, training,
+                                momentum, eps, groups):
+    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    outs = []
+    for g, xg in enumerate(x.chunk(groups)):
+        scale = mask if noise is None else mask + noise[g]
+        shift = bias if noise_bias is None else bias * (1 + noise_bias[g])
+        y = F.batch_norm(xg.to(compute), running_mean, running_var, (weight * scale).to(compute),
+                         shift.to(compute), training, momentum, eps)
+        outs.append(y.to(x.dtype))
+    return outs[0] if groups == 1 else torch.cat(outs)
+
+
+def _ncs(t: torch.Tensor) -> torch.Tensor:
+    """A (N, C, S) view of ``t`` (spatial axes merged), copying only if they cannot be merged."""
+    n, c = t.shape[:2]
+    try:
+        return t.view(n, c, -1)
+    except RuntimeError:
+        return t.contiguous().view(n, c, -1)
+
+
+class _PerturbedBatchNorm(torch.autograd.Function):
+    """The Triton path: one fused forward kernel and one fused backward kernel."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, mask, noise, noise_bias, running_mean, running_var, training, momentum,
+                eps, groups):
+        from .kernels.batch_norm import bn_forward
+
+        x3 = _ncs(x)
+        y = torch.empty_like(x3)
+        stat_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        mean = torch.empty(groups, x.shape[1], dtype=stat_dtype, device=x.device)
+        rstd = torch.empty_like(mean)
+        update = training and running_mean is not None and running_var is not None
+        bn_forward(x3, y, weight, bias, mask, noise, noise_bias, running_mean, running_var, mean, rstd,
+                   groups=groups, training=training, update_running=update, momentum=momentum, eps=eps)
+        ctx.save_for_backward(x3, weight, bias, mask, noise, noise_bias, mean, rstd)
+        ctx.training, ctx.groups, ctx.shape = training, groups, x.shape
+        return y.view(x.shape)  # y has x3's strides, so this view keeps x's memory format
+
+    @staticmethod
+    def backward(ctx, dy):
+        from .kernels.batch_norm import bn_backward
+
+        x3, weight, bias, mask, noise, noise_bias, mean, rstd = ctx.saved_tensors
+        need_x, need_w, need_b, need_m, need_n, need_nb = ctx.needs_input_grad[:6]
+        dy3 = _ncs(dy)
+        dx = torch.empty_like(x3) if need_x else None
+        new = lambda t, need: torch.empty_like(t) if need and t is not None else None  # noqa: E731
+        dmask, dnoise, dnoise_b = new(mask, need_m), new(noise, need_n), new(noise_bias, need_nb)
+        dweight, dbias = new(weight, need_w), new(bias, need_b)
+        bn_backward(x3, dy3, dx, weight, bias, mask, noise, noise_bias, mean, rstd, groups=ctx.groups,
+                    training=ctx.training, dmask=dmask, dnoise=dnoise, dnoise_bias=dnoise_b, dweight=dweight,
+                    dbias=dbias)
+        if dx is not None:
+            dx = dx.view(ctx.shape)
+        return dx, dweight, dbias, dmask, dnoise, dnoise_b, None, None, None, None, None, None
+
+
+# ---------------------------------------------------------------------------------------------
+# Flat-buffer updates (ANP)
+# ---------------------------------------------------------------------------------------------
+def _check_flat_pair(a: torch.Tensor, b: torch.Tensor, names: tuple[str, str]) -> None:
+    _check_same_device(**{names[0]: a, names[1]: b})
+    _check_float(names[0], a)
+    _check_float(names[1], b)
+    if a.shape != b.shape:
+        raise InputError(f"{names[0]} and {names[1]} must have one shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+    if not a.is_contiguous():
+        raise InputError(f"{names[0]} is updated in place and must be contiguous (a flat buffer or a view of one)")
+
+
+@torch.no_grad()
+def noise_sign_step_(noise: torch.Tensor, grad: torch.Tensor, step_size: float, eps: float,
+                     clamp: bool = True) -> torch.Tensor:
+    """In place: ``noise <- noise + step_size * sign(grad)``, then clamped to [-eps, eps] if
+    ``clamp`` (the gradient is that of the loss being ascended). Returns ``noise``."""
+    _check_flat_pair(noise, grad, ("noise", "grad"))
+    if backend_for(noise) == "triton":
+        from .kernels.updates import noise_sign_step
+
+        noise_sign_step(noise, grad.contiguous(), step_size, eps, clamp)
+        return noise
+    noise.add_(torch.sign(grad), alpha=step_size)
+    return noise.clamp_(-eps, eps) if clamp else noise
+
+
+@torch.no_grad()
+def mask_sgd_step_(mask: torch.Tensor, grad: torch.Tensor, momentum_buffer: torch.Tensor, lr: float,
+                   momentum: float) -> torch.Tensor:
+    """In place, torch SGD semantics: ``buf <- momentum * buf + grad; mask <- mask - lr * buf``,
+    then the mask is clamped to [0, 1]. Returns ``mask``."""
+    _check_flat_pair(mask, grad, ("mask", "grad"))
+    _check_flat_pair(momentum_buffer, mask, ("momentum_buffer", "mask"))
+    if backend_for(mask) == "triton":
+        from .kernels.updates import mask_sgd_step
+
+        mask_sgd_step(mask, grad.contiguous(), momentum_buffer, lr, momentum)
+        return mask
+    momentum_buffer.mul_(momentum).add_(grad)
+    return mask.sub_(momentum_buffer, alpha=lr).clamp_(0.0, 1.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# PGD
+# ---------------------------------------------------------------------------------------------
+def _check_pgd(x_adv: torch.Tensor, x0: torch.Tensor, eps: float, lo: float, hi: float) -> None:
+    _check_flat_pair(x_adv, x0, ("x_adv", "x0"))
+    if not eps >= 0:
+        raise InputError(f"eps must be >= 0, got {eps!r}")
+    if not lo < hi:
+        raise InputError(f"the pixel range needs lo < hi, got lo={lo!r}, hi={hi!r}")
+
+
+@torch.no_grad()
+def pgd_step_(x_adv: torch.Tensor, x0: torch.Tensor, grad: torch.Tensor, alpha: float, eps: float,
+              lo: float = 0.0, hi: float = 1.0) -> torch.Tensor:
+    """In place, L-infinity: ``x_adv <- clamp(x_adv + alpha * sign(grad), max(x0 - eps, lo),
+    min(x0 + eps, hi))`` (one clamp to the intersection of the eps-ball and the pixel range)."""
+    _check_pgd(x_adv, x0, eps, lo, hi)
+    _check_flat_pair(x_adv, grad, ("x_adv", "grad"))
+    if backend_for(x_adv) == "triton":
+        from .kernels.pgd import pgd_linf_step
+
+        pgd_linf_step(x_adv, x0.contiguous(), grad.contiguous(), alpha, eps, lo, hi)
+        return x_adv
+    x_adv.add_(torch.sign(grad), alpha=alpha)
+    low, high = (x0 - eps).clamp_(min=lo), (x0 + eps).clamp_(max=hi)
+    return torch.min(torch.max(x_adv, low), high, out=x_adv)
+
+
+@torch.no_grad()
+def pgd_random_start(x0: torch.Tensor, eps: float, lo: float = 0.0, hi: float = 1.0,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+    """A random start ``clamp(x0 + eps * (2u - 1), lo, hi)`` with ``u = torch.rand(x0.shape,
+    generator=generator)`` drawn on x0's device (so a seeded generator reproduces it)."""
+    x0 = x0.contiguous()
+    x_adv = torch.empty_like(x0)
+    _check_pgd(x_adv, x0, eps, lo, hi)
+    u = torch.rand(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+    if backend_for(x0) == "triton":
+        from .kernels.pgd import pgd_random_start as launch
+
+        launch(x_adv, x0, u, eps, lo, hi)
+        return x_adv
+    return torch.clamp(x0 + eps * (2 * u - 1), lo, hi, out=x_adv)
+
+
+# ---------------------------------------------------------------------------------------------
+# PBE scoring
+# ---------------------------------------------------------------------------------------------
+@torch.no_grad()
+def logits_cosine(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Row-wise cosine similarity (N,) of two (N, K) logit matrices:
+    ``a.b / max(|a| |b|, eps)``, computed in float32 (float64 for float64)."""
+    _check_same_device(a=a, b=b)
+    _check_float("a", a)
+    _check_float("b", b)
+    if a.dim() != 2 or a.shape != b.shape:
+        raise InputError(f"logits must be two (N, K) matrices of one shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+    out_dtype = torch.float64 if torch.float64 in (a.dtype, b.dtype) else torch.float32
+    if backend_for(a) == "triton":
+        from .kernels.cosine import row_cosine
+
+        out = torch.empty(a.shape[0], dtype=out_dtype, device=a.device)
+        row_cosine(a.to(out_dtype), b.to(out_dtype), out, eps)
+        return out
+    a, b = a.to(out_dtype), b.to(out_dtype)
+    norms = a.norm(dim=1) * b.norm(dim=1)
+    return (a * b).sum(1) / norms.clamp_min(eps)

@@ -1,0 +1,99 @@
+"""ANP neuron masks: one score in [0, 1] per BatchNorm channel, and the official file format.
+
+Masks are a ``dict`` from a BatchNorm layer's name in ``model.named_modules()`` (e.g.
+``"layer1.0.bn1"``) to a 1-D tensor with one score per channel, layers in model order.
+
+The file is the official ``mask_values.txt`` of ``optimize_mask_cifar.py``::
+
+    No \\t Layer Name \\t Neuron Idx \\t Mask Score \\n
+    0 \\t layer1.0.bn1 \\t 0 \\t 0.9876 \\n
+    ...
+
+one row per channel, numbered globally, scores with 4 decimals, fields separated by
+``" \\t "`` and every line ending in ``" \\n"``, exactly as that script writes it.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from .files import write_text
+from .validation import InputError
+
+HEADER = "No \t Layer Name \t Neuron Idx \t Mask Score \n"
+
+
+def check_masks(masks: dict[str, torch.Tensor]) -> None:
+    """Masks must be a non-empty dict of layer names to non-empty 1-D finite tensors."""
+    if not isinstance(masks, dict) or not masks:
+        raise InputError("masks must be a non-empty dict {BatchNorm layer name: 1-D tensor of scores}")
+    for name, values in masks.items():
+        if not isinstance(name, str) or not name or any(c.isspace() for c in name):
+            raise InputError(f"mask layer names must be non-empty module names without spaces, got {name!r}")
+        if not isinstance(values, torch.Tensor) or values.dim() != 1 or values.numel() == 0:
+            raise InputError(f"the masks of {name!r} must be a non-empty 1-D tensor, one score per channel")
+        if not bool(torch.isfinite(values).all()):
+            raise InputError(f"the masks of {name!r} hold NaN or Inf")
+
+
+def format_masks(masks: dict[str, torch.Tensor]) -> str:
+    """The official ``mask_values.txt`` text."""
+    check_masks(masks)
+    lines = [HEADER]
+    count = 0
+    for name, values in masks.items():
+        for idx, value in enumerate(values.detach().cpu().tolist()):
+            lines.append(f"{count} \t {name} \t {idx} \t {value:.4f} \n")
+            count += 1
+    return "".join(lines)
+
+
+def save_masks(masks: dict[str, torch.Tensor], path: str | Path) -> Path:
+    """Write the masks in the official format, atomically."""
+    return write_text(path, format_masks(masks))
+
+
+def parse_masks(text: str, source: str = "mask file") -> dict[str, torch.Tensor]:
+    """Masks from official-format text: whitespace-separated ``No, layer, neuron index, score``
+    rows after one header row (as the official ``read_data`` reads them). Each layer's indices
+    must be 0..C-1, each once."""
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    if not lines or lines[0].split()[:1] != ["No"]:
+        raise InputError(f"{source} does not start with the header {HEADER.strip()!r}")
+    rows: dict[str, dict[int, float]] = {}
+    for lineno, line in enumerate(lines[1:], start=2):
+        fields = line.split()
+        if len(fields) != 4:
+            raise InputError(f"{source}, line {lineno}: expected 4 fields (No, Layer Name, Neuron Idx, "
+                             f"Mask Score), got {len(fields)}: {line.strip()!r}")
+        _, name, idx_text, value_text = fields
+        try:
+            idx, value = int(idx_text), float(value_text)
+        except ValueError:
+            raise InputError(f"{source}, line {lineno}: the neuron index must be an integer and the score a "
+                             f"number, got {idx_text!r} and {value_text!r}") from None
+        if not math.isfinite(value):
+            raise InputError(f"{source}, line {lineno}: the score must be finite, got {value_text!r}")
+        layer = rows.setdefault(name, {})
+        if idx in layer:
+            raise InputError(f"{source}, line {lineno}: neuron {idx} of {name} appears twice")
+        layer[idx] = value
+    if not rows:
+        raise InputError(f"{source} holds no mask rows")
+    masks = {}
+    for name, layer in rows.items():
+        if sorted(layer) != list(range(len(layer))):
+            raise InputError(f"{source}: the neuron indices of {name} must be 0..{len(layer) - 1}, each once")
+        masks[name] = torch.tensor([layer[i] for i in range(len(layer))], dtype=torch.float32)
+    return masks
+
+
+def load_masks(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a ``mask_values.txt`` written by fastpurify or by the official script."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"mask file not found: {path}")
+    return parse_masks(path.read_text(), source=str(path))

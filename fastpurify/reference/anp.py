@@ -1,0 +1,169 @@
+"""Reference ANP (Wu & Wang, NeurIPS 2021) with the semantics of the official
+``optimize_mask_cifar.py``, in plain eager PyTorch.
+
+One iteration, on a copy of the model whose BatchNorms are noisy (``noisy_bn``), BN in training
+mode (so the copy's running statistics are updated, as in the script), model weights not
+frozen (they accumulate gradients that are never used, as in the script):
+
+1. noise reset: delta, xi ~ U(-eps, eps) for every neuron;
+2. ``steps`` times: forward perturbed, loss = -CE, backward, every noise gradient replaced by
+   its sign, SGD step with lr ``eps / steps`` (no momentum) on the noises; with
+   ``clamp_noise`` (the paper's Algorithm 1) the noises are then clamped to [-eps, eps]; the
+   script does not clamp (``clamp_noise=False`` reproduces it);
+3. forward perturbed, forward clean, loss = alpha * CE_clean + (1 - alpha) * CE_perturbed,
+   one backward;
+4. SGD on the masks (lr 0.2, momentum 0.9, no weight decay, no dampening, not Nesterov: the
+   script's ``torch.optim.SGD(mask_params, lr=args.lr, momentum=0.9)``), then masks clamped
+   to [0, 1].
+
+Random draws, in order, per iteration (the contract a fast engine must follow to match):
+
+1. the batch: ``DeviceBatchSampler(images, labels, batch_size, seed=seed, ...).sample()``
+   (indices, then crop offsets, then flips, from the sampler's generator ``make_generator(seed)``);
+2. the noise, from a second generator ``make_generator(seed + 1, device)``:
+   ``uniform_(-eps, eps)`` into one flat vector (the BatchNorm weights' dtype, the model's
+   device) of every neuron's delta (layers in model order, channels in order), then into one
+   flat vector of every neuron's xi. (The script draws with
+   the global RNG layer by layer; the distribution is the same, only the stream order is fixed
+   here so that engines can reproduce it.)
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..data import DeviceBatchSampler, as_tensors, make_generator
+from ..inference import model_device
+from ..masks import save_masks
+from ..validation import check_fraction, check_positive, check_positive_int
+from .noisy_bn import NoisyBatchNorm, batchnorm_layers, set_perturbed, to_noisy
+
+
+def check_anp_settings(*, eps: float, steps: int, alpha: float, lr: float, momentum: float, iterations: int,
+                       batch_size: int) -> None:
+    """ANP's hyper-parameters, checked before any work (shared with the fast engine)."""
+    check_positive(eps, "eps (the noise bound)")
+    check_positive_int(steps, "steps (noise steps per iteration)")
+    check_fraction(alpha, "alpha (the clean-loss weight)", low_open=False, high_open=False)
+    check_positive(lr, "lr (the mask learning rate)")
+    check_fraction(momentum, "momentum", low_open=False, high_open=True)
+    check_positive_int(iterations, "iterations")
+    check_positive_int(batch_size, "batch_size")
+
+
+class ANPState:
+    """The noisy copy of a model and the two optimizers of the official script."""
+
+    def __init__(self, model: nn.Module, *, eps: float = 0.4, steps: int = 1, alpha: float = 0.2, lr: float = 0.2,
+                 momentum: float = 0.9, clamp_noise: bool = True):
+        batchnorm_layers(model)  # a clear error before the copy
+        self.model = copy.deepcopy(model)
+        self.layers: dict[str, NoisyBatchNorm] = to_noisy(self.model)
+        self.eps, self.steps, self.alpha, self.clamp_noise = eps, steps, alpha, clamp_noise
+        self.mask_params = [layer.neuron_mask for layer in self.layers.values()]
+        self.noise_params = [p for layer in self.layers.values() for p in (layer.neuron_noise, layer.neuron_noise_bias)]
+        self.mask_optimizer = torch.optim.SGD(self.mask_params, lr=lr, momentum=momentum)
+        self.noise_optimizer = torch.optim.SGD(self.noise_params, lr=eps / steps)
+
+    def reset_noise(self, generator: torch.Generator) -> None:
+        """delta then xi ~ U(-eps, eps), each drawn as one flat vector over all neurons."""
+        first = next(iter(self.layers.values())).weight
+        sizes = [layer.num_features for layer in self.layers.values()]
+        with torch.no_grad():
+            for attr in ("neuron_noise", "neuron_noise_bias"):
+                flat = torch.empty(sum(sizes), device=first.device, dtype=first.dtype)
+                flat.uniform_(-self.eps, self.eps, generator=generator)
+                for layer, part in zip(self.layers.values(), flat.split(sizes)):
+                    getattr(layer, attr).copy_(part)
+
+    def iteration(self, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator) -> float:
+        """One ANP iteration on one batch; returns the mask loss."""
+        self.model.train()
+        self.reset_noise(generator)
+        for _ in range(self.steps):
+            self.noise_optimizer.zero_grad()
+            set_perturbed(self.layers, True)
+            loss_noise = -F.cross_entropy(self.model(images), labels)
+            loss_noise.backward()
+            for p in self.noise_params:
+                if p.grad is not None:
+                    p.grad = p.grad.sign()
+            self.noise_optimizer.step()
+            if self.clamp_noise:
+                with torch.no_grad():
+                    for p in self.noise_params:
+                        p.clamp_(-self.eps, self.eps)
+        self.mask_optimizer.zero_grad()
+        set_perturbed(self.layers, True)
+        loss_rob = F.cross_entropy(self.model(images), labels)
+        set_perturbed(self.layers, False)
+        loss_nat = F.cross_entropy(self.model(images), labels)
+        loss = self.alpha * loss_nat + (1 - self.alpha) * loss_rob
+        loss.backward()
+        self.mask_optimizer.step()
+        with torch.no_grad():
+            for m in self.mask_params:
+                m.clamp_(0.0, 1.0)
+        return loss.item()
+
+    def masks(self) -> dict[str, torch.Tensor]:
+        """The current masks by layer name, detached float32 copies on the CPU."""
+        return {name: layer.neuron_mask.detach().float().cpu().clone() for name, layer in self.layers.items()}
+
+
+@dataclass
+class ANPResult:
+    """ANP's output: masks by BatchNorm layer name (model order), the mask loss of every
+    iteration, the wall time and the settings."""
+
+    masks: dict[str, torch.Tensor]
+    loss: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_neurons(self) -> int:
+        return sum(m.numel() for m in self.masks.values())
+
+    def save(self, path: str | Path) -> Path:
+        """Write the masks as the official ``mask_values.txt`` (atomically)."""
+        return save_masks(self.masks, path)
+
+
+def anp(model: nn.Module, data: Any, *, eps: float = 0.4, steps: int = 1, alpha: float = 0.2, lr: float = 0.2,
+        momentum: float = 0.9, iterations: int = 2000, batch_size: int = 128, clamp_noise: bool = True,
+        augment: bool = True, padding: int = 4, flip: bool = True, seed: int = 0, progress: bool = True) -> ANPResult:
+    """Learn ANP masks for ``model`` on the defender's clean ``data`` (anything
+    :func:`fastpurify.data.as_tensors` reads). ``model`` is not modified; prune it afterwards
+    with :func:`fastpurify.prune.prune` or :func:`fastpurify.prune.prune_by_clean_accuracy`."""
+    check_anp_settings(eps=eps, steps=steps, alpha=alpha, lr=lr, momentum=momentum, iterations=iterations,
+                       batch_size=batch_size)
+    batchnorm_layers(model)
+    device = model_device(model)
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    images, labels = as_tensors(data, dtype=dtype)
+    settings = dict(eps=eps, steps=steps, alpha=alpha, lr=lr, momentum=momentum, iterations=iterations,
+                    batch_size=batch_size, clamp_noise=clamp_noise, augment=augment, padding=padding, flip=flip,
+                    seed=seed, num_images=int(images.shape[0]))
+    sampler = DeviceBatchSampler(images, labels, batch_size, seed=seed, augment=augment, padding=padding, flip=flip,
+                                 device=device)
+    state = ANPState(model, eps=eps, steps=steps, alpha=alpha, lr=lr, momentum=momentum, clamp_noise=clamp_noise)
+    noise_generator = make_generator(seed + 1, device)
+    steps_iter = range(iterations)
+    if progress:
+        from tqdm.auto import tqdm
+        steps_iter = tqdm(steps_iter, desc="ANP (reference)", unit="it")
+    losses = []
+    start = time.perf_counter()
+    for _ in steps_iter:
+        x, y = sampler.sample()
+        losses.append(state.iteration(x, y, noise_generator))
+    return ANPResult(state.masks(), losses, time.perf_counter() - start, settings)

@@ -1,0 +1,55 @@
+"""PGD input updates (L-infinity): the signed-gradient step with its projection, and the
+random start, each one elementwise kernel over the flattened batch."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .runtime import accumulator_dtype
+
+BLOCK = 1024
+
+
+@triton.jit
+def pgd_linf_step_kernel(X, X0, GRAD, n, alpha, eps, lo, hi, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    """Grid ``(cdiv(n, BLOCK),)``; each program updates BLOCK consecutive pixels:
+    x <- clamp(x + alpha * sign(grad), max(x0 - eps, lo), min(x0 + eps, hi)), one clamp."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    valid = offs < n
+    x = tl.load(X + offs, mask=valid, other=0.0).to(ACC)
+    x0 = tl.load(X0 + offs, mask=valid, other=0.0).to(ACC)
+    g = tl.load(GRAD + offs, mask=valid, other=0.0).to(ACC)
+    x = x + alpha * tl.where(g > 0, 1.0, tl.where(g < 0, -1.0, 0.0))
+    low = tl.maximum(x0 - eps, lo)
+    high = tl.minimum(x0 + eps, hi)
+    x = tl.minimum(tl.maximum(x, low), high)
+    tl.store(X + offs, x.to(X.dtype.element_ty), mask=valid)
+
+
+@triton.jit
+def pgd_random_start_kernel(X, X0, U, n, eps, lo, hi, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    """Grid ``(cdiv(n, BLOCK),)``; each program writes BLOCK pixels of the random start
+    x = clamp(x0 + eps * (2u - 1), lo, hi) from uniform draws u in [0, 1)."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    valid = offs < n
+    x0 = tl.load(X0 + offs, mask=valid, other=0.0).to(ACC)
+    u = tl.load(U + offs, mask=valid, other=0.0).to(ACC)
+    x = tl.minimum(tl.maximum(x0 + eps * (2.0 * u - 1.0), lo), hi)
+    tl.store(X + offs, x.to(X.dtype.element_ty), mask=valid)
+
+
+def pgd_linf_step(x: torch.Tensor, x0: torch.Tensor, grad: torch.Tensor, alpha: float, eps: float, lo: float,
+                  hi: float) -> None:
+    n = x.numel()
+    if n:
+        pgd_linf_step_kernel[(triton.cdiv(n, BLOCK),)](x, x0, grad, n, float(alpha), float(eps), float(lo), float(hi),
+                                                       ACC=accumulator_dtype(x.dtype), BLOCK=BLOCK)
+
+
+def pgd_random_start(x: torch.Tensor, x0: torch.Tensor, u: torch.Tensor, eps: float, lo: float, hi: float) -> None:
+    n = x.numel()
+    if n:
+        pgd_random_start_kernel[(triton.cdiv(n, BLOCK),)](x, x0, u, n, float(eps), float(lo), float(hi),
+                                                          ACC=accumulator_dtype(x.dtype), BLOCK=BLOCK)

@@ -1,0 +1,44 @@
+"""Float64 references written from the formulas of DESIGN.md §1, independent of fastpurify."""
+
+import torch
+
+
+def batch_norm(x, weight, bias, mask, noise=None, noise_bias=None, running_mean=None, running_var=None,
+               training=True, momentum=0.1, eps=1e-5, groups=1):
+    """Masked-and-perturbed BatchNorm in float64, differentiable by autograd.
+
+    Returns y (float64) and the new running statistics (or None)."""
+    n, c = x.shape[:2]
+    xs = x.double().reshape(n, c, -1)
+    ng = n // groups
+    rm = running_mean.double().clone() if running_mean is not None else None
+    rv = running_var.double().clone() if running_var is not None else None
+    outs = []
+    for g in range(groups):
+        xg = xs[g * ng:(g + 1) * ng]
+        if training:
+            mu = xg.mean(dim=(0, 2))
+            var = ((xg - mu[None, :, None]) ** 2).mean(dim=(0, 2))
+            if rm is not None:
+                m = xg.shape[0] * xg.shape[2]
+                rm = (1 - momentum) * rm + momentum * mu.detach()
+                rv = (1 - momentum) * rv + momentum * var.detach() * m / (m - 1)
+        else:
+            mu, var = running_mean.double(), running_var.double()
+        r = 1.0 / torch.sqrt(var + eps)
+        scale = weight.double() * (mask.double() + (noise[g].double() if noise is not None else 0.0))
+        shift = bias.double() * (1.0 + (noise_bias[g].double() if noise_bias is not None else 0.0))
+        outs.append((xg - mu[None, :, None]) * (r * scale)[None, :, None] + shift[None, :, None])
+    return torch.cat(outs).reshape(x.shape), rm, rv
+
+
+def batch_norm_grads(x, weight, bias, mask, noise, noise_bias, dy, **kwargs):
+    """Gradients of sum(y * dy) by autograd through :func:`batch_norm` in float64:
+    a dict with keys x, weight, bias, mask, noise, noise_bias."""
+    leaves = {k: t.detach().double().requires_grad_() for k, t in
+              dict(x=x, weight=weight, bias=bias, mask=mask, noise=noise, noise_bias=noise_bias).items()
+              if t is not None}
+    y, _, _ = batch_norm(leaves["x"], leaves["weight"], leaves["bias"], leaves["mask"], leaves.get("noise"),
+                         leaves.get("noise_bias"), **kwargs)
+    grads = torch.autograd.grad((y * dy.double()).sum(), list(leaves.values()))
+    return dict(zip(leaves, grads))

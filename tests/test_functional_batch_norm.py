@@ -1,0 +1,192 @@
+"""perturbed_batch_norm through its public function, on both backends (the Triton one through
+the interpreter without a GPU), against the float64 formulas."""
+
+import pytest
+import torch
+
+from fastpurify import functional as FP
+from fastpurify.validation import InputError
+
+from .formulas import batch_norm, batch_norm_grads
+
+SHAPES = [  # (shape, groups, training, channels_last)
+    ((6, 3), 1, True, False),
+    ((6, 17), 3, True, False),
+    ((4, 65, 7, 7), 2, True, False),
+    ((4, 17, 9, 13), 2, True, True),
+    ((3, 3, 1, 1), 3, False, False),
+    ((1, 17, 7, 7), 1, False, True),
+    ((2, 5, 1, 1), 1, True, False),
+    ((4, 3, 2, 3, 2), 2, True, False),  # a 5-D input: the spatial axes are merged
+]
+
+
+def params(c, groups, seed=0, requires_weight_grad=False):
+    g = torch.Generator().manual_seed(seed)
+    p = dict(weight=torch.rand(c, generator=g) + 0.5, bias=torch.randn(c, generator=g),
+             mask=torch.rand(c, generator=g), noise=(torch.rand(groups, c, generator=g) - 0.5) * 0.8,
+             noise_bias=(torch.rand(groups, c, generator=g) - 0.5) * 0.8)
+    for k, v in p.items():
+        v.requires_grad_(k in ("mask", "noise", "noise_bias") or requires_weight_grad)
+    return p
+
+
+def inputs(shape, channels_last, dtype=torch.float32, seed=1):
+    x = (torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * 1.5 + 0.3).to(dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x.requires_grad_()
+
+
+def stats(c):
+    g = torch.Generator().manual_seed(5)
+    return dict(running_mean=torch.randn(c, generator=g) * 0.1, running_var=torch.rand(c, generator=g) + 0.5)
+
+
+@pytest.mark.parametrize("weight_grad", [False, True])
+@pytest.mark.parametrize("shape, groups, training, channels_last", SHAPES)
+def test_forward_and_every_gradient(backend, shape, groups, training, channels_last, weight_grad):
+    c = shape[1]
+    x, p, s = inputs(shape, channels_last), params(c, groups, requires_weight_grad=weight_grad), stats(c)
+    ref_stats = {k: v.clone() for k, v in s.items()}
+    y = FP.perturbed_batch_norm(x, **p, **s, training=training, groups=groups)
+    ref, rm, rv = batch_norm(x.detach(), **{k: v.detach() for k, v in p.items()}, **ref_stats, training=training,
+                             groups=groups)
+    assert y.shape == x.shape and y.dtype == x.dtype
+    if x.dim() == 4 and shape[2] * shape[3] > 1:  # the memory format is kept
+        assert y.is_contiguous(memory_format=torch.channels_last) == channels_last
+    assert torch.allclose(y.double(), ref, atol=2e-5, rtol=1e-5)
+    if training:
+        assert torch.allclose(s["running_mean"].double(), rm, atol=1e-6)
+        assert torch.allclose(s["running_var"].double(), rv, atol=1e-6)
+    dy = torch.randn(shape, generator=torch.Generator().manual_seed(2))
+    after_forward = {k: v.clone() for k, v in s.items()}
+    y.backward(dy)
+    assert all(torch.equal(s[k], after_forward[k]) for k in s), "the backward must not touch running stats"
+    ref_grads = batch_norm_grads(x, p["weight"], p["bias"], p["mask"], p["noise"], p["noise_bias"], dy,
+                                 **ref_stats, training=training, groups=groups)
+    for k, t in dict(x=x, **p).items():
+        if not t.requires_grad:
+            assert t.grad is None
+            continue
+        scale = ref_grads[k].abs().max().item() + 1.0
+        assert torch.allclose(t.grad.double(), ref_grads[k], atol=5e-5 * scale, rtol=1e-4), k
+    assert (p["weight"].grad is not None) == weight_grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_half_precision_forward(backend, dtype, channels_last):
+    shape = (4, 17, 9, 13)
+    x = inputs(shape, channels_last, dtype).detach()
+    p = {k: v.detach() for k, v in params(17, 2).items()}
+    y = FP.perturbed_batch_norm(x, **p, groups=2)
+    ref, _, _ = batch_norm(x.double(), **p, groups=2)
+    assert y.dtype == dtype
+    assert torch.allclose(y.double(), ref, atol=3e-2 if dtype == torch.bfloat16 else 5e-3, rtol=1e-2)
+
+
+def test_groups_equal_separate_passes(backend):
+    x = inputs((6, 5, 4, 4), False).detach()
+    p = {k: v.detach() for k, v in params(5, 3).items()}
+    together = FP.perturbed_batch_norm(x, **p, groups=3)
+    for g in range(3):
+        alone = FP.perturbed_batch_norm(x[2 * g:2 * g + 2], p["weight"], p["bias"], p["mask"], p["noise"][g],
+                                        p["noise_bias"][g])
+        assert torch.allclose(together[2 * g:2 * g + 2], alone, atol=1e-6)
+
+
+def test_one_group_noise_as_a_vector_and_no_noise(backend):
+    x = inputs((5, 4, 3, 3), False).detach()
+    p = {k: v.detach() for k, v in params(4, 1).items()}
+    assert torch.allclose(FP.perturbed_batch_norm(x, **p), FP.perturbed_batch_norm(
+        x, p["weight"], p["bias"], p["mask"], p["noise"][0], p["noise_bias"][0]))
+    plain = FP.perturbed_batch_norm(x, p["weight"], p["bias"], torch.ones(4))
+    expected = torch.nn.functional.batch_norm(x, None, None, p["weight"], p["bias"], True)
+    assert torch.allclose(plain, expected, atol=1e-5)
+
+
+def test_bitwise_deterministic(backend):
+    x = inputs((8, 17, 5, 5), True)
+    p = params(17, 2)
+    runs = []
+    for _ in range(2):
+        for t in (x, *p.values()):
+            t.grad = None
+        y = FP.perturbed_batch_norm(x, **p, groups=2)
+        y.backward(torch.ones_like(y) * torch.linspace(-1, 1, y.numel()).view_as(y))
+        runs.append([y.detach().clone(), x.grad.clone(), p["mask"].grad.clone(), p["noise"].grad.clone()])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+def test_gradcheck_float64(backend):
+    x = torch.randn(4, 3, 2, 3, dtype=torch.float64, requires_grad=True)
+    g = torch.Generator().manual_seed(0)
+    w = (torch.rand(3, generator=g, dtype=torch.float64) + 0.5).requires_grad_()
+    b = torch.randn(3, generator=g, dtype=torch.float64).requires_grad_()
+    m = torch.rand(3, generator=g, dtype=torch.float64).requires_grad_()
+    n = (torch.rand(2, 3, generator=g, dtype=torch.float64) * 0.4).requires_grad_()
+    nb = (torch.rand(2, 3, generator=g, dtype=torch.float64) * 0.4).requires_grad_()
+    assert torch.autograd.gradcheck(lambda *a: FP.perturbed_batch_norm(*a, groups=2), (x, w, b, m, n, nb),
+                                    fast_mode=True)
+    rm, rv = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
+    assert torch.autograd.gradcheck(
+        lambda *a: FP.perturbed_batch_norm(*a, running_mean=rm, running_var=rv, training=False, groups=2),
+        (x, w, b, m, n, nb), fast_mode=True)
+
+
+def test_dy_in_another_layout(backend):
+    x = inputs((4, 6, 5, 5), True)
+    p = params(6, 2)
+    y = FP.perturbed_batch_norm(x, **p, groups=2)
+    dy = torch.randn(4, 6, 5, 5)  # contiguous while x is channels_last
+    y.backward(dy)
+    ref = batch_norm_grads(x, p["weight"], p["bias"], p["mask"], p["noise"], p["noise_bias"], dy, groups=2)
+    assert torch.allclose(x.grad.double(), ref["x"], atol=1e-4)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(mask=torch.ones(4)), r"mask must have shape \(3,\)"),
+    (dict(groups=4), "groups must be a positive integer dividing the batch size 6"),
+    (dict(noise=torch.zeros(3)), r"noise must have shape \(2, 3\)"),
+    (dict(x=torch.ones(6, 3, 4, 4, dtype=torch.int64)), "x must be a floating tensor"),
+    (dict(x=torch.randn(2, 3, 1, 1)), "more than one value per channel"),
+    (dict(training=False), "give running_mean and running_var"),
+    (dict(x=torch.randn(3)), r"\(N, C\)"),
+    (dict(mask=torch.ones(3, device="meta")), "one device"),
+])
+def test_clear_errors(backend, kwargs, message):
+    args = dict(x=torch.randn(6, 3, 4, 4), weight=torch.ones(3), bias=torch.zeros(3), mask=torch.ones(3),
+                noise=torch.zeros(2, 3), groups=2)
+    args.update(kwargs)
+    with pytest.raises(InputError, match=message):
+        FP.perturbed_batch_norm(**args)
+
+
+def test_backend_choice(monkeypatch):
+    x = torch.zeros(1)
+    monkeypatch.setenv("FASTPURIFY_BACKEND", "torch")
+    assert FP.backend_for(x) == "torch"
+    monkeypatch.setenv("FASTPURIFY_BACKEND", "auto")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert FP.backend_for(x) == "triton"
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert FP.backend_for(x) == "torch"
+    monkeypatch.setenv("FASTPURIFY_BACKEND", "triton")
+    with pytest.raises(InputError, match="TRITON_INTERPRET=1"):
+        FP.backend_for(x)
+    monkeypatch.setenv("FASTPURIFY_BACKEND", "cuda")
+    with pytest.raises(InputError, match="FASTPURIFY_BACKEND must be one of"):
+        FP.backend_for(x)
+
+
+@pytest.mark.gpu
+def test_cuda_matches_reference():
+    torch.backends.cudnn.allow_tf32 = False
+    x = inputs((16, 64, 8, 8), True).detach().cuda().requires_grad_()
+    p = {k: v.detach().cuda().requires_grad_(v.requires_grad) for k, v in params(64, 2).items()}
+    y = FP.perturbed_batch_norm(x, **p, groups=2)
+    ref, _, _ = batch_norm(x.detach().cpu(), **{k: v.detach().cpu() for k, v in p.items()}, groups=2)
+    assert torch.allclose(y.double().cpu(), ref, atol=2e-5, rtol=1e-5)
+    assert FP.backend_for(x) == "triton"

@@ -1,0 +1,129 @@
+"""The in-place update operations, PGD step and logit cosine, on both backends, against their
+formulas."""
+
+import pytest
+import torch
+
+from fastpurify import functional as FP
+from fastpurify.validation import InputError
+
+
+def test_noise_sign_step(backend):
+    noise = torch.tensor([0.0, 0.3, -0.35, 0.39, -0.1, 0.2])
+    grad = torch.tensor([1.0, 2.0, -0.5, 0.0, -3.0, -1e-30])
+    clamped = FP.noise_sign_step_(noise.clone(), grad, 0.1, 0.4, clamp=True)
+    assert torch.allclose(clamped, torch.tensor([0.1, 0.4, -0.4, 0.39, -0.2, 0.1]))
+    free = FP.noise_sign_step_(noise.clone(), grad, 0.1, 0.4, clamp=False)
+    assert torch.allclose(free, torch.tensor([0.1, 0.4, -0.45, 0.39, -0.2, 0.1]))
+
+
+def test_noise_sign_step_is_in_place_on_views(backend):
+    arena = torch.zeros(10)
+    view = arena[2:7]
+    out = FP.noise_sign_step_(view, torch.ones(5), 0.5, 0.4)
+    assert out.data_ptr() == view.data_ptr()
+    assert torch.equal(arena, torch.tensor([0, 0] + [0.4] * 5 + [0, 0, 0]))
+
+
+def test_mask_sgd_step_matches_torch_sgd(backend):
+    g = torch.Generator().manual_seed(0)
+    mask = torch.rand(1000, generator=g)
+    ref = torch.nn.Parameter(mask.clone())
+    opt = torch.optim.SGD([ref], lr=0.2, momentum=0.9)
+    buf = torch.zeros(1000)
+    for _ in range(4):
+        grad = torch.randn(1000, generator=g)
+        FP.mask_sgd_step_(mask, grad, buf, lr=0.2, momentum=0.9)
+        ref.grad = grad.clone()
+        opt.step()
+        with torch.no_grad():
+            ref.clamp_(0, 1)
+        assert torch.allclose(mask, ref.detach(), atol=1e-6)
+        assert torch.allclose(buf, opt.state[ref]["momentum_buffer"], atol=1e-6)
+    assert float(mask.min()) == 0.0 and float(mask.max()) == 1.0  # the clamp bites
+
+
+def test_updates_on_empty_and_single(backend):
+    for n in (0, 1):
+        noise, grad = torch.zeros(n), -torch.ones(n)
+        assert torch.equal(FP.noise_sign_step_(noise, grad, 0.2, 0.4), torch.full((n,), -0.2))
+        mask, buf = torch.ones(n), torch.zeros(n)
+        assert torch.allclose(FP.mask_sgd_step_(mask, grad, buf, 0.2, 0.9), torch.ones(n))
+        assert buf.tolist() == [-1.0] * n
+
+
+def test_update_errors(backend):
+    with pytest.raises(InputError, match="one shape"):
+        FP.noise_sign_step_(torch.zeros(3), torch.zeros(4), 0.1, 0.4)
+    with pytest.raises(InputError, match="contiguous"):
+        FP.noise_sign_step_(torch.zeros(4, 2)[:, 0], torch.zeros(4), 0.1, 0.4)
+    with pytest.raises(InputError, match="floating"):
+        FP.mask_sgd_step_(torch.zeros(3, dtype=torch.int32), torch.zeros(3), torch.zeros(3), 0.1, 0.9)
+    with pytest.raises(InputError, match="one device"):
+        FP.mask_sgd_step_(torch.zeros(3), torch.zeros(3, device="meta"), torch.zeros(3), 0.1, 0.9)
+
+
+def pgd_formula(x, x0, grad, alpha, eps, lo, hi):
+    step = x.double() + alpha * torch.sign(grad.double())
+    low = torch.clamp(x0.double() - eps, min=lo)
+    high = torch.clamp(x0.double() + eps, max=hi)
+    return torch.minimum(torch.maximum(step, low), high)
+
+
+@pytest.mark.parametrize("shape", [(0, 3, 4, 4), (1,), (3, 3, 7, 9)])
+def test_pgd_step(backend, shape):
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.rand(shape, generator=g)
+    x = (x0 + (torch.rand(shape, generator=g) - 0.5) * 0.05).clamp(0, 1)
+    grad = torch.randn(shape, generator=g)
+    grad.view(-1)[:1] = 0.0
+    expected = pgd_formula(x, x0, grad, 2 / 255, 8 / 255, 0.0, 1.0)
+    out = FP.pgd_step_(x, x0, grad, 2 / 255, 8 / 255)
+    assert out.data_ptr() == x.data_ptr() and torch.allclose(x.double(), expected, atol=1e-7)
+    assert ((x - x0).abs() <= 8 / 255 + 1e-6).all() and (x >= 0).all() and (x <= 1).all()
+
+
+def test_pgd_step_clamps_once_to_the_intersection(backend):
+    # x0 near the top of the range: the upper bound is hi, not x0 + eps.
+    x0 = torch.tensor([0.99, 0.5, 0.01])
+    x = x0.clone()
+    FP.pgd_step_(x, x0, torch.tensor([1.0, 1.0, -1.0]), alpha=0.1, eps=0.05, lo=0.0, hi=1.0)
+    assert torch.allclose(x, torch.tensor([1.0, 0.55, 0.0]))
+
+
+def test_random_start_is_seeded_and_bounded(backend):
+    x0 = torch.rand(4, 3, 5, 5, generator=torch.Generator().manual_seed(1))
+    a = FP.pgd_random_start(x0, 0.1, generator=torch.Generator().manual_seed(7))
+    b = FP.pgd_random_start(x0, 0.1, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(a, b) and not torch.equal(a, x0)
+    u = torch.rand(x0.shape, generator=torch.Generator().manual_seed(7))
+    assert torch.allclose(a, (x0 + 0.1 * (2 * u - 1)).clamp(0, 1), atol=1e-7)
+    assert ((a - x0).abs() <= 0.1 + 1e-6).all() and a.min() >= 0 and a.max() <= 1
+
+
+def test_pgd_errors(backend):
+    with pytest.raises(InputError, match="lo < hi"):
+        FP.pgd_step_(torch.zeros(3), torch.zeros(3), torch.zeros(3), 0.1, 0.1, lo=1.0, hi=0.0)
+    with pytest.raises(InputError, match="eps must be >= 0"):
+        FP.pgd_random_start(torch.zeros(3), -0.1)
+    with pytest.raises(InputError, match="one shape"):
+        FP.pgd_step_(torch.zeros(3), torch.zeros(2), torch.zeros(3), 0.1, 0.1)
+
+
+@pytest.mark.parametrize("n, k", [(0, 10), (1, 1), (5, 10), (300, 43)])
+def test_logits_cosine(backend, n, k):
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(n, k, generator=g), torch.randn(n, k, generator=g)
+    got = FP.logits_cosine(a, b)
+    expected = (a.double() * b.double()).sum(1) / (a.double().norm(dim=1) * b.double().norm(dim=1)).clamp_min(1e-8)
+    assert got.shape == (n,) and torch.allclose(got.double(), expected, atol=1e-6)
+    if n:
+        assert torch.allclose(got, torch.nn.functional.cosine_similarity(a, b), atol=1e-6)
+
+
+def test_logits_cosine_zero_rows_and_errors(backend):
+    a = torch.tensor([[0.0, 0.0], [1.0, 2.0], [3.0, 0.0]])
+    b = torch.tensor([[1.0, 1.0], [2.0, 4.0], [-1.0, 0.0]])
+    assert torch.allclose(FP.logits_cosine(a, b), torch.tensor([0.0, 1.0, -1.0]))
+    with pytest.raises(InputError, match="one shape"):
+        FP.logits_cosine(a, b[:2])
