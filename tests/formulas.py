@@ -42,3 +42,17 @@ def batch_norm_grads(x, weight, bias, mask, noise, noise_bias, dy, **kwargs):
                          leaves.get("noise_bias"), **kwargs)
     grads = torch.autograd.grad((y * dy.double()).sum(), list(leaves.values()))
     return dict(zip(leaves, grads))
+
+
+def random_bn_params(c, groups, seed=0):
+    """Seeded weight, bias, mask (C,) and noise, noise_bias (groups, C) of typical ANP ranges."""
+    g = torch.Generator().manual_seed(seed)
+    return dict(weight=torch.rand(c, generator=g) + 0.5, bias=torch.randn(c, generator=g),
+                mask=torch.rand(c, generator=g), noise=(torch.rand(groups, c, generator=g) - 0.5) * 0.8,
+                noise_bias=(torch.rand(groups, c, generator=g) - 0.5) * 0.8)
+
+
+def random_running_stats(c, seed=5):
+    """Seeded running_mean and running_var (C,)."""
+    g = torch.Generator().manual_seed(seed)
+    return dict(running_mean=torch.randn(c, generator=g) * 0.1, running_var=torch.rand(c, generator=g) + 0.5)

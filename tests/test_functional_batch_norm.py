@@ -7,7 +7,7 @@ import torch
 from fastpurify import functional as FP
 from fastpurify.validation import InputError
 
-from .formulas import batch_norm, batch_norm_grads
+from .formulas import batch_norm, batch_norm_grads, random_bn_params, random_running_stats
 
 SHAPES = [  # (shape, groups, training, channels_last)
     ((6, 3), 1, True, False),
@@ -22,10 +22,7 @@ SHAPES = [  # (shape, groups, training, channels_last)
 
 
 def params(c, groups, seed=0, requires_weight_grad=False):
-    g = torch.Generator().manual_seed(seed)
-    p = dict(weight=torch.rand(c, generator=g) + 0.5, bias=torch.randn(c, generator=g),
-             mask=torch.rand(c, generator=g), noise=(torch.rand(groups, c, generator=g) - 0.5) * 0.8,
-             noise_bias=(torch.rand(groups, c, generator=g) - 0.5) * 0.8)
+    p = random_bn_params(c, groups, seed)
     for k, v in p.items():
         v.requires_grad_(k in ("mask", "noise", "noise_bias") or requires_weight_grad)
     return p
@@ -38,16 +35,12 @@ def inputs(shape, channels_last, dtype=torch.float32, seed=1):
     return x.requires_grad_()
 
 
-def stats(c):
-    g = torch.Generator().manual_seed(5)
-    return dict(running_mean=torch.randn(c, generator=g) * 0.1, running_var=torch.rand(c, generator=g) + 0.5)
-
-
 @pytest.mark.parametrize("weight_grad", [False, True])
 @pytest.mark.parametrize("shape, groups, training, channels_last", SHAPES)
 def test_forward_and_every_gradient(backend, shape, groups, training, channels_last, weight_grad):
     c = shape[1]
-    x, p, s = inputs(shape, channels_last), params(c, groups, requires_weight_grad=weight_grad), stats(c)
+    x, p = inputs(shape, channels_last), params(c, groups, requires_weight_grad=weight_grad)
+    s = random_running_stats(c)
     ref_stats = {k: v.clone() for k, v in s.items()}
     y = FP.perturbed_batch_norm(x, **p, **s, training=training, groups=groups)
     ref, rm, rv = batch_norm(x.detach(), **{k: v.detach() for k, v in p.items()}, **ref_stats, training=training,

@@ -6,7 +6,7 @@ import torch
 
 from fastpurify.kernels.batch_norm import bn_backward, bn_forward, tile_shape
 
-from ..formulas import batch_norm, batch_norm_grads
+from ..formulas import batch_norm, batch_norm_grads, random_bn_params, random_running_stats
 
 CASES = [  # (shape, groups, training, channels_last)
     ((8, 3), 2, True, False),
@@ -21,16 +21,10 @@ CASES = [  # (shape, groups, training, channels_last)
 
 
 def make(shape, groups, channels_last, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    c = shape[1]
-    x = torch.randn(shape, generator=g) * 2 + 0.5
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * 2 + 0.5
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    p = dict(weight=torch.rand(c, generator=g) + 0.5, bias=torch.randn(c, generator=g),
-             mask=torch.rand(c, generator=g), noise=(torch.rand(groups, c, generator=g) - 0.5) * 0.8,
-             noise_bias=(torch.rand(groups, c, generator=g) - 0.5) * 0.8)
-    stats = dict(running_mean=torch.randn(c, generator=g) * 0.1, running_var=torch.rand(c, generator=g) + 0.5)
-    return x, p, stats
+    return x, random_bn_params(shape[1], groups, seed), random_running_stats(shape[1], seed + 5)
 
 
 def launch_forward(x, p, stats, groups, training, update):
