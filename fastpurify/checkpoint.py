@@ -34,6 +34,8 @@ def save_model(model: nn.Module, path: str | Path, metadata: dict | None = None)
 def read_metadata(path: str | Path) -> dict:
     """The metadata saved with a safetensors file (empty for other formats)."""
     path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
     if path.suffix != ".safetensors":
         return {}
     from safetensors import safe_open

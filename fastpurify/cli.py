@@ -2,8 +2,11 @@
 
     fastpurify demo                      poison the bundled digits with BadNets, train a backdoored
                                          small CNN, report ACC / ASR, save it (safetensors); then
-                                         purify it with reference ANP + the clean-data pruning rule
+                                         purify it with fastpurify.anp (timed against the reference)
+                                         + the clean-data pruning rule
     fastpurify train --data ... --arch ... --attack ...   the same for any source / model / attack
+    fastpurify anp --model CKPT --data ... --out DIR      ANP masks, pruning, ACC/ASR, figures
+    fastpurify bench anp                                  ANP throughput: fastpurify vs reference
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ import time
 from pathlib import Path
 
 from . import __version__
+from .commands import anp as anp_command
+from .commands import bench as bench_command
 from .validation import InputError, check_fraction, check_positive_int
 
 DEMO = dict(data="digits", arch="small_cnn", attack="badnets", mode="all2one", target=0, rate=0.1, epochs=15,
@@ -49,7 +54,7 @@ def _add_train_args(p: argparse.ArgumentParser, defaults: dict) -> None:
 
 
 def _add_anp_args(p: argparse.ArgumentParser, defaults: dict) -> None:
-    g = p.add_argument_group("purification (reference ANP, after training)")
+    g = p.add_argument_group("purification (ANP, after training)")
     g.add_argument("--anp-iterations", type=int, default=defaults["anp_iterations"],
                    help="ANP iterations (the paper runs 2000; default: %(default)s)")
     g.add_argument("--anp-batch-size", type=int, default=defaults["anp_batch_size"],
@@ -71,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_anp_args(demo, DEMO)
     train = sub.add_parser("train", help="train a backdoored model (a test subject for the defenses)")
     _add_train_args(train, {})
+    anp_command.add_parser(sub)
+    bench_command.add_parser(sub)
     return parser
 
 
@@ -131,33 +138,42 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _purify_with_anp(subject, test, args: argparse.Namespace, out: Path, meta: dict) -> dict:
-    """Reference ANP on the defender's clean images (the first ``--clean-images`` of the held-out
-    test split: a defender holds a little clean data, never the untrusted training set), pruning
-    by the clean-data rule, ACC / ASR before and after on the rest of the test split."""
+    """ANP on the defender's clean images (the first ``--clean-images`` of the held-out test
+    split: a defender holds a little clean data, never the untrusted training set): the fast
+    engine and, for its time, the reference with the same seed; pruning by the clean-data rule
+    on the fast engine's masks; ACC / ASR before and after on the rest of the test split."""
     from .backdoor import evaluate
     from .checkpoint import save_model
-    from .prune import prune_by_clean_accuracy
-    from .reference import anp
+    from .engines.anp import anp as fast_anp
+    from .pruning import prune_by_clean_accuracy
+    from .reference import anp as reference_anp
 
     n = args.clean_images
     if n >= len(test[1]):
         raise InputError(f"--clean-images must be below {len(test[1])}, the size of the test split (the rest "
                          f"evaluate), got {n}")
     clean, held_out = (test[0][:n], test[1][:n]), (test[0][n:], test[1][n:])
-    result = anp(subject.model, clean, iterations=args.anp_iterations, batch_size=args.anp_batch_size,
-                 padding=args.padding, flip=not args.no_flip, seed=args.seed, progress=not args.no_progress)
+    kw = dict(iterations=args.anp_iterations, batch_size=args.anp_batch_size, padding=args.padding,
+              flip=not args.no_flip, seed=args.seed, progress=not args.no_progress)
+    reference = reference_anp(subject.model, clean, **kw)
+    result = fast_anp(subject.model, clean, device=args.device, **kw)
+    same = all(bool((reference.masks[k] - result.masks[k]).abs().max() <= 1e-4) for k in result.masks)
     choice = prune_by_clean_accuracy(subject.model, result.masks, *clean, max_drop=args.max_drop)
     before = evaluate(subject.model, *held_out, subject.attack)
     after = evaluate(choice.model, *held_out, subject.attack)
     result.save(out / "mask_values.txt")
     save_model(choice.model, out / "pruned_model.safetensors",
                metadata={**meta, "pruned": {"neurons": choice.point.pruned, "threshold": choice.point.value}})
-    print(f"reference ANP: {args.anp_iterations} iterations on {n} held-out clean images ({result.seconds:.1f} s); "
-          f"pruned {choice.point.pruned} of {result.num_neurons} neurons (threshold {choice.point.value}, the "
+    print(f"ANP: {args.anp_iterations} iterations on {n} held-out clean images: fastpurify.anp "
+          f"{result.seconds:.1f} s, reference {reference.seconds:.1f} s ({reference.seconds / result.seconds:.2f}x; "
+          f"on {result.engine['device']}); masks {'equal' if same else 'NOT equal'} to the reference's within 1e-4")
+    print(f"pruned {choice.point.pruned} of {result.num_neurons} neurons (threshold {choice.point.value}, the "
           f"largest whose clean ACC drops by at most {args.max_drop * 100:g} points)")
     print(f"on the other {len(held_out[1])} test images: before ACC {before['acc']:.1%}, ASR {before['asr']:.1%}; "
           f"after ACC {after['acc']:.1%}, ASR {after['asr']:.1%}")
-    return {"settings": result.settings, "seconds": round(result.seconds, 2), "num_neurons": result.num_neurons,
+    return {"settings": result.settings, "seconds": round(result.seconds, 2),
+            "reference_seconds": round(reference.seconds, 2), "engine": result.engine,
+            "masks_equal_reference": same, "num_neurons": result.num_neurons,
             "pruned": choice.point.pruned, "threshold": choice.point.value, "max_drop": args.max_drop,
             "clean_images": n, "evaluated_images": len(held_out[1]), "before": before, "after": after,
             "clean_sweep": [{"threshold": p.value, "pruned": p.pruned, "acc": p.acc} for p in choice.points]}
@@ -178,7 +194,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"demo": cmd_demo, "train": cmd_train}
+COMMANDS = {"demo": cmd_demo, "train": cmd_train, "anp": anp_command.run, "bench": bench_command.run}
 
 
 def main(argv: list[str] | None = None) -> int:

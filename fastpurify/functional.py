@@ -64,7 +64,7 @@ def perturbed_batch_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: tor
     ``x`` is (N, C) or (N, C, *spatial), contiguous or channels_last. The batch is ``groups``
     equal contiguous chunks, each normalised with its own statistics in training mode (exactly
     as separate forward passes). ``noise``/``noise_bias`` are (groups, C), (C,) for one group, or
-    None. Running statistics are updated in place only when given and ``training`` (group by
+    None; their rows may be strided views (e.g. into one flat arena of the whole network). Running statistics are updated in place only when given and ``training`` (group by
     group, unbiased variance). Gradients flow to x, mask, noise, noise_bias, and to weight/bias
     only when they require grad. Statistics and reductions are in float32 (float64 for float64).
     """
@@ -114,11 +114,12 @@ def _per_group(t: torch.Tensor | None, name: str, groups: int, c: int) -> torch.
         return None
     _check_float(name, t)
     if t.dim() == 1 and groups == 1 and t.shape[0] == c:
-        return t.view(1, c)
+        t = t.unsqueeze(0)
     if tuple(t.shape) != (groups, c):
         raise InputError(f"{name} must have shape ({groups}, {c}) (groups, channels)"
                          f"{' or (' + str(c) + ',)' if groups == 1 else ''}, got {tuple(t.shape)}")
-    return t
+    # Rows may be strided (views into a flat arena); channels must be contiguous for the kernels.
+    return t if t.stride(-1) == 1 or c == 1 else t.contiguous()
 
 
 def _perturbed_batch_norm_torch(x, weight, bias, mask, noise, noise_bias, running_mean, running_var, training,
@@ -152,16 +153,19 @@ class _PerturbedBatchNorm(torch.autograd.Function):
         from .kernels.batch_norm import bn_forward
 
         x3 = _ncs(x)
-        y = torch.empty_like(x3)
+        # y is allocated in x's memory format (dense) and returned itself, not a view of it:
+        # the caller may modify it in place (e.g. ReLU(inplace=True)).
+        y = torch.empty_like(x)
+        y3 = y.view(x3.shape)
         stat_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         mean = torch.empty(groups, x.shape[1], dtype=stat_dtype, device=x.device)
         rstd = torch.empty_like(mean)
         update = training and running_mean is not None and running_var is not None
-        bn_forward(x3, y, weight, bias, mask, noise, noise_bias, running_mean, running_var, mean, rstd,
+        bn_forward(x3, y3, weight, bias, mask, noise, noise_bias, running_mean, running_var, mean, rstd,
                    groups=groups, training=training, update_running=update, momentum=momentum, eps=eps)
         ctx.save_for_backward(x3, weight, bias, mask, noise, noise_bias, mean, rstd)
         ctx.training, ctx.groups, ctx.shape = training, groups, x.shape
-        return y.view(x.shape)  # y has x3's strides, so this view keeps x's memory format
+        return y
 
     @staticmethod
     def backward(ctx, dy):
@@ -171,7 +175,8 @@ class _PerturbedBatchNorm(torch.autograd.Function):
         need_x, need_w, need_b, need_m, need_n, need_nb = ctx.needs_input_grad[:6]
         dy3 = _ncs(dy)
         dx = torch.empty_like(x3) if need_x else None
-        new = lambda t, need: torch.empty_like(t) if need and t is not None else None  # noqa: E731
+        new = lambda t, need: torch.empty(t.shape, dtype=t.dtype, device=t.device) if need and t is not None \
+            else None  # noqa: E731  (contiguous, whatever the strides of t)
         dmask, dnoise, dnoise_b = new(mask, need_m), new(noise, need_n), new(noise_bias, need_nb)
         dweight, dbias = new(weight, need_w), new(bias, need_b)
         bn_backward(x3, dy3, dx, weight, bias, mask, noise, noise_bias, mean, rstd, groups=ctx.groups,

@@ -11,12 +11,19 @@ The file is the official ``mask_values.txt`` of ``optimize_mask_cifar.py``::
 
 one row per channel, numbered globally, scores with 4 decimals, fields separated by
 ``" \\t "`` and every line ending in ``" \\n"``, exactly as that script writes it.
+:func:`save_masks` also writes full-precision JSON (``.json``) and CSV (``.csv``), chosen by
+the file's suffix; :func:`load_masks` reads all three.
 """
 
 from __future__ import annotations
 
+import csv
+import io
+import json
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -51,8 +58,40 @@ def format_masks(masks: dict[str, torch.Tensor]) -> str:
     return "".join(lines)
 
 
-def save_masks(masks: dict[str, torch.Tensor], path: str | Path) -> Path:
-    """Write the masks in the official format, atomically."""
+def format_masks_json(masks: dict[str, torch.Tensor], settings: dict | None = None) -> str:
+    """``{"layers": {name: [score, ...]}, "settings": {...}}`` with full float precision."""
+    check_masks(masks)
+    body = {"layers": {name: values.detach().double().cpu().tolist() for name, values in masks.items()}}
+    if settings:
+        body["settings"] = settings
+    return json.dumps(body, indent=1) + "\n"
+
+
+def format_masks_csv(masks: dict[str, torch.Tensor]) -> str:
+    """CSV with the header ``no,layer,neuron,mask``, one row per channel, full precision."""
+    check_masks(masks)
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["no", "layer", "neuron", "mask"])
+    count = 0
+    for name, values in masks.items():
+        for idx, value in enumerate(values.detach().double().cpu().tolist()):
+            writer.writerow([count, name, idx, repr(value)])
+            count += 1
+    return out.getvalue()
+
+
+FORMATS = (".txt", ".json", ".csv")
+
+
+def save_masks(masks: dict[str, torch.Tensor], path: str | Path, settings: dict | None = None) -> Path:
+    """Write the masks, atomically: ``.json`` and ``.csv`` at full precision (JSON with the
+    ``settings`` if given), any other suffix in the official text format."""
+    suffix = Path(path).suffix.lower()
+    if suffix == ".json":
+        return write_text(path, format_masks_json(masks, settings))
+    if suffix == ".csv":
+        return write_text(path, format_masks_csv(masks))
     return write_text(path, format_masks(masks))
 
 
@@ -91,9 +130,55 @@ def parse_masks(text: str, source: str = "mask file") -> dict[str, torch.Tensor]
     return masks
 
 
+def _masks_from_json(text: str, source: str) -> dict[str, torch.Tensor]:
+    try:
+        layers = json.loads(text)["layers"]
+        masks = {name: torch.tensor([float(v) for v in values], dtype=torch.float32) for name, values in layers.items()}
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise InputError(f"{source} is not a fastpurify mask JSON: expected {{\"layers\": {{name: [scores]}}}}") \
+            from None
+    check_masks(masks)
+    return masks
+
+
+def _masks_from_csv(text: str, source: str) -> dict[str, torch.Tensor]:
+    rows = list(csv.reader(io.StringIO(text)))
+    if not rows or [c.strip().lower() for c in rows[0]] != ["no", "layer", "neuron", "mask"]:
+        raise InputError(f"{source} does not start with the header no,layer,neuron,mask")
+    body = "".join(f"{r[0]} \t {r[1]} \t {r[2]} \t {r[3]} \n" for r in rows[1:] if r)
+    return parse_masks(HEADER + body, source)
+
+
 def load_masks(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a ``mask_values.txt`` written by fastpurify or by the official script."""
+    """Read masks written by fastpurify (``.txt``, ``.json``, ``.csv``) or by the official script."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"mask file not found: {path}")
-    return parse_masks(path.read_text(), source=str(path))
+    text, suffix = path.read_text(), path.suffix.lower()
+    if suffix == ".json":
+        return _masks_from_json(text, str(path))
+    if suffix == ".csv":
+        return _masks_from_csv(text, str(path))
+    return parse_masks(text, source=str(path))
+
+
+@dataclass
+class ANPResult:
+    """ANP's output (the reference and the fast engine): masks by BatchNorm layer name (model
+    order), the mask loss of every iteration, the wall time, the settings, and what the engine
+    did (device, precision, CUDA graph, ...)."""
+
+    masks: dict[str, torch.Tensor]
+    loss: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+    settings: dict[str, Any] = field(default_factory=dict)
+    engine: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_neurons(self) -> int:
+        return sum(m.numel() for m in self.masks.values())
+
+    def save(self, path: str | Path) -> Path:
+        """Write the masks atomically: the official ``mask_values.txt`` format, or JSON / CSV
+        by the file's suffix (see :func:`save_masks`)."""
+        return save_masks(self.masks, path, settings=self.settings)

@@ -100,3 +100,15 @@ def check_positive(value: float, name: str) -> None:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
     if not ok:
         raise InputError(f"{name} must be a positive finite number, got {value!r}")
+
+
+def check_anp_settings(*, eps: float, steps: int, alpha: float, lr: float, momentum: float, iterations: int,
+                       batch_size: int) -> None:
+    """ANP's hyper-parameters, checked before any work (the reference and the fast engine)."""
+    check_positive(eps, "eps (the noise bound)")
+    check_positive_int(steps, "steps (noise steps per iteration)")
+    check_fraction(alpha, "alpha (the clean-loss weight)", low_open=False, high_open=False)
+    check_positive(lr, "lr (the mask learning rate)")
+    check_fraction(momentum, "momentum", low_open=False, high_open=True)
+    check_positive_int(iterations, "iterations")
+    check_positive_int(batch_size, "batch_size")

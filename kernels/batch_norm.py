@@ -50,7 +50,7 @@ def _load_tile(PTR, r, cs, cmask, base_n, S, M, sn, sc, ss, ACC: tl.constexpr):
 
 @triton.jit
 def bn_forward_kernel(X, Y, W, B, MASK, NOISE, NOISE_B, RUN_MEAN, RUN_VAR, MEAN, RSTD,
-                      C, S, Ng, sxn, sxc, sxs, syn, syc, sys_, eps, momentum,
+                      C, S, Ng, sxn, sxc, sxs, syn, syc, sys_, s_noise, s_noise_b, eps, momentum,
                       G: tl.constexpr, TRAINING: tl.constexpr, UPDATE_RUNNING: tl.constexpr,
                       HAS_NOISE: tl.constexpr, HAS_NOISE_B: tl.constexpr, ACC: tl.constexpr,
                       BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -94,11 +94,11 @@ def bn_forward_kernel(X, Y, W, B, MASK, NOISE, NOISE_B, RUN_MEAN, RUN_VAR, MEAN,
         tl.store(RSTD + g * C + cs, rstd, mask=cmask)
         scale = m
         if HAS_NOISE:
-            scale += tl.load(NOISE + g * C + cs, mask=cmask, other=0.0).to(ACC)
+            scale += tl.load(NOISE + g * s_noise + cs, mask=cmask, other=0.0).to(ACC)
         scale = w * scale
         shift = b
         if HAS_NOISE_B:
-            shift = b * (1.0 + tl.load(NOISE_B + g * C + cs, mask=cmask, other=0.0).to(ACC))
+            shift = b * (1.0 + tl.load(NOISE_B + g * s_noise_b + cs, mask=cmask, other=0.0).to(ACC))
         a = rstd * scale
         for r0 in range(0, M, BLOCK_R):
             r = r0 + rows
@@ -114,7 +114,7 @@ def bn_forward_kernel(X, Y, W, B, MASK, NOISE, NOISE_B, RUN_MEAN, RUN_VAR, MEAN,
 @triton.jit
 def bn_backward_kernel(X, DY, DX, W, B, MASK, NOISE, NOISE_B, MEAN, RSTD,
                        DMASK, DNOISE, DNOISE_B, DW, DB,
-                       C, S, Ng, sxn, sxc, sxs, sdn, sdc, sds, sgn, sgc, sgs,
+                       C, S, Ng, sxn, sxc, sxs, sdn, sdc, sds, sgn, sgc, sgs, s_noise, s_noise_b,
                        G: tl.constexpr, TRAINING: tl.constexpr, HAS_NOISE: tl.constexpr,
                        HAS_NOISE_B: tl.constexpr, NEED_DX: tl.constexpr, NEED_DMASK: tl.constexpr,
                        NEED_DNOISE: tl.constexpr, NEED_DNOISE_B: tl.constexpr, NEED_DW: tl.constexpr,
@@ -137,10 +137,10 @@ def bn_backward_kernel(X, DY, DX, W, B, MASK, NOISE, NOISE_B, MEAN, RSTD,
         rstd = tl.load(RSTD + g * C + cs, mask=cmask, other=0.0).to(ACC)
         factor = m
         if HAS_NOISE:
-            factor += tl.load(NOISE + g * C + cs, mask=cmask, other=0.0).to(ACC)
+            factor += tl.load(NOISE + g * s_noise + cs, mask=cmask, other=0.0).to(ACC)
         bias_factor = tl.full((BLOCK_C,), 1.0, dtype=ACC)
         if HAS_NOISE_B:
-            bias_factor += tl.load(NOISE_B + g * C + cs, mask=cmask, other=0.0).to(ACC)
+            bias_factor += tl.load(NOISE_B + g * s_noise_b + cs, mask=cmask, other=0.0).to(ACC)
         acc_dy = tl.zeros((BLOCK_R, BLOCK_C), dtype=ACC)
         acc_dyx = tl.zeros((BLOCK_R, BLOCK_C), dtype=ACC)
         for r0 in range(0, M, BLOCK_R):
@@ -184,6 +184,15 @@ def _strides(t: torch.Tensor) -> tuple[int, int, int]:
     return t.stride(0), t.stride(1), (t.stride(2) if t.dim() == 3 else 0)
 
 
+def _row_stride(t: torch.Tensor | None) -> int:
+    """The group stride of a (G, C) per-group parameter whose channels are contiguous
+    (views into one flat arena are welcome); 0 when absent."""
+    if t is None:
+        return 0
+    assert t.stride(-1) == 1 or t.shape[-1] == 1, "per-group parameters need contiguous channels"
+    return t.stride(0)
+
+
 def tile_shape(x: torch.Tensor, C: int, M: int) -> tuple[int, int, int]:
     """(BLOCK_R, BLOCK_C, num_warps): wide tiles across channels when channels are contiguous
     in memory, tall ones along the reduction otherwise; about 2048 elements a tile."""
@@ -211,7 +220,8 @@ def bn_forward(x3: torch.Tensor, y3: torch.Tensor, weight, bias, mask, noise, no
         x3, y3, weight, bias, mask,
         noise if noise is not None else dummy, noise_bias if noise_bias is not None else dummy,
         running_mean if running_mean is not None else dummy, running_var if running_var is not None else dummy,
-        mean, rstd, C, S, Ng, *_strides(x3), *_strides(y3), float(eps), float(momentum),
+        mean, rstd, C, S, Ng, *_strides(x3), *_strides(y3), _row_stride(noise), _row_stride(noise_bias),
+        float(eps), float(momentum),
         G=groups, TRAINING=training, UPDATE_RUNNING=update_running, HAS_NOISE=noise is not None,
         HAS_NOISE_B=noise_bias is not None, ACC=accumulator_dtype(x3.dtype),
         BLOCK_R=block_r, BLOCK_C=block_c, num_warps=warps)
@@ -231,6 +241,7 @@ def bn_backward(x3, dy3, dx3, weight, bias, mask, noise, noise_bias, mean, rstd,
         x3, dy3, pick(dx3), weight, bias, mask, pick(noise), pick(noise_bias), mean, rstd,
         pick(dmask), pick(dnoise), pick(dnoise_bias), pick(dweight), pick(dbias),
         C, S, Ng, *_strides(x3), *_strides(dy3), *_strides(dx3 if dx3 is not None else x3),
+        _row_stride(noise), _row_stride(noise_bias),
         G=groups, TRAINING=training, HAS_NOISE=noise is not None, HAS_NOISE_B=noise_bias is not None,
         NEED_DX=dx3 is not None, NEED_DMASK=dmask is not None, NEED_DNOISE=dnoise is not None,
         NEED_DNOISE_B=dnoise_bias is not None, NEED_DW=dweight is not None, NEED_DB=dbias is not None,

@@ -99,6 +99,47 @@ def test_one_group_noise_as_a_vector_and_no_noise(backend):
     assert torch.allclose(plain, expected, atol=1e-5)
 
 
+def test_noise_rows_may_be_strided_views_of_an_arena(backend):
+    """Per-layer (groups, C) noise taken from a (groups, 2, P) arena: rows strided by 2P, mask a
+    slice of a flat vector; forward and gradients equal those of contiguous copies."""
+    c, groups = 5, 2
+    x = inputs((6, c, 3, 4), False).detach()
+    p = {k: v.detach() for k, v in params(c, groups).items()}
+    arena = torch.zeros(groups, 2, c + 7)
+    arena[:, 0, 3:3 + c], arena[:, 1, 3:3 + c] = p["noise"], p["noise_bias"]
+    mask_arena = torch.zeros(c + 4)
+    mask_arena[2:2 + c] = p["mask"]
+    noise, noise_bias, mask = arena[:, 0, 3:3 + c], arena[:, 1, 3:3 + c], mask_arena[2:2 + c]
+    for t in (noise, noise_bias, mask):
+        t.requires_grad_()
+    assert noise.stride() == (2 * (c + 7), 1)
+    y = FP.perturbed_batch_norm(x, p["weight"], p["bias"], mask, noise, noise_bias, groups=groups)
+    ref = FP.perturbed_batch_norm(x, p["weight"], p["bias"], *[t.clone().requires_grad_() for t in
+                                                               (p["mask"], p["noise"], p["noise_bias"])],
+                                  groups=groups)
+    assert torch.equal(y, ref)
+    dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(3))
+    grads = torch.autograd.grad((y * dy).sum(), [mask, noise, noise_bias])
+    expected = batch_norm_grads(x, p["weight"], p["bias"], p["mask"], p["noise"], p["noise_bias"], dy,
+                                training=True, groups=groups)
+    for got, key in zip(grads, ("mask", "noise", "noise_bias")):
+        assert torch.allclose(got.double(), expected[key], atol=1e-4), key
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_output_may_be_modified_in_place(backend, channels_last):
+    """ReLU(inplace=True) after the BatchNorm, as in torchvision's ResNets: same values and
+    gradients as an out-of-place ReLU."""
+    x = inputs((4, 6, 3, 5), channels_last)
+    p = params(6, 1)
+    grads = []
+    for relu in (torch.relu_, torch.relu):
+        y = relu(FP.perturbed_batch_norm(x, **p))
+        grads.append(torch.autograd.grad(y.square().sum(), [x, p["mask"], p["noise"]]))
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
 def test_bitwise_deterministic(backend):
     x = inputs((8, 17, 5, 5), True)
     p = params(17, 2)

@@ -1,8 +1,10 @@
+import json
+
 import pytest
 import torch
 
 from fastpurify import InputError
-from fastpurify.masks import HEADER, format_masks, load_masks, parse_masks, save_masks
+from fastpurify.masks import HEADER, ANPResult, format_masks, load_masks, parse_masks, save_masks
 
 # The first lines of a mask_values.txt exactly as the official optimize_mask_cifar.py writes it
 # ('{} \t {} \t {} \t {:.4f} \n'), for a ResNet-18 with a linear-layer BatchNorm1d at the end.
@@ -73,3 +75,35 @@ def test_missing_file_and_bad_masks(tmp_path):
         format_masks({"a": torch.ones(2, 2)})
     with pytest.raises(InputError, match="without spaces"):
         format_masks({"a b": torch.ones(2)})
+
+
+@pytest.mark.parametrize("suffix", [".json", ".csv"])
+def test_json_and_csv_round_trip_at_full_precision(tmp_path, suffix):
+    masks = {"layer1.0.bn1": torch.tensor([0.123456789, 1.0, 0.0]), "bn": torch.tensor([0.5])}
+    path = save_masks(masks, tmp_path / f"masks{suffix}", settings={"eps": 0.4})
+    back = load_masks(path)
+    assert list(back) == list(masks)
+    assert all(torch.equal(back[k], masks[k]) for k in masks)
+    if suffix == ".json":
+        assert json.loads(path.read_text())["settings"] == {"eps": 0.4}
+    else:
+        assert path.read_text().splitlines()[:2] == ["no,layer,neuron,mask", "0,layer1.0.bn1,0,0.12345679104328156"]
+
+
+def test_result_save_picks_the_format_by_suffix(tmp_path):
+    result = ANPResult({"bn": torch.tensor([0.25, 0.75])}, settings={"seed": 3})
+    assert result.save(tmp_path / "m.txt").read_text().startswith("No \t Layer Name")
+    assert json.loads(result.save(tmp_path / "m.json").read_text())["layers"] == {"bn": [0.25, 0.75]}
+    assert result.save(tmp_path / "m.csv").read_text().startswith("no,layer,neuron,mask\n")
+
+
+@pytest.mark.parametrize("suffix, text, message", [
+    (".json", '{"masks": []}', "not a fastpurify mask JSON"),
+    (".csv", "a,b\n", "header no,layer,neuron,mask"),
+    (".csv", "no,layer,neuron,mask\n0,bn,1,0.5\n", "must be 0..0"),
+])
+def test_bad_json_and_csv_are_refused(tmp_path, suffix, text, message):
+    path = tmp_path / f"m{suffix}"
+    path.write_text(text)
+    with pytest.raises(InputError, match=message):
+        load_masks(path)

@@ -46,7 +46,9 @@ def augment_batch(images: torch.Tensor, generator: torch.Generator, padding: int
     if flip:
         flips = torch.rand(n, generator=generator, device=dev) < 0.5
         out = torch.where(flips[:, None, None, None], out.flip(-1), out)
-    return out.contiguous()
+    # A fresh NCHW tensor with the default strides (a 1-channel result of the indexing above
+    # would keep NHWC strides, which changes the convolution algorithm the next layer picks).
+    return out.clone(memory_format=torch.contiguous_format)
 
 
 class DeviceBatchSampler:

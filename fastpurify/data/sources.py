@@ -1,5 +1,6 @@
-"""Named data sources for the command line: ``digits``, ``synthetic``, ``cifar10[:DIR]`` or a
-CIFAR-10 folder path. Each gives a train and a test split and the class count."""
+"""Named data sources for the command line: ``digits``, ``synthetic``, ``cifar10[:DIR]``, a
+CIFAR-10 folder path, or a file of images and labels. Each gives a train and a test split and
+the class count; a file is a test split only (the defender's own images, no training split)."""
 
 from __future__ import annotations
 
@@ -14,8 +15,10 @@ from .cifar10 import load_cifar10
 from .digits import load_digits
 from .split import train_test_split
 from .synthetic import synthetic_dataset
+from .tensor_file import SUFFIXES, load_tensor_file
 
-SOURCES = ("digits", "synthetic", "cifar10[:DIR]", "DIR (CIFAR-10 python batches)")
+SOURCES = ("digits", "synthetic", "cifar10[:DIR]", "DIR (CIFAR-10 python batches)",
+           f"FILE ({'/'.join(SUFFIXES)} with images and labels)")
 
 
 @dataclass
@@ -50,4 +53,11 @@ def load_source(spec: str, *, size: int | None = None, channels: int | None = No
         if size not in (None, 32) or channels not in (None, 3):
             raise InputError("CIFAR-10 images are 3x32x32: do not set a different size or channel count")
         return DataSplits(load_cifar10(root, train=True), load_cifar10(root, train=False), 10, "cifar10")
+    if Path(spec).suffix.lower() in SUFFIXES:
+        images, labels = load_tensor_file(spec)
+        if size not in (None, images.shape[-1]) or channels not in (None, images.shape[1]):
+            raise InputError(f"{spec} holds {tuple(images.shape[1:])} images, not the {channels or '?'} channels of "
+                             f"{size or '?'} pixels asked for")
+        empty = images[:0], labels[:0]
+        return DataSplits(empty, (images, labels), int(labels.max()) + 1 if labels.numel() else 0, Path(spec).name)
     raise InputError(f"unknown data source {spec!r}: use one of {', '.join(SOURCES)}")

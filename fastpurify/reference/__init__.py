@@ -2,7 +2,7 @@
 
 The yardstick every fast path is measured against, for correctness and for speed: official-code
 semantics, no fusion, no tricks. Nothing here imports the fast path (``fastpurify.functional``,
-``fastpurify.layers``, ``fastpurify.kernels``). Pruning (:mod:`fastpurify.prune`) and the mask
+``fastpurify.layers``, ``fastpurify.kernels``). Pruning (:mod:`fastpurify.pruning`) and the mask
 file (:mod:`fastpurify.masks`) are shared with the fast engines.
 """
 

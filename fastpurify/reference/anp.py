@@ -32,8 +32,6 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -42,21 +40,9 @@ import torch.nn.functional as F
 
 from ..data import DeviceBatchSampler, as_tensors, make_generator
 from ..inference import model_device
-from ..masks import save_masks
-from ..validation import check_fraction, check_positive, check_positive_int
+from ..masks import ANPResult
+from ..validation import check_anp_settings
 from .noisy_bn import NoisyBatchNorm, batchnorm_layers, set_perturbed, to_noisy
-
-
-def check_anp_settings(*, eps: float, steps: int, alpha: float, lr: float, momentum: float, iterations: int,
-                       batch_size: int) -> None:
-    """ANP's hyper-parameters, checked before any work (shared with the fast engine)."""
-    check_positive(eps, "eps (the noise bound)")
-    check_positive_int(steps, "steps (noise steps per iteration)")
-    check_fraction(alpha, "alpha (the clean-loss weight)", low_open=False, high_open=False)
-    check_positive(lr, "lr (the mask learning rate)")
-    check_fraction(momentum, "momentum", low_open=False, high_open=True)
-    check_positive_int(iterations, "iterations")
-    check_positive_int(batch_size, "batch_size")
 
 
 class ANPState:
@@ -115,27 +101,9 @@ class ANPState:
         return loss.item()
 
     def masks(self) -> dict[str, torch.Tensor]:
-        """The current masks by layer name, detached float32 copies on the CPU."""
-        return {name: layer.neuron_mask.detach().float().cpu().clone() for name, layer in self.layers.items()}
-
-
-@dataclass
-class ANPResult:
-    """ANP's output: masks by BatchNorm layer name (model order), the mask loss of every
-    iteration, the wall time and the settings."""
-
-    masks: dict[str, torch.Tensor]
-    loss: list[float] = field(default_factory=list)
-    seconds: float = 0.0
-    settings: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def num_neurons(self) -> int:
-        return sum(m.numel() for m in self.masks.values())
-
-    def save(self, path: str | Path) -> Path:
-        """Write the masks as the official ``mask_values.txt`` (atomically)."""
-        return save_masks(self.masks, path)
+        """The current masks by layer name: copies on the CPU, float32 (float64 for a float64 model)."""
+        keep = lambda t: t if t.dtype == torch.float64 else t.float()  # noqa: E731
+        return {name: keep(layer.neuron_mask.detach().cpu()).clone() for name, layer in self.layers.items()}
 
 
 def anp(model: nn.Module, data: Any, *, eps: float = 0.4, steps: int = 1, alpha: float = 0.2, lr: float = 0.2,
@@ -143,7 +111,7 @@ def anp(model: nn.Module, data: Any, *, eps: float = 0.4, steps: int = 1, alpha:
         augment: bool = True, padding: int = 4, flip: bool = True, seed: int = 0, progress: bool = True) -> ANPResult:
     """Learn ANP masks for ``model`` on the defender's clean ``data`` (anything
     :func:`fastpurify.data.as_tensors` reads). ``model`` is not modified; prune it afterwards
-    with :func:`fastpurify.prune.prune` or :func:`fastpurify.prune.prune_by_clean_accuracy`."""
+    with :func:`fastpurify.pruning.prune` or :func:`fastpurify.pruning.prune_by_clean_accuracy`."""
     check_anp_settings(eps=eps, steps=steps, alpha=alpha, lr=lr, momentum=momentum, iterations=iterations,
                        batch_size=batch_size)
     batchnorm_layers(model)

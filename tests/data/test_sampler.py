@@ -122,3 +122,12 @@ def test_cuda_resident_and_same_contract():
     assert torch.equal(by, index) and torch.equal(bx, augment_batch(x[index], g))
     with pytest.raises(InputError, match="generator"):
         DeviceBatchSampler(x, y, 2, generator=make_generator(0, "cpu"))
+
+
+def test_augmented_batches_have_default_nchw_strides():
+    """Even with one channel (where indexing leaves NHWC strides that change the convolution
+    algorithm, and with it the bits of the result), so every engine sees the same layout."""
+    for channels in (1, 3):
+        sampler = DeviceBatchSampler(torch.rand(10, channels, 8, 8), torch.zeros(10, dtype=torch.long), 4, padding=2)
+        x, _ = sampler.sample()
+        assert x.stride() == torch.empty(x.shape).stride()

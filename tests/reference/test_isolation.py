@@ -3,7 +3,7 @@ import sys
 
 
 def test_the_reference_never_imports_the_fast_path():
-    code = ("import sys, fastpurify.reference, fastpurify.prune, fastpurify.masks, fastpurify.ranking; "
+    code = ("import sys, fastpurify.reference, fastpurify.pruning, fastpurify.masks, fastpurify.ranking; "
             "print([m for m in sys.modules if m.split('.')[:2] in (['fastpurify', 'functional'], "
             "['fastpurify', 'layers'], ['fastpurify', 'kernels']) or m == 'triton' or m.startswith('triton.')])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

@@ -5,7 +5,7 @@ import torch.nn as nn
 from fastpurify import InputError
 from fastpurify.backdoor import BadNets, evaluate
 from fastpurify.models import small_cnn
-from fastpurify.prune import (DEFAULT_THRESHOLDS, count_pruned, format_sweep, prune, prune_by_clean_accuracy,
+from fastpurify.pruning import (DEFAULT_THRESHOLDS, count_pruned, format_sweep, prune, prune_by_clean_accuracy,
                               select_neurons, sweep)
 
 

@@ -1,0 +1,1 @@
+"""Benchmark runners shared by ``fastpurify bench`` and the pytest-benchmark suites in bench/."""

@@ -1,0 +1,244 @@
+"""ANP iterations per second: the fast engine against the reference, in one process, on the
+same device, model and data.
+
+Every variant runs whole ANP iterations (batch draw and augmentation included) from the same
+seeded sampler. Each is warmed up (compilation, graph capture, cuDNN autotuning), then timed in
+``repeats`` blocks of ``iterations`` iterations with a device synchronisation around each block;
+we report the median, min and max time per iteration over the blocks and the peak device memory.
+
+Variants (each isolates one of DESIGN.md §4's wins):
+
+- ``reference``: the official script's semantics, eager (weights get gradients, two separate
+  forward passes in the mask step, per-layer updates);
+- ``reference-frozen``: the reference on a model whose weights do not require gradients (win 1);
+- ``reference-compile``: the reference with its model under ``torch.compile``;
+- ``fast-separate``: fastpurify with the clean and perturbed passes run separately, no CUDA graph
+  (frozen weights, fused BatchNorm, flat-arena updates: wins 1 and 4);
+- ``fast-eager``: fastpurify with the two-group batch, no CUDA graph (adds win 3);
+- ``fast``: fastpurify as it runs by default (on CUDA adds the graph, channels_last, TF32: win 5);
+- ``fast-bf16``: ``fast`` under bfloat16 autocast.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as dt
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn as nn
+
+from ..data import DeviceBatchSampler, make_generator, synthetic_dataset
+from ..engines.anp import ANPEngine
+from ..engines.anp import anp as fast_anp
+from ..engines.runtime import resolve_device, tf32_enabled, use_channels_last
+from ..models import build_model
+from ..pruning import select_neurons
+from ..reference.anp import ANPState
+from ..validation import InputError, check_positive_int
+
+VARIANTS = ("reference", "reference-frozen", "reference-compile", "fast-separate", "fast-eager", "fast", "fast-bf16")
+ANP_KW = dict(eps=0.4, steps=1, alpha=0.2, lr=0.2, momentum=0.9, clamp_noise=True)
+
+
+@dataclass
+class Timing:
+    name: str
+    median_ms: float
+    min_ms: float
+    max_ms: float
+    iterations_per_second: float
+    peak_memory_mb: float | None
+    block_ms: list[float] = field(default_factory=list)
+    ratio_vs_reference: float | None = None
+    ratio_vs_compile: float | None = None
+    note: str = ""
+
+
+def environment(device: torch.device) -> dict:
+    """Device, driver and library versions, and the date: stored with every result."""
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    env = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "torch": torch.__version__,
+           "triton": triton_version, "python": platform.python_version(), "device_type": device.type}
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        env.update(device=props.name, cuda=torch.version.cuda, memory_gb=round(props.total_memory / 2 ** 30, 1),
+                   driver=_driver_version())
+    else:
+        env.update(device=platform.processor() or platform.machine(), threads=torch.get_num_threads())
+    return env
+
+
+def _driver_version() -> str | None:
+    try:
+        import subprocess
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20)
+        return out.stdout.strip().splitlines()[0] if out.returncode == 0 else None
+    except (OSError, IndexError, subprocess.SubprocessError):
+        return None
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _reference_step(model, images, labels, batch_size, device, *, frozen=False, compiled=False) -> Callable:
+    model = copy.deepcopy(model).to(device)
+    if frozen:
+        model.requires_grad_(False)
+    state = ANPState(model, **ANP_KW)
+    if compiled:
+        state.model = torch.compile(state.model)
+    sampler = DeviceBatchSampler(images, labels, batch_size, seed=0, device=device)
+    noise = make_generator(1, device)
+    return lambda: state.iteration(*sampler.sample(), noise)
+
+
+def _fast_step(model, images, labels, batch_size, device, *, grouped=True, graph=True, precision="fp32") -> Callable:
+    channels_last = use_channels_last(None, device, images)
+    engine = ANPEngine(model, (batch_size, *images.shape[1:]), device=device, grouped=grouped,
+                       channels_last=channels_last, precision=precision, **ANP_KW)
+    sampler = DeviceBatchSampler(images, labels, batch_size, seed=0, device=device)
+    noise = make_generator(1, device)
+    graphed = engine.capture() if graph and device.type == "cuda" else None
+    run = graphed or engine.step
+
+    def step():
+        engine.load_batch(*sampler.sample())
+        engine.arena.draw_noise(ANP_KW["eps"], noise)
+        run()
+    step.graphed = graphed is not None
+    return step
+
+
+def _build(name, model, images, labels, batch_size, device) -> Callable:
+    if name.startswith("reference"):
+        return _reference_step(model, images, labels, batch_size, device, frozen=name == "reference-frozen",
+                               compiled=name == "reference-compile")
+    return _fast_step(model, images, labels, batch_size, device, grouped=name != "fast-separate",
+                      graph=name in ("fast", "fast-bf16"), precision="bf16" if name == "fast-bf16" else "fp32")
+
+
+def time_variant(name, step: Callable, device, *, warmup: int, iterations: int, repeats: int) -> Timing:
+    for _ in range(warmup):
+        step()
+    _sync(device)
+    blocks = []
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        for _ in range(iterations):
+            step()
+        _sync(device)
+        blocks.append((time.perf_counter() - start) / iterations * 1000)
+    med = statistics.median(blocks)
+    peak = torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda" else None
+    return Timing(name, round(med, 4), round(min(blocks), 4), round(max(blocks), 4), round(1000 / med, 3),
+                  None if peak is None else round(peak, 1), [round(b, 4) for b in blocks],
+                  note="CUDA graph" if getattr(step, "graphed", False) else "")
+
+
+def pruned_set_change(model, images, labels, *, batch_size, device, iterations) -> dict:
+    """Neurons at threshold 0.2 that bf16 autocast changes against fp32 after the same run."""
+    kw = dict(batch_size=batch_size, iterations=iterations, device=device, progress=False, seed=0)
+    runs = {p: fast_anp(model, (images, labels), precision=p, **kw) for p in ("fp32", "bf16")}
+    chosen = {p: select_neurons(r.masks, threshold=0.2) for p, r in runs.items()}
+    changed = sum(int((chosen["fp32"][k] ^ chosen["bf16"][k]).sum()) for k in chosen["fp32"])
+    gap = max(float((runs["fp32"].masks[k] - runs["bf16"].masks[k]).abs().max()) for k in runs["fp32"].masks)
+    return {"iterations": iterations, "threshold": 0.2, "num_neurons": runs["fp32"].num_neurons,
+            "pruned_fp32": sum(int(v.sum()) for v in chosen["fp32"].values()),
+            "pruned_bf16": sum(int(v.sum()) for v in chosen["bf16"].values()), "changed": changed,
+            "max_mask_gap": round(gap, 6)}
+
+
+def run_anp_benchmark(*, arch: str = "cifar_resnet18", batch_size: int = 128, num_images: int = 500,
+                      image_size: int = 32, channels: int = 3, num_classes: int = 10, device=None,
+                      variants: tuple[str, ...] | None = None, warmup: int = 3, iterations: int = 10,
+                      repeats: int = 5, end_to_end_iterations: int = 0, precision_check_iterations: int = 0,
+                      progress: Callable[[str], None] | None = print) -> dict:
+    """Time the variants and return the result dict (JSON-ready). Defaults: the issue's setting,
+    CIFAR ResNet-18 at batch 128 on 500 images (synthetic pixels: the speed does not depend on
+    them). ``end_to_end_iterations``: also time one whole ``fastpurify.anp`` call of that many
+    iterations. ``precision_check_iterations``: also count the pruned neurons bf16 changes."""
+    device = resolve_device(device)
+    for name, value in (("batch_size", batch_size), ("num_images", num_images), ("iterations", iterations),
+                        ("repeats", repeats)):
+        check_positive_int(value, name)
+    if variants is None:
+        variants = tuple(v for v in VARIANTS if device.type == "cuda" or v not in ("reference-compile", "fast-bf16"))
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise InputError(f"unknown benchmark variant(s) {unknown}; choose from {list(VARIANTS)}")
+    torch.manual_seed(0)
+    model: nn.Module = build_model(arch, num_classes=num_classes, in_channels=channels)
+    images, labels = synthetic_dataset(n=num_images, num_classes=num_classes, channels=channels, size=image_size,
+                                       seed=0)
+    images, labels = images.to(device), labels.to(device)
+    timings: list[Timing] = []
+    with tf32_enabled(device.type == "cuda"):
+        for name in variants:
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats(device)
+            if progress:
+                progress(f"  {name} ...")
+            step = _build(name, model, images, labels, batch_size, device)
+            timings.append(time_variant(name, step, device, warmup=warmup, iterations=iterations, repeats=repeats))
+            del step
+    by_name = {t.name: t for t in timings}
+    for t in timings:
+        if "reference" in by_name:
+            t.ratio_vs_reference = round(by_name["reference"].median_ms / t.median_ms, 3)
+        if "reference-compile" in by_name:
+            t.ratio_vs_compile = round(by_name["reference-compile"].median_ms / t.median_ms, 3)
+    result = {"benchmark": "anp", "environment": environment(device),
+              "settings": dict(arch=arch, batch_size=batch_size, num_images=num_images, image_size=image_size,
+                               channels=channels, num_classes=num_classes, warmup=warmup,
+                               iterations_per_block=iterations, repeats=repeats, tf32=device.type == "cuda", **ANP_KW),
+              "variants": [asdict(t) for t in timings]}
+    if end_to_end_iterations:
+        if progress:
+            progress(f"  fastpurify.anp end to end, {end_to_end_iterations} iterations ...")
+        run = fast_anp(model, (images, labels), iterations=end_to_end_iterations, batch_size=batch_size,
+                       device=device, progress=False)
+        result["end_to_end"] = {"iterations": end_to_end_iterations, "seconds": round(run.seconds, 3),
+                                "engine": run.engine}
+    if precision_check_iterations:
+        if progress:
+            progress(f"  bf16 vs fp32 pruned set, {precision_check_iterations} iterations each ...")
+        result["bf16_pruned_set"] = pruned_set_change(model, images, labels, batch_size=batch_size, device=device,
+                                                      iterations=precision_check_iterations)
+    return result
+
+
+def format_table(result: dict) -> str:
+    """A text table of the variants: medians, spread, ratios, memory."""
+    env, s = result["environment"], result["settings"]
+    lines = [f"ANP on {s['arch']}, batch {s['batch_size']}, {s['num_images']} images of {s['image_size']}px; "
+             f"{env['device']} (torch {env['torch']}, triton {env['triton']}); median of {s['repeats']} blocks of "
+             f"{s['iterations_per_block']} iterations",
+             f"{'variant':<18} {'ms/it':>9} {'min':>9} {'max':>9} {'it/s':>9} {'x ref':>7} {'x compile':>9} "
+             f"{'peak MB':>9}  note"]
+    for v in result["variants"]:
+        cell = lambda x, fmt: format("-", fmt.split(".")[0]) if x is None else format(x, fmt)  # noqa: E731
+        lines.append(f"{v['name']:<18} {v['median_ms']:>9.2f} {v['min_ms']:>9.2f} {v['max_ms']:>9.2f} "
+                     f"{v['iterations_per_second']:>9.2f} {cell(v['ratio_vs_reference'], '>7.2f')} "
+                     f"{cell(v['ratio_vs_compile'], '>9.2f')} {cell(v['peak_memory_mb'], '>9.1f')}  {v['note']}")
+    if "end_to_end" in result:
+        e = result["end_to_end"]
+        lines.append(f"fastpurify.anp end to end: {e['iterations']} iterations in {e['seconds']:.2f} s")
+    if "bf16_pruned_set" in result:
+        b = result["bf16_pruned_set"]
+        lines.append(f"bf16 vs fp32 after {b['iterations']} iterations: {b['changed']} of {b['num_neurons']} neurons "
+                     f"change side of threshold 0.2 ({b['pruned_fp32']} vs {b['pruned_bf16']} pruned)")
+    return "\n".join(lines)

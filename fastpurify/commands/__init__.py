@@ -1,0 +1,1 @@
+"""The subcommands of the ``fastpurify`` command line, one module each."""

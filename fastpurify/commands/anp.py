@@ -1,0 +1,233 @@
+"""``fastpurify anp``: learn ANP masks for a checkpoint, prune, evaluate, write everything.
+
+    fastpurify anp --model runs/demo/model.safetensors --data digits --out runs/anp
+
+Inputs: a checkpoint (safetensors or ``.pt`` read with ``weights_only=True``; a pickled full
+model only with ``--trust-pickle``), a data source whose test split (or file) gives the
+defender's clean images (the first ``--clean-images``) and the evaluation images (the rest).
+With a trigger (``--attack``, or the one recorded in a fastpurify checkpoint) ACC and ASR are
+reported before and after pruning. Outputs in ``--out``: ``mask_values.txt`` (official format),
+``masks.json``, ``pruned_model.safetensors``, ``sweep.txt`` (the official table),
+``report.json``, and the figures ``mask_distribution.png`` and ``pruning_curve.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from ..validation import InputError, check_fraction, check_positive_int
+
+PRUNE_RULES = ("threshold", "number", "fraction", "max_drop")
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("anp", help="Adversarial Neuron Pruning of a checkpoint (fast engine or reference)",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("model")
+    g.add_argument("--model", required=True, help="checkpoint: .safetensors, or .pt/.pth of weights")
+    g.add_argument("--arch", default=None, help="architecture (default: from the checkpoint's metadata): "
+                   "cifar_resnet18 | preact_resnet18 | small_cnn | torchvision:<name>")
+    g.add_argument("--num-classes", type=int, default=None)
+    g.add_argument("--in-channels", type=int, default=None)
+    g.add_argument("--trust-pickle", action="store_true",
+                   help="allow a checkpoint that holds pickled Python code (only if you trust its author)")
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default="digits", help="digits | synthetic | cifar10[:DIR] | DIR | FILE.npz/.pt/"
+                   ".safetensors with images and labels (default: %(default)s)")
+    g.add_argument("--size", type=int, default=None, help="image size for digits/synthetic (default: the model's)")
+    g.add_argument("--clean-images", type=int, default=500,
+                   help="the first N images of the test split (or file) are the defender's clean set; the rest "
+                        "evaluate (default: %(default)s, the paper's 1%% of CIFAR-10)")
+    g.add_argument("--attack", default=None,
+                   help="trigger for ASR: badnets | blend | sig | wanet | none (default: the checkpoint's)")
+    g.add_argument("--target", type=int, default=None)
+    g.add_argument("--mode", default=None, choices=["all2one", "all2all"])
+    g = p.add_argument_group("ANP (defaults: the paper's)")
+    g.add_argument("--iterations", type=int, default=2000)
+    g.add_argument("--batch-size", type=int, default=128)
+    g.add_argument("--eps", type=float, default=0.4)
+    g.add_argument("--steps", type=int, default=1)
+    g.add_argument("--alpha", type=float, default=0.2)
+    g.add_argument("--lr", type=float, default=0.2)
+    g.add_argument("--momentum", type=float, default=0.9)
+    g.add_argument("--no-clamp-noise", action="store_true", help="the official script's unclamped noise")
+    g.add_argument("--no-augment", action="store_true")
+    g.add_argument("--padding", type=int, default=4)
+    g.add_argument("--no-flip", action="store_true")
+    g.add_argument("--seed", type=int, default=0)
+    g = p.add_argument_group("engine")
+    g.add_argument("--engine", choices=["fast", "reference"], default="fast")
+    g.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
+    g.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    g.add_argument("--no-cuda-graph", action="store_true")
+    g.add_argument("--no-channels-last", action="store_true")
+    g.add_argument("--no-tf32", action="store_true")
+    g = p.add_argument_group("pruning (one rule; default: --threshold 0.2, the paper's)")
+    rule = g.add_mutually_exclusive_group()
+    rule.add_argument("--threshold", type=float, default=None, help="prune every neuron with mask <= T")
+    rule.add_argument("--number", type=int, default=None, help="prune the K smallest masks")
+    rule.add_argument("--fraction", type=float, default=None, help="prune this fraction of all neurons")
+    rule.add_argument("--max-drop", type=float, default=None,
+                      help="clean-data rule: the most pruning whose ACC on the clean set drops by at most this")
+    g.add_argument("--sweep", choices=["thresholds", "numbers"], default="thresholds",
+                   help="the table and curve: thresholds 0..0.9 (official) or numbers of neurons")
+    g.add_argument("--sweep-values", default=None, help="comma-separated thresholds or numbers to sweep")
+    g = p.add_argument_group("output")
+    g.add_argument("--out", default="runs/anp", help="output folder (default: %(default)s)")
+    g.add_argument("--no-plot", action="store_true")
+    g.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def _rule(args) -> tuple[str, float]:
+    chosen = [(k, getattr(args, k)) for k in PRUNE_RULES if getattr(args, k) is not None]
+    return chosen[0] if chosen else ("threshold", 0.2)
+
+
+def _sweep_values(args) -> list[float] | list[int] | None:
+    if args.sweep_values is None:
+        return None
+    try:
+        cast = float if args.sweep == "thresholds" else int
+        return [cast(v) for v in args.sweep_values.split(",") if v.strip()]
+    except ValueError:
+        raise InputError(f"--sweep-values must be comma-separated {args.sweep}, got {args.sweep_values!r}") from None
+
+
+def _attack(args, meta: dict, num_classes: int):
+    from ..backdoor import make_attack
+
+    recorded = meta.get("attack") or {}
+    name = args.attack or recorded.get("name")
+    if not name or name == "none":
+        return None
+    return make_attack(name, num_classes=num_classes,
+                       target=args.target if args.target is not None else recorded.get("target", 0),
+                       mode=args.mode or recorded.get("mode", "all2one"), seed=recorded.get("seed", 0))
+
+
+def _check(args) -> None:
+    for name in ("iterations", "batch_size", "clean_images", "steps"):
+        check_positive_int(getattr(args, name), "--" + name.replace("_", "-"))
+    for name in ("threshold", "fraction", "max_drop"):
+        if getattr(args, name) is not None:
+            check_fraction(getattr(args, name), "--" + name.replace("_", "-"), low_open=False, high_open=False)
+    if args.number is not None and args.number < 0:
+        raise InputError(f"--number must be >= 0, got {args.number}")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from .. import __version__
+    from ..backdoor import evaluate
+    from ..checkpoint import load_model, save_model
+    from ..data import load_source
+    from ..engines.anp import ANPDiverged
+    from ..engines.anp import anp as fast_anp
+    from ..files import write_json, write_text
+    from ..pruning import count_pruned, format_sweep, prune, prune_by_clean_accuracy, sweep
+    from ..reference import anp as reference_anp
+
+    _check(args)
+    model, meta = load_model(args.model, args.arch, args.num_classes, args.in_channels,
+                             trust_pickle=args.trust_pickle)
+    size = args.size or (meta.get("image_size") or [None])[0]
+    splits = load_source(args.data, size=size, channels=meta.get("in_channels"), seed=args.seed)
+    images, labels = splits.test
+    n = args.clean_images
+    if n >= images.shape[0]:
+        raise InputError(f"--clean-images must be below {images.shape[0]}, the images of {splits.name}'s test split "
+                         f"(the rest evaluate), got {n}")
+    if int(labels.max()) >= meta["num_classes"]:
+        raise InputError(f"the data has labels up to {int(labels.max())} but the model has {meta['num_classes']} "
+                         "classes")
+    clean, held_out = (images[:n], labels[:n]), (images[n:], labels[n:])
+    attack = _attack(args, meta, meta["num_classes"])
+    out = Path(args.out)
+    settings = dict(eps=args.eps, steps=args.steps, alpha=args.alpha, lr=args.lr, momentum=args.momentum,
+                    iterations=args.iterations, batch_size=args.batch_size, clamp_noise=not args.no_clamp_noise,
+                    augment=not args.no_augment, padding=args.padding, flip=not args.no_flip, seed=args.seed,
+                    progress=not args.no_progress)
+    print(f"{meta['arch']} from {args.model}; {n} clean images of {splits.name} for ANP, {held_out[1].numel()} to "
+          f"evaluate; {args.engine} engine, {args.iterations} iterations")
+    try:
+        if args.engine == "fast":
+            result = fast_anp(model, clean, device=args.device, precision=args.precision,
+                              cuda_graph=False if args.no_cuda_graph else None,
+                              channels_last=False if args.no_channels_last else None, tf32=not args.no_tf32,
+                              **settings)
+        else:
+            device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+            result = reference_anp(model.to(device), clean, **settings)
+            model = model.cpu()
+    except ANPDiverged as err:
+        path = err.result.save(out / f"mask_values_iteration_{err.iteration - 1}.txt")
+        print(f"fastpurify anp: error: {err}; wrote those masks to {path}", file=sys.stderr)
+        return 3
+    model = model.cpu()
+    result.save(out / "mask_values.txt")
+    result.save(out / "masks.json")
+    print(f"ANP: {args.iterations} iterations in {result.seconds:.1f} s "
+          f"({args.iterations / result.seconds:.1f} it/s) on {result.engine.get('device', args.device or 'cpu')}")
+
+    rule, value = _rule(args)
+    if rule == "max_drop":
+        choice = prune_by_clean_accuracy(model, result.masks, *clean, max_drop=value)
+        pruned_model, k = choice.model, choice.point.pruned
+    else:
+        k = count_pruned(result.masks, **{rule: value})
+        pruned_model = prune(model, result.masks, number=k)
+    by = "number" if args.sweep == "numbers" else "threshold"
+    values = _sweep_values(args)
+    points = sweep(model, result.masks, *held_out, attack=attack,
+                   **({"numbers": values or _default_numbers(result.num_neurons)} if by == "number"
+                      else {"thresholds": values}))
+    table = format_sweep(points)
+    write_text(out / "sweep.txt", table)
+    before, after = evaluate(model, *held_out, attack), evaluate(pruned_model, *held_out, attack)
+    save_model(pruned_model, out / "pruned_model.safetensors",
+               metadata={**meta, "pruned": {"neurons": k, "rule": rule, "value": value}})
+    figures = _figures(args, result, points, rule, value, by, out)
+    report = {"fastpurify": __version__, "command": "anp", "model": str(args.model), "arch": meta["arch"],
+              "data": splits.name, "clean_images": n, "evaluated_images": int(held_out[1].numel()),
+              "engine": args.engine, "engine_info": result.engine, "settings": result.settings,
+              "seconds": round(result.seconds, 3), "iterations_per_second": round(args.iterations / result.seconds, 2),
+              "final_loss": result.loss[-1], "num_neurons": result.num_neurons,
+              "pruning": {"rule": rule, "value": value, "pruned": k}, "before": before, "after": after,
+              "attack": None if attack is None else repr(attack), "figures": figures,
+              "sweep": [{"by": p.by, "value": p.value, "pruned": p.pruned, "acc": p.acc, "asr": p.asr}
+                        for p in points]}
+    write_json(out / "report.json", report)
+    print(table, end="")
+    asr = lambda m: f", ASR {m['asr']:.1%}" if "asr" in m else ""  # noqa: E731
+    print(f"pruned {k} of {result.num_neurons} neurons ({rule} {value}); on {held_out[1].numel()} held-out images: "
+          f"before ACC {before['acc']:.1%}{asr(before)}; after ACC {after['acc']:.1%}{asr(after)}")
+    print(f"wrote {out}/mask_values.txt, masks.json, sweep.txt, pruned_model.safetensors, report.json"
+          + "".join(f", {Path(f).name}" for f in figures))
+    return 0
+
+
+def _default_numbers(total: int) -> list[int]:
+    step = max(1, total // 40)
+    return list(range(0, min(total, step * 20) + 1, step))
+
+
+def _figures(args, result, points, rule, value, by, out: Path) -> list[str]:
+    from ..plots import mask_distribution, matplotlib_missing, pruning_curve
+
+    if args.no_plot:
+        return []
+    missing = matplotlib_missing()
+    if missing:
+        print(f"figures skipped: {missing}")
+        return []
+    threshold = value if rule == "threshold" else None
+    swept = points[1:]
+    xs = [p.value if by == "threshold" else p.pruned for p in swept]
+    files = [mask_distribution(result.masks, out / "mask_distribution.png", threshold=threshold),
+             pruning_curve(xs, [p.acc for p in swept], [p.asr for p in swept], out / "pruning_curve.png",
+                           xlabel="pruning threshold (mask <= t)" if by == "threshold" else "neurons pruned")]
+    return [str(f) for f in files]

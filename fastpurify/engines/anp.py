@@ -1,0 +1,212 @@
+"""The fast ANP engine: ``fastpurify.anp(model, clean_data)``.
+
+The same algorithm, keywords, defaults and random draws as :func:`fastpurify.reference.anp`
+(the official ``optimize_mask_cifar.py``), computed with less work (DESIGN.md §4):
+
+1. the model's weights are frozen: backward passes compute input and mask/noise gradients only;
+2. the clean data lives on the device and is augmented there in batches (``DeviceBatchSampler``);
+3. the mask step's clean and perturbed forward passes run as one two-group batch through the
+   fused BatchNorm (``groups=2``: each half normalised with its own statistics, so it is exactly
+   the two passes of the reference);
+4. masks, noises and the momentum buffer of the whole network sit in one flat arena
+   (:class:`fastpurify.arena.NeuronArena`): one launch per update per iteration;
+5. on CUDA the iteration (after the random draws) is captured in a CUDA graph and replayed;
+   channels_last and TF32 by default; bfloat16 autocast on request.
+
+Non-finite loss: the mask update of that iteration and all later ones is skipped on the device
+(no synchronisation per iteration); at the next check the run stops with :class:`ANPDiverged`,
+which names the iteration and carries the masks of the last finite one.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .. import functional as FP
+from ..arena import NeuronArena
+from ..data import DeviceBatchSampler, as_tensors, make_generator
+from ..layers import convert
+from ..masks import ANPResult
+from ..validation import InputError, check_anp_settings, check_positive_int
+from .runtime import (GraphedStep, autocast, check_precision, resolve_device, tf32_enabled, to_memory_format,
+                      use_channels_last)
+
+
+class ANPDiverged(RuntimeError):
+    """The ANP loss became NaN or infinite. ``iteration`` is the first bad one (1-based);
+    ``result`` holds the masks after the last finite iteration."""
+
+    def __init__(self, iteration: int, result: ANPResult):
+        self.iteration, self.result = iteration, result
+        done = iteration - 1
+        super().__init__(f"the ANP loss became non-finite at iteration {iteration} (NaN or Inf; try a smaller lr or "
+                         f"eps, or check the model and data); the masks after the last finite iteration ({done}) are "
+                         f"kept in this error's .result")
+
+
+class ANPEngine:
+    """A converted, frozen copy of a model on ``device`` with its arena, and one ANP iteration.
+
+    The iteration reads the static ``images``/``labels`` buffers (filled by :meth:`load_batch`)
+    and the noise drawn into the arena, so it can be captured in a CUDA graph as it is.
+    """
+
+    def __init__(self, model: nn.Module, images_shape: tuple[int, ...], *, device: torch.device, eps: float,
+                 steps: int, alpha: float, lr: float, momentum: float, clamp_noise: bool, grouped: bool = True,
+                 channels_last: bool = False, precision: str = "fp32"):
+        net = convert(model).to(device)  # a copy; the caller's model is untouched
+        for p in net.parameters():
+            p.requires_grad_(False)  # 1. frozen weights
+        for layer in net.modules():
+            if isinstance(layer, nn.modules.batchnorm._BatchNorm):
+                layer.track_running_stats = False  # batch statistics; no running-stat writes
+        net.train()  # as the official script (BatchNorm on batch statistics)
+        self.model = to_memory_format(net, channels_last)
+        self.arena = NeuronArena(self.model)
+        self.device, self.precision, self.grouped = device, precision, grouped
+        self.eps, self.steps, self.alpha, self.lr, self.momentum = eps, steps, alpha, lr, momentum
+        self.clamp_noise = clamp_noise
+        dtype = self.arena.mask.dtype
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        self.images = torch.zeros(images_shape, dtype=dtype, device=device).contiguous(memory_format=fmt)
+        self.labels = torch.zeros(images_shape[0], dtype=torch.long, device=device)
+        self.loss = torch.zeros((), dtype=dtype, device=device)
+        self.finite = torch.ones((), dtype=torch.bool, device=device)
+        self._previous_mask = torch.empty_like(self.arena.mask)
+
+    @torch.no_grad()
+    def load_batch(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        self.images.copy_(images)
+        self.labels.copy_(labels)
+
+    def _cross_entropy(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        with autocast(self.device, self.precision):
+            logits = self.model(images)
+        return F.cross_entropy(logits.float() if logits.dtype == torch.bfloat16 else logits, labels)
+
+    def step(self) -> None:
+        """One ANP iteration after the noise draw: ``steps`` noise sign steps, the mask step,
+        the gated mask update. Writes ``loss`` and ``finite``; no host synchronisation."""
+        arena, x, y = self.arena, self.images, self.labels
+        for _ in range(self.steps):
+            arena.set_mode("perturbed")
+            grad = arena.gather_noise_grad(self._cross_entropy(x, y))  # ascend CE
+            FP.noise_sign_step_(arena.perturbation, grad.view(-1), self.eps / self.steps, self.eps,
+                                self.clamp_noise)
+        if self.grouped:  # 3. clean and perturbed passes as one two-group batch
+            arena.set_mode("grouped")
+            with autocast(self.device, self.precision):
+                logits = self.model(torch.cat([x, x]))
+            logits = logits.float() if logits.dtype == torch.bfloat16 else logits
+            clean, perturbed = logits.chunk(2)
+            loss = self.alpha * F.cross_entropy(clean, y) + (1 - self.alpha) * F.cross_entropy(perturbed, y)
+        else:
+            arena.set_mode("perturbed")
+            loss_rob = self._cross_entropy(x, y)
+            arena.set_mode("clean")
+            loss = self.alpha * self._cross_entropy(x, y) + (1 - self.alpha) * loss_rob
+        grad = arena.gather_mask_grad(loss)
+        with torch.no_grad():
+            self.loss.copy_(loss.detach())
+            self.finite.logical_and_(torch.isfinite(self.loss))
+            self._previous_mask.copy_(arena.mask)
+            FP.mask_sgd_step_(arena.mask, grad, arena.momentum, self.lr, self.momentum)
+            torch.where(self.finite, arena.mask, self._previous_mask, out=arena.mask)  # skip once non-finite
+
+    def capture(self) -> GraphedStep | None:
+        """The step captured in a CUDA graph (self-checked against an eager step), or None."""
+        arena = self.arena
+        return GraphedStep.try_capture(self.step, state=[arena.mask, arena.momentum, arena.noise, self.finite],
+                                       check=[arena.mask, arena.noise])
+
+
+def _check_options(device: torch.device, cuda_graph: bool | None, check_every: int, precision: str) -> bool:
+    check_precision(precision)
+    check_positive_int(check_every, "check_every")
+    if cuda_graph and device.type != "cuda":
+        raise InputError(f"cuda_graph=True needs a CUDA device; the engine runs on {device}")
+    return device.type == "cuda" if cuda_graph is None else bool(cuda_graph)
+
+
+def anp(model: nn.Module, clean_data: Any, *, eps: float = 0.4, steps: int = 1, alpha: float = 0.2, lr: float = 0.2,
+        momentum: float = 0.9, iterations: int = 2000, batch_size: int = 128, clamp_noise: bool = True,
+        augment: bool = True, padding: int = 4, flip: bool = True, seed: int = 0,
+        device: torch.device | str | None = None, progress: bool = True, grouped: bool = True,
+        cuda_graph: bool | None = None, channels_last: bool | None = None, tf32: bool = True,
+        precision: str = "fp32", check_every: int = 50) -> ANPResult:
+    """Learn ANP masks for ``model`` on the defender's clean data; ``model`` is never modified.
+
+    ``clean_data``: ``(images, labels)`` tensors or arrays, a Dataset or a DataLoader (anything
+    :func:`fastpurify.data.as_tensors` reads). The keywords up to ``seed`` mean what they mean
+    in :func:`fastpurify.reference.anp`, with the same defaults and, for one seed, the same
+    batches, augmentations and noise. Speed options: ``device`` (default: CUDA if available),
+    ``grouped`` (clean and perturbed passes as one two-group batch), ``cuda_graph`` (None: on
+    CUDA), ``channels_last`` (None: on CUDA), ``tf32`` (CUDA convolutions and matmuls),
+    ``precision`` ("fp32" or "bf16" autocast), ``check_every`` (iterations between host checks
+    of the loss). Prune afterwards with :func:`fastpurify.prune`.
+    """
+    check_anp_settings(eps=eps, steps=steps, alpha=alpha, lr=lr, momentum=momentum, iterations=iterations,
+                       batch_size=batch_size)
+    device = resolve_device(device)
+    use_graph = _check_options(device, cuda_graph, check_every, precision)
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    images, labels = as_tensors(clean_data, dtype=dtype)
+    n = int(images.shape[0])
+    if n < batch_size:
+        warnings.warn(f"the clean data holds {n} images, fewer than one batch of {batch_size}: every batch is drawn "
+                      "with replacement (as always in ANP), so images repeat within a batch", UserWarning,
+                      stacklevel=2)
+    settings = dict(eps=eps, steps=steps, alpha=alpha, lr=lr, momentum=momentum, iterations=iterations,
+                    batch_size=batch_size, clamp_noise=clamp_noise, augment=augment, padding=padding, flip=flip,
+                    seed=seed, num_images=n)
+    sampler = DeviceBatchSampler(images, labels, batch_size, seed=seed, augment=augment, padding=padding, flip=flip,
+                                 device=device)
+    channels_last = use_channels_last(channels_last, device, images)
+    engine = ANPEngine(model, (batch_size, *images.shape[1:]), device=device, eps=eps, steps=steps, alpha=alpha,
+                       lr=lr, momentum=momentum, clamp_noise=clamp_noise, grouped=grouped,
+                       channels_last=channels_last, precision=precision)
+    noise_generator = make_generator(seed + 1, device)
+    losses = torch.zeros(iterations, dtype=engine.loss.dtype, device=device)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=iterations, desc="ANP", unit="it")
+    start = time.perf_counter()
+    with tf32_enabled(tf32 and device.type == "cuda"):
+        run = engine.capture() if use_graph else None
+        info = dict(device=str(device), grouped=grouped, cuda_graph=run is not None, channels_last=channels_last,
+                    tf32=tf32 and device.type == "cuda", precision=precision, backend=FP.backend_for(engine.images),
+                    num_neurons=engine.arena.num_neurons)
+        run = run or engine.step
+        done = 0
+        for i in range(iterations):
+            x, y = sampler.sample()
+            engine.load_batch(x, y)
+            engine.arena.draw_noise(eps, noise_generator)
+            run()
+            losses[i] = engine.loss
+            if (i + 1) % check_every == 0 or i + 1 == iterations:
+                finite = bool(engine.finite)  # the one host synchronisation per check_every iterations
+                if bar is not None:
+                    bar.update(i + 1 - done)
+                    bar.set_postfix(loss=f"{float(losses[i]):.4f}")
+                done = i + 1
+                if not finite:
+                    bad = int((~torch.isfinite(losses[:i + 1])).nonzero()[0])
+                    if bar is not None:
+                        bar.close()
+                    result = ANPResult(engine.arena.masks(), losses[:bad].tolist(), time.perf_counter() - start,
+                                       settings, {**info, "stopped_at": bad + 1})
+                    raise ANPDiverged(bad + 1, result)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - start
+    if bar is not None:
+        bar.close()
+    return ANPResult(engine.arena.masks(), losses.tolist(), seconds, settings, info)

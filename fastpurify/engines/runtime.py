@@ -1,0 +1,123 @@
+"""What every fast engine does around its loop: pick the device, set TF32 and bf16 autocast,
+put a model into channels_last, and capture a step in a CUDA graph (or say why not)."""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Callable, Iterator
+
+import torch
+import torch.nn as nn
+
+from ..validation import InputError
+
+PRECISIONS = ("fp32", "bf16")
+
+
+def resolve_device(device: torch.device | str | None) -> torch.device:
+    """``None``: the first CUDA device when there is one, else the CPU. The engines work on a
+    copy of the model on this device, so the caller's model stays where it is."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise InputError(f"device must be like 'cpu', 'cuda' or 'cuda:1', got {device!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"device {device} was asked for but CUDA is not available here; use device='cpu'")
+    return device
+
+
+def check_precision(precision: str) -> None:
+    if precision not in PRECISIONS:
+        raise InputError(f"precision must be one of {PRECISIONS} ('bf16' runs the forward passes under bfloat16 "
+                         f"autocast), got {precision!r}")
+
+
+@contextlib.contextmanager
+def tf32_enabled(enabled: bool) -> Iterator[None]:
+    """TF32 for cuDNN convolutions and matmuls while the block runs; the previous flags come back after."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast for ``precision="bf16"`` (cache off, so it can be captured), else nothing."""
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False)
+    return contextlib.nullcontext()
+
+
+def use_channels_last(requested: bool | None, device: torch.device, sample: torch.Tensor) -> bool:
+    """channels_last by default on CUDA for 4-D image batches (faster convolutions), never on CPU
+    unless asked."""
+    if requested is None:
+        return device.type == "cuda" and sample.dim() == 4
+    return bool(requested) and sample.dim() == 4
+
+
+def to_memory_format(model: nn.Module, channels_last: bool) -> nn.Module:
+    return model.to(memory_format=torch.channels_last) if channels_last else model
+
+
+class GraphedStep:
+    """A step (no arguments, reads and writes only static tensors) captured in a CUDA graph.
+
+    Before capture the step runs ``warmup`` times on a side stream (as CUDA graphs require);
+    the tensors in ``state`` are saved before and restored after, so warm-up and the self-check
+    leave no trace. The self-check replays the graph once and runs the step eagerly once from
+    the same state and compares ``check`` tensors; a mismatch (or any failure to capture)
+    makes :meth:`try_capture` return None with a warning, and the engine runs eagerly.
+    """
+
+    def __init__(self, step: Callable[[], None], graph: torch.cuda.CUDAGraph):
+        self.step, self.graph = step, graph
+
+    def __call__(self) -> None:
+        self.graph.replay()
+
+    @classmethod
+    def try_capture(cls, step: Callable[[], None], state: list[torch.Tensor], check: list[torch.Tensor], *,
+                    warmup: int = 3, rtol: float = 1e-4, atol: float = 1e-5) -> GraphedStep | None:
+        saved = [t.detach().clone() for t in state]
+
+        def restore() -> None:
+            with torch.no_grad():
+                for t, s in zip(state, saved):
+                    t.copy_(s)
+
+        try:
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(warmup):
+                    restore()
+                    step()
+            torch.cuda.current_stream().wait_stream(stream)
+            restore()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                step()
+            restore()
+            graph.replay()
+            replayed = [t.detach().clone() for t in check]
+            restore()
+            step()
+            eager = [t.detach().clone() for t in check]
+            restore()
+        except Exception as err:  # noqa: BLE001 - any capture failure means: run eagerly
+            restore()
+            warnings.warn(f"CUDA graph capture failed ({type(err).__name__}: {err}); running eagerly",
+                          RuntimeWarning, stacklevel=3)
+            return None
+        same = all(torch.allclose(a, b, rtol=rtol, atol=atol, equal_nan=True) for a, b in zip(replayed, eager))
+        if not same:
+            warnings.warn("the CUDA graph replay did not match an eager step; running eagerly", RuntimeWarning,
+                          stacklevel=3)
+            return None
+        return cls(step, graph)

@@ -1,0 +1,181 @@
+"""The fast ANP engine against the reference (same draws, same masks), its speed options, and
+its handling of bad input. Float64 on CPU; the Triton kernels through the interpreter."""
+
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+
+import fastpurify
+from fastpurify import InputError
+from fastpurify.engines import ANPDiverged
+from fastpurify.models import build_model, small_cnn
+from fastpurify.reference import anp as reference_anp
+
+
+@pytest.fixture(autouse=True)
+def _torch_backend(monkeypatch):
+    """The PyTorch path unless a test asks for the kernels (interpreted kernels are slow)."""
+    monkeypatch.setenv("FASTPURIFY_BACKEND", "torch")
+
+
+def clean_set(n=40, channels=3, size=16, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, channels, size, size, generator=g, dtype=dtype), torch.randint(0, 10, (n,), generator=g)
+
+
+def max_gap(a, b):
+    assert list(a) == list(b)
+    return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
+
+
+def both(model, data, **kw):
+    kw = dict(progress=False, seed=3, **kw)
+    return reference_anp(model, data, **kw), fastpurify.anp(model, data, device="cpu", **kw)
+
+
+@pytest.fixture(scope="module")
+def cnn():
+    torch.manual_seed(0)
+    return small_cnn(num_classes=10, in_channels=3, width=8).double()
+
+
+@pytest.mark.parametrize("clamp_noise", [True, False])
+@pytest.mark.parametrize("steps", [1, 2])
+def test_masks_equal_the_reference_in_float64(cnn, clamp_noise, steps):
+    ref, fast = both(cnn, clean_set(), iterations=20, batch_size=16, clamp_noise=clamp_noise, steps=steps)
+    assert fast.masks["features.1"].dtype == torch.float64
+    assert max_gap(ref.masks, fast.masks) < 1e-6
+    assert torch.allclose(torch.tensor(fast.loss), torch.tensor(ref.loss), atol=1e-9)
+    assert max_gap(ref.masks, {k: torch.ones_like(v) for k, v in ref.masks.items()}) > 1e-3  # the masks moved
+
+
+def test_torchvision_resnet18_equals_the_reference():
+    torch.manual_seed(0)
+    model = build_model("torchvision:resnet18", num_classes=10, in_channels=3).double()
+    ref, fast = both(model, clean_set(24, size=16), iterations=20, batch_size=8)
+    assert len(fast.masks) == 20 and fast.num_neurons == 4800
+    assert max_gap(ref.masks, fast.masks) < 1e-6
+
+
+def test_triton_kernels_equal_the_reference(cnn, monkeypatch):
+    monkeypatch.setenv("FASTPURIFY_BACKEND", "triton")
+    ref, fast = both(cnn, clean_set(12, size=6), iterations=2, batch_size=4, steps=2)
+    assert fast.engine["backend"] == "triton"
+    assert max_gap(ref.masks, fast.masks) < 1e-6
+
+
+def test_separate_passes_equal_the_grouped_batch(cnn):
+    data = clean_set()
+    kw = dict(iterations=8, batch_size=16, progress=False, device="cpu")
+    grouped, separate = fastpurify.anp(cnn, data, **kw), fastpurify.anp(cnn, data, grouped=False, **kw)
+    assert grouped.engine["grouped"] and not separate.engine["grouped"]
+    assert max_gap(grouped.masks, separate.masks) < 1e-9
+
+
+def test_the_model_is_never_modified(cnn):
+    model = copy.deepcopy(cnn).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    flags = [p.requires_grad for p in model.parameters()]
+    types = [type(m) for m in model.modules()]
+    fastpurify.anp(model, clean_set(), iterations=3, batch_size=8, progress=False, device="cpu")
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert [p.requires_grad for p in model.parameters()] == flags
+    assert [type(m) for m in model.modules()] == types and not model.training
+
+
+def test_result_is_saved_and_pruned_through_the_package(cnn, tmp_path):
+    result = fastpurify.anp(cnn, clean_set(), iterations=5, batch_size=8, progress=False, device="cpu")
+    assert len(result.loss) == 5 and result.seconds > 0 and result.settings["iterations"] == 5
+    assert fastpurify.load_masks(result.save(tmp_path / "mask_values.txt")).keys() == result.masks.keys()
+    pruned = fastpurify.prune(cnn, result.masks, number=3)
+    zeroed = sum(int((m.weight == 0).sum()) for m in pruned.modules() if isinstance(m, nn.BatchNorm2d))
+    assert zeroed == 3
+
+
+def test_bf16_autocast_runs_and_is_reported(cnn):
+    model = copy.deepcopy(cnn).float()
+    result = fastpurify.anp(model, clean_set(dtype=torch.float32), iterations=3, batch_size=8, progress=False,
+                            device="cpu", precision="bf16")
+    assert result.engine["precision"] == "bf16"
+    assert all(torch.isfinite(m).all() and m.dtype == torch.float32 for m in result.masks.values())
+
+
+class NaNAfter(nn.Module):
+    """A model whose logits turn NaN from the ``calls``-th forward pass on."""
+
+    def __init__(self, net, calls):
+        super().__init__()
+        self.net, self.calls, self.count = net, calls, 0
+
+    def forward(self, x):
+        self.count += 1
+        out = self.net(x)
+        return out * float("nan") if self.count >= self.calls else out
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_finite_masks(cnn):
+    data = clean_set()
+    kw = dict(batch_size=8, progress=False, device="cpu")
+    # steps=1: two forward passes per iteration, so the 9th pass is in iteration 5
+    with pytest.raises(ANPDiverged, match="iteration 5") as err:
+        fastpurify.anp(NaNAfter(cnn, calls=9), data, iterations=10, check_every=3, **kw)
+    finite = fastpurify.anp(NaNAfter(cnn, calls=10 ** 6), data, iterations=4, **kw)
+    assert err.value.iteration == 5 and len(err.value.result.loss) == 4
+    assert max_gap(err.value.result.masks, finite.masks) == 0
+
+
+def test_fewer_images_than_a_batch_are_drawn_with_replacement(cnn):
+    with pytest.warns(UserWarning, match="6 images, fewer than one batch of 16"):
+        result = fastpurify.anp(cnn, clean_set(6), iterations=2, batch_size=16, progress=False, device="cpu")
+    assert result.settings["num_images"] == 6
+
+
+@pytest.mark.parametrize("model, message", [
+    (nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.LazyLinear(10)), "BatchNorm1d, BatchNorm2d"),
+    (nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, affine=False), nn.Flatten(), nn.Linear(784, 10)),
+     "affine=False"),
+])
+def test_models_without_maskable_layers_are_refused(model, message):
+    with pytest.raises(InputError, match=message):
+        fastpurify.anp(model.double(), clean_set(), iterations=1, batch_size=8, progress=False, device="cpu")
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(eps=0), "eps"), (dict(lr=-1), "lr"), (dict(alpha=1.5), "alpha"), (dict(iterations=0), "iterations"),
+    (dict(precision="fp8"), "precision"), (dict(cuda_graph=True), "cuda_graph=True needs a CUDA device"),
+    (dict(check_every=0), "check_every"),
+])
+def test_bad_settings_are_refused(cnn, kwargs, message):
+    with pytest.raises(InputError, match=message):
+        fastpurify.anp(cnn, clean_set(), progress=False, **{"device": "cpu", **kwargs})
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without CUDA")
+def test_cuda_device_without_cuda_is_refused(cnn):
+    with pytest.raises(InputError, match="CUDA is not available"):
+        fastpurify.anp(cnn, clean_set(), device="cuda", progress=False)
+
+
+def test_nan_images_are_refused(cnn):
+    images, labels = clean_set()
+    images[3, 0, 1, 1] = float("nan")
+    with pytest.raises(InputError, match="NaN"):
+        fastpurify.anp(cnn, (images, labels), progress=False, device="cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cuda_graph", [False, True])
+def test_cuda_engine_matches_the_reference(cuda_graph):
+    torch.manual_seed(0)
+    model = build_model("cifar_resnet18", num_classes=10, in_channels=3).cuda()
+    data = clean_set(64, size=32, dtype=torch.float32)
+    kw = dict(iterations=20, batch_size=32, progress=False, seed=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a failed capture would warn and fall back
+        fast = fastpurify.anp(model, data, device="cuda", cuda_graph=cuda_graph, tf32=False, **kw)
+    ref = reference_anp(model, (data[0].cuda(), data[1].cuda()), **kw)
+    assert fast.engine["cuda_graph"] == cuda_graph
+    assert max_gap(ref.masks, fast.masks) < 1e-3

@@ -1,0 +1,113 @@
+"""``fastpurify anp`` and ``fastpurify bench anp`` from the command line (small, CPU)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from fastpurify.checkpoint import load_model, save_model
+from fastpurify.cli import main
+from fastpurify.masks import load_masks
+from fastpurify.models import small_cnn
+
+META = {"arch": "small_cnn", "num_classes": 10, "in_channels": 1, "image_size": [16, 16],
+        "attack": {"name": "badnets", "mode": "all2one", "target": 0, "seed": 0}}
+FAST = ["--iterations", "12", "--batch-size", "16", "--clean-images", "40", "--no-progress"]
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    torch.manual_seed(0)
+    return save_model(small_cnn(num_classes=10, in_channels=1), tmp_path / "suspect.safetensors", metadata=META)
+
+
+@pytest.fixture(autouse=True)
+def _torch_backend(monkeypatch):
+    monkeypatch.setenv("FASTPURIFY_BACKEND", "torch")
+
+
+def test_anp_writes_masks_report_pruned_model_and_figures(tmp_path, checkpoint, capsys):
+    out = tmp_path / "out"
+    assert main(["anp", "--model", str(checkpoint), "--data", "digits", "--out", str(out), *FAST]) == 0
+    printed = capsys.readouterr().out
+    assert "ANP: 12 iterations in" in printed and "it/s" in printed and "PoisonACC" in printed
+    report = json.loads((out / "report.json").read_text())
+    assert report["engine"] == "fast" and report["settings"]["iterations"] == 12
+    assert report["pruning"] == {"rule": "threshold", "value": 0.2, "pruned": report["pruning"]["pruned"]}
+    assert {"acc", "asr"} <= set(report["before"]) and {"acc", "asr"} <= set(report["after"])
+    assert report["evaluated_images"] == 359 - 40 and len(report["sweep"]) == 20
+    masks = load_masks(out / "mask_values.txt")
+    assert list(masks) == list(load_masks(out / "masks.json"))
+    pruned, meta = load_model(out / "pruned_model.safetensors")
+    zeroed = sum(int((m.weight == 0).sum()) for m in pruned.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    assert zeroed == meta["pruned"]["neurons"] == sum(int((m <= 0.2).sum()) for m in masks.values())
+    assert (out / "sweep.txt").read_text().startswith("No. \t Layer Name")
+    for png in ("mask_distribution.png", "pruning_curve.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_anp_reference_engine_number_rule_and_sweep_by_numbers(tmp_path, checkpoint):
+    out = tmp_path / "out"
+    args = ["anp", "--model", str(checkpoint), "--data", "digits", "--out", str(out), "--engine", "reference",
+            "--number", "5", "--sweep", "numbers", "--sweep-values", "0,5,10", "--attack", "none", "--no-plot", *FAST]
+    assert main(args) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["pruning"]["pruned"] == 5 and report["engine"] == "reference"
+    assert [p["pruned"] for p in report["sweep"]] == [0, 0, 5, 10] and "asr" not in report["after"]
+    assert not (out / "pruning_curve.png").exists()
+
+
+def test_anp_reads_a_data_file(tmp_path, checkpoint):
+    g = torch.Generator().manual_seed(0)
+    np.savez(tmp_path / "clean.npz", images=torch.rand(60, 1, 16, 16, generator=g).numpy(),
+             labels=torch.randint(0, 10, (60,), generator=g).numpy())
+    out = tmp_path / "out"
+    assert main(["anp", "--model", str(checkpoint), "--data", str(tmp_path / "clean.npz"), "--out", str(out),
+                 "--no-plot", *FAST]) == 0
+    assert json.loads((out / "report.json").read_text())["evaluated_images"] == 20
+
+
+def test_pickled_model_needs_trust_pickle(tmp_path, capsys):
+    path = tmp_path / "whole.pt"
+    torch.save(small_cnn(num_classes=10, in_channels=1), path)
+    base = ["anp", "--model", str(path), "--arch", "small_cnn", "--in-channels", "1", "--data", "digits",
+            "--size", "16", "--no-plot", "--out", str(tmp_path / "out"), *FAST]
+    assert main(base) == 2 and "--trust-pickle" in capsys.readouterr().err
+    assert main([*base, "--trust-pickle"]) == 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--iterations", "0"], "--iterations must be a positive integer"),
+    (["--threshold", "1.5"], "--threshold must lie in [0, 1]"),
+    (["--clean-images", "5000"], "--clean-images must be below 359"),
+    (["--data", "missing.npz"], "data file not found"),
+    (["--sweep-values", "a,b"], "--sweep-values must be comma-separated thresholds"),
+])
+def test_anp_bad_arguments_exit_2(tmp_path, checkpoint, capsys, args, message):
+    argv = ["anp", "--model", str(checkpoint), "--data", "digits", "--out", str(tmp_path / "out"), *FAST, *args]
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out" / "report.json").exists()
+
+
+def test_missing_checkpoint_exits_2(tmp_path, capsys):
+    assert main(["anp", "--model", str(tmp_path / "none.safetensors"), "--out", str(tmp_path)]) == 2
+    assert "checkpoint not found" in capsys.readouterr().err
+
+
+def test_bench_anp_smoke_writes_json(tmp_path, capsys):
+    out = tmp_path / "anp.json"
+    assert main(["bench", "anp", "--smoke", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    names = [v["name"] for v in result["variants"]]
+    assert names == ["reference", "reference-frozen", "fast-separate", "fast-eager", "fast"]
+    assert all(v["median_ms"] > 0 and len(v["block_ms"]) == 3 for v in result["variants"])
+    assert result["variants"][0]["ratio_vs_reference"] == 1.0
+    assert {"date", "torch", "triton", "device"} <= set(result["environment"])
+    assert "x ref" in capsys.readouterr().out
+
+
+def test_bench_rejects_unknown_variants(tmp_path, capsys):
+    assert main(["bench", "anp", "--smoke", "--variants", "fast,turbo", "--out", str(tmp_path / "x.json")]) == 2
+    assert "unknown benchmark variant" in capsys.readouterr().err
