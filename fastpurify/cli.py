@@ -81,24 +81,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _default_device(requested: str | None):
-    import torch
-
-    if requested:
-        return torch.device(requested)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def _train(args: argparse.Namespace):
     """Poison, train, evaluate and save the backdoored model; return what the commands report."""
     import torch
 
     from .backdoor import make_attack, train_backdoored
     from .checkpoint import save_model
+    from .engines.runtime import resolve_device
     from .data import load_source
     from .models import build_model
 
-    device = _default_device(args.device)
+    device = resolve_device(args.device)
     splits = load_source(args.data, size=args.size, channels=args.channels, seed=args.seed)
     torch.manual_seed(args.seed)
     model = build_model(args.arch, num_classes=splits.num_classes, in_channels=splits.channels)

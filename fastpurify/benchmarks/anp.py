@@ -111,12 +111,9 @@ def _fast_step(model, images, labels, batch_size, device, *, grouped=True, graph
     sampler = DeviceBatchSampler(images, labels, batch_size, seed=0, device=device)
     noise = make_generator(1, device)
     graphed = engine.capture() if graph and device.type == "cuda" else None
-    run = graphed or engine.step
 
     def step():
-        engine.load_batch(*sampler.sample())
-        engine.arena.draw_noise(ANP_KW["eps"], noise)
-        run()
+        engine.iterate(sampler, noise, graphed)
     step.graphed = graphed is not None
     return step
 

@@ -119,14 +119,13 @@ def _check(args) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from .. import __version__
     from ..backdoor import evaluate
     from ..checkpoint import load_model, save_model
     from ..data import load_source
     from ..engines.anp import ANPDiverged
     from ..engines.anp import anp as fast_anp
+    from ..engines.runtime import resolve_device
     from ..files import write_json, write_text
     from ..pruning import count_pruned, format_sweep, prune, prune_by_clean_accuracy, sweep
     from ..reference import anp as reference_anp
@@ -160,9 +159,7 @@ def run(args: argparse.Namespace) -> int:
                               channels_last=False if args.no_channels_last else None, tf32=not args.no_tf32,
                               **settings)
         else:
-            device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-            result = reference_anp(model.to(device), clean, **settings)
-            model = model.cpu()
+            result = reference_anp(model.to(resolve_device(args.device)), clean, **settings)
     except ANPDiverged as err:
         path = err.result.save(out / f"mask_values_iteration_{err.iteration - 1}.txt")
         print(f"fastpurify anp: error: {err}; wrote those masks to {path}", file=sys.stderr)

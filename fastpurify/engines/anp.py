@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import time
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -85,10 +86,14 @@ class ANPEngine:
         self.images.copy_(images)
         self.labels.copy_(labels)
 
-    def _cross_entropy(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def _logits(self, images: torch.Tensor) -> torch.Tensor:
+        """The model's logits (under autocast for bf16; the loss is always taken in float32+)."""
         with autocast(self.device, self.precision):
             logits = self.model(images)
-        return F.cross_entropy(logits.float() if logits.dtype == torch.bfloat16 else logits, labels)
+        return logits.float() if logits.dtype == torch.bfloat16 else logits
+
+    def _cross_entropy(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(self._logits(images), labels)
 
     def step(self) -> None:
         """One ANP iteration after the noise draw: ``steps`` noise sign steps, the mask step,
@@ -101,10 +106,7 @@ class ANPEngine:
                                 self.clamp_noise)
         if self.grouped:  # 3. clean and perturbed passes as one two-group batch
             arena.set_mode("grouped")
-            with autocast(self.device, self.precision):
-                logits = self.model(torch.cat([x, x]))
-            logits = logits.float() if logits.dtype == torch.bfloat16 else logits
-            clean, perturbed = logits.chunk(2)
+            clean, perturbed = self._logits(torch.cat([x, x])).chunk(2)
             loss = self.alpha * F.cross_entropy(clean, y) + (1 - self.alpha) * F.cross_entropy(perturbed, y)
         else:
             arena.set_mode("perturbed")
@@ -118,6 +120,14 @@ class ANPEngine:
             self._previous_mask.copy_(arena.mask)
             FP.mask_sgd_step_(arena.mask, grad, arena.momentum, self.lr, self.momentum)
             torch.where(self.finite, arena.mask, self._previous_mask, out=arena.mask)  # skip once non-finite
+
+    def iterate(self, sampler: DeviceBatchSampler, noise_generator: torch.Generator,
+                run: Callable[[], None] | None = None) -> None:
+        """One whole iteration: draw the batch, draw the noise, run the step (``run``: the
+        captured graph, default the eager :meth:`step`)."""
+        self.load_batch(*sampler.sample())
+        self.arena.draw_noise(self.eps, noise_generator)
+        (run or self.step)()
 
     def capture(self) -> GraphedStep | None:
         """The step captured in a CUDA graph (self-checked against an eager step), or None."""
@@ -183,13 +193,9 @@ def anp(model: nn.Module, clean_data: Any, *, eps: float = 0.4, steps: int = 1, 
         info = dict(device=str(device), grouped=grouped, cuda_graph=run is not None, channels_last=channels_last,
                     tf32=tf32 and device.type == "cuda", precision=precision, backend=FP.backend_for(engine.images),
                     num_neurons=engine.arena.num_neurons)
-        run = run or engine.step
         done = 0
         for i in range(iterations):
-            x, y = sampler.sample()
-            engine.load_batch(x, y)
-            engine.arena.draw_noise(eps, noise_generator)
-            run()
+            engine.iterate(sampler, noise_generator, run)
             losses[i] = engine.loss
             if (i + 1) % check_every == 0 or i + 1 == iterations:
                 finite = bool(engine.finite)  # the one host synchronisation per check_every iterations
