@@ -75,8 +75,8 @@ class GraphedStep:
     makes :meth:`try_capture` return None with a warning, and the engine runs eagerly.
     """
 
-    def __init__(self, step: Callable[[], None], graph: torch.cuda.CUDAGraph):
-        self.step, self.graph = step, graph
+    def __init__(self, graph: torch.cuda.CUDAGraph):
+        self.graph = graph
 
     def __call__(self) -> None:
         self.graph.replay()
@@ -120,4 +120,4 @@ class GraphedStep:
             warnings.warn("the CUDA graph replay did not match an eager step; running eagerly", RuntimeWarning,
                           stacklevel=3)
             return None
-        return cls(step, graph)
+        return cls(graph)
