@@ -4,6 +4,10 @@
     result = fastpurify.anp(model, (clean_images, clean_labels))     # masks per BatchNorm layer
     pruned = fastpurify.prune(model, result.masks, threshold=0.2)     # or number= / fraction=
 
+    purified, report = fastpurify.pbe(model, train_data)              # progressive PBE, no clean data
+    purified, report = fastpurify.pbe(model, clean_data=(x, y))       # PBE on a clean extra set
+    x_adv = fastpurify.pgd(model, images, labels, eps=8 / 255)        # fused, graphed PGD
+
 Layering (data flows one way): kernels -> functional -> layers -> engines -> CLI. The engines
 are imported on first use, so ``import fastpurify`` (and the reference baselines) stay light.
 """
@@ -21,6 +25,11 @@ _LAZY = {
     "anp": "fastpurify.engines.anp",
     "ANPDiverged": "fastpurify.engines.anp",
     "ANPResult": "fastpurify.masks",
+    "pgd": "fastpurify.engines.pgd",
+    "pbe": "fastpurify.engines.pbe",
+    "PBEResult": "fastpurify.purification",
+    "PBEReport": "fastpurify.purification",
+    "PBERound": "fastpurify.purification",
     "prune": "fastpurify.pruning",
     "prune_by_clean_accuracy": "fastpurify.pruning",
     "sweep": "fastpurify.pruning",

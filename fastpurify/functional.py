@@ -260,13 +260,50 @@ def pgd_step_(x_adv: torch.Tensor, x0: torch.Tensor, grad: torch.Tensor, alpha: 
 
 
 @torch.no_grad()
+def pgd_l2_step_(x_adv: torch.Tensor, x0: torch.Tensor, grad: torch.Tensor, alpha: float, eps: float,
+                 lo: float = 0.0, hi: float = 1.0) -> torch.Tensor:
+    """In place, L2, per image (row of the batch): ``x' = x_adv + alpha * grad / (||grad|| + 1e-10)``,
+    then ``x_adv <- clamp(x0 + (x' - x0) * min(1, eps / ||x' - x0||), lo, hi)`` (torchattacks'
+    ``PGDL2`` step). Norms in float32 (float64 for float64)."""
+    _check_pgd(x_adv, x0, eps, lo, hi)
+    _check_flat_pair(x_adv, grad, ("x_adv", "grad"))
+    if x_adv.dim() < 2:
+        raise InputError(f"the L2 step needs a batch, shape (N, ...) with one image per row; got {tuple(x_adv.shape)}")
+    if backend_for(x_adv) == "triton" and x_adv.is_contiguous():
+        from .kernels.pgd import pgd_l2_step
+
+        pgd_l2_step(x_adv, x0.contiguous(), grad.contiguous(), alpha, eps, lo, hi)
+        return x_adv
+    acc = torch.float64 if x_adv.dtype == torch.float64 else torch.float32
+    shape = (-1,) + (1,) * (x_adv.dim() - 1)
+    g = grad.to(acc)
+    moved = x_adv.to(acc) + alpha * g / (g.flatten(1).norm(dim=1).view(shape) + 1e-10)
+    delta = moved - x0.to(acc)
+    delta = delta * torch.clamp(eps / delta.flatten(1).norm(dim=1).view(shape), max=1.0)
+    return x_adv.copy_((x0.to(acc) + delta).clamp_(lo, hi))
+
+
+@torch.no_grad()
 def pgd_random_start(x0: torch.Tensor, eps: float, lo: float = 0.0, hi: float = 1.0,
-                     generator: torch.Generator | None = None) -> torch.Tensor:
-    """A random start ``clamp(x0 + eps * (2u - 1), lo, hi)`` with ``u = torch.rand(x0.shape,
-    generator=generator)`` drawn on x0's device (so a seeded generator reproduces it)."""
+                     generator: torch.Generator | None = None, norm: str = "linf") -> torch.Tensor:
+    """A random start in the eps-ball around ``x0``, drawn on x0's device (a seeded generator
+    reproduces it). L-inf: ``clamp(x0 + eps * (2u - 1), lo, hi)`` with ``u = torch.rand(x0.shape)``.
+    L2 (a batch, one image per row): a Gaussian direction ``z = torch.randn(x0.shape)`` and a
+    radius ``r = torch.rand(N) * eps`` per image, ``clamp(x0 + z / ||z|| * r, lo, hi)`` (the draws of
+    torchattacks' ``PGDL2``, in that order)."""
     x0 = x0.contiguous()
     x_adv = torch.empty_like(x0)
     _check_pgd(x_adv, x0, eps, lo, hi)
+    if norm == "l2":
+        if x0.dim() < 2:
+            raise InputError(f"the L2 start needs a batch, shape (N, ...) with one image per row; got {tuple(x0.shape)}")
+        z = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        shape = (-1,) + (1,) * (x0.dim() - 1)
+        norms = z.flatten(1).norm(dim=1).view(shape)
+        radius = torch.rand(norms.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        return torch.clamp(x0 + z * radius / norms * eps, lo, hi, out=x_adv)
+    if norm != "linf":
+        raise InputError(f"norm must be 'linf' or 'l2', got {norm!r}")
     u = torch.rand(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
     if backend_for(x0) == "triton":
         from .kernels.pgd import pgd_random_start as launch

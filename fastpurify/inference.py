@@ -30,16 +30,38 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
             m.training = flag
 
 
+@contextmanager
+def frozen(model: nn.Module) -> Iterator[nn.Module]:
+    """Turn off ``requires_grad`` on every parameter, then restore each one's own flag."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield model
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+@torch.no_grad()
+def output_classes(model: nn.Module, sample: torch.Tensor) -> int:
+    """The number of classes the model outputs, from one eval-mode forward pass on one image."""
+    with eval_mode(model):
+        logits = model(sample[:1].to(model_device(model)))
+    return int(logits.shape[-1])
+
+
 @torch.no_grad()
 def predict_logits(model: nn.Module, images: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
     """Logits (N, classes) in eval mode, computed in batches on the model's device, returned
-    on the images' device."""
+    on the images' device in float32 (float64 for a float64 model)."""
     device = model_device(model)
     outs = []
     with eval_mode(model):
         for start in range(0, images.shape[0], batch_size):
             batch = images[start:start + batch_size].to(device, non_blocking=True)
-            outs.append(model(batch).float().to(images.device))
+            logits = model(batch)
+            outs.append((logits if logits.dtype == torch.float64 else logits.float()).to(images.device))
     return torch.cat(outs)
 
 

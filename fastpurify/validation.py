@@ -7,8 +7,11 @@ and what is accepted, so that a bad call fails at the door rather than deep in a
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
+
+PGD_NORMS = ("linf", "l2")
 
 
 class InputError(ValueError):
@@ -112,3 +115,22 @@ def check_anp_settings(*, eps: float, steps: int, alpha: float, lr: float, momen
     check_fraction(momentum, "momentum", low_open=False, high_open=True)
     check_positive_int(iterations, "iterations")
     check_positive_int(batch_size, "batch_size")
+
+
+def check_pgd_settings(*, eps: float, alpha: float, steps: int, norm: str, lo: float, hi: float,
+                       random_start: bool = True) -> None:
+    """PGD's settings, checked before any work (the reference and the fast engine). An L-inf
+    step larger than the ball (``alpha > eps``) without a random start is allowed but warned:
+    the first step then lands on a corner of the ball and later steps can only flip signs."""
+    check_positive(eps, "eps (the perturbation bound)")
+    check_positive(alpha, "alpha (the step size)")
+    check_positive_int(steps, "steps")
+    if norm not in PGD_NORMS:
+        raise InputError(f"norm must be one of {PGD_NORMS}, got {norm!r}")
+    if not (isinstance(lo, (int, float)) and isinstance(hi, (int, float)) and math.isfinite(lo)
+            and math.isfinite(hi) and lo < hi):
+        raise InputError(f"the pixel range must be finite numbers lo < hi, got lo={lo!r}, hi={hi!r}")
+    if norm == "linf" and alpha > eps and not random_start:
+        warnings.warn(f"alpha={alpha:.4g} > eps={eps:.4g} for L-inf PGD without a random start: the first step lands "
+                      "on a corner of the eps-ball and later steps can only flip signs (the usual choice is "
+                      "alpha <= eps / 4)", UserWarning, stacklevel=3)

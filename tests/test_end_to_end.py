@@ -88,12 +88,12 @@ def test_fast_anp_prunes_what_the_reference_prunes(subject, reference_masks, mon
 def test_reference_pbe_with_a_clean_extra_set_removes_the_backdoor(subject):
     subject, clean, held_out, before = subject
     kwargs = dict(eps=16 / 255, lr=0.01, batch_size=32, padding=2, flip=False, seed=0, progress=False)
-    result = pbe(subject.model, clean_data=clean, **kwargs)
-    after = evaluate(result.model, *held_out, subject.attack)
+    purified, report = pbe(subject.model, clean_data=clean, **kwargs)
+    after = evaluate(purified, *held_out, subject.attack)
     # the control: the same fine-tuning without the adversarial epochs leaves the backdoor in
     control = evaluate(pbe(subject.model, clean_data=clean, adv_epochs=0, clean_epochs=20, **kwargs).model, *held_out,
                        subject.attack)
-    print(f"\nreference PBE ({result.seconds:.0f} s): ACC {before['acc']:.3f} -> {after['acc']:.3f}, "
+    print(f"\nreference PBE ({report.seconds:.0f} s): ACC {before['acc']:.3f} -> {after['acc']:.3f}, "
           f"ASR {before['asr']:.3f} -> {after['asr']:.3f} (clean fine-tuning alone: ACC {control['acc']:.3f}, "
           f"ASR {control['asr']:.3f})")
     assert after["asr"] < 0.2 and control["asr"] > 0.8

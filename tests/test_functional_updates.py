@@ -127,3 +127,53 @@ def test_logits_cosine_zero_rows_and_errors(backend):
     assert torch.allclose(FP.logits_cosine(a, b), torch.tensor([0.0, 1.0, -1.0]))
     with pytest.raises(InputError, match="one shape"):
         FP.logits_cosine(a, b[:2])
+
+
+def pgd_l2_formula(x, x0, grad, alpha, eps, lo, hi):
+    """torchattacks' PGDL2 step in float64."""
+    x, x0, grad = x.double(), x0.double(), grad.double()
+    g_norm = grad.flatten(1).norm(dim=1).view(-1, *[1] * (x.dim() - 1))
+    moved = x + alpha * grad / (g_norm + 1e-10)
+    delta = moved - x0
+    d_norm = delta.flatten(1).norm(dim=1).view_as(g_norm)
+    return (x0 + delta * torch.clamp(eps / d_norm, max=1.0)).clamp(lo, hi)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(1, 1), (3, 3, 7, 9), (2, 1, 40, 41), (5, 2500)])
+@pytest.mark.parametrize("eps", [0.05, 3.0])  # the projection binds / does not bind
+def test_pgd_l2_step(backend, shape, dtype, eps):
+    g = torch.Generator().manual_seed(len(shape))
+    x0 = torch.rand(shape, generator=g, dtype=dtype)
+    x = (x0 + 0.02 * torch.randn(shape, generator=g, dtype=dtype)).clamp(0, 1)
+    grad = torch.randn(shape, generator=g, dtype=dtype)
+    expected = pgd_l2_formula(x, x0, grad, 0.1, eps, 0.0, 1.0)
+    out = FP.pgd_l2_step_(x, x0, grad, 0.1, eps)
+    assert out.data_ptr() == x.data_ptr()
+    tol = 1e-12 if dtype == torch.float64 else 2e-6
+    torch.testing.assert_close(x.double(), expected, rtol=tol, atol=tol)
+    d_norm = (x.double() - x0.double()).flatten(1).norm(dim=1)
+    assert float(d_norm.max()) <= eps + 1e-5
+
+
+@pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning")  # the interpreter's eps / 0 = inf, as on a GPU
+def test_pgd_l2_step_zero_gradient_and_errors(backend):
+    x0 = torch.full((2, 3), 0.5)
+    x = x0.clone()
+    FP.pgd_l2_step_(x, x0, torch.zeros(2, 3), 0.1, 0.3)
+    assert torch.equal(x, x0), "a zero gradient moves nothing (no NaN from 0/0)"
+    with pytest.raises(InputError, match="needs a batch"):
+        FP.pgd_l2_step_(torch.zeros(3), torch.zeros(3), torch.zeros(3), 0.1, 0.1)
+
+
+def test_l2_random_start_draws_like_torchattacks(backend):
+    x0 = torch.rand(4, 3, 5, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    g = torch.Generator().manual_seed(3)
+    out = FP.pgd_random_start(x0, 0.5, generator=torch.Generator().manual_seed(3), norm="l2")
+    delta = torch.empty_like(x0).normal_(generator=g)
+    norms = delta.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+    radius = torch.empty_like(norms).uniform_(0, 1, generator=g)
+    torch.testing.assert_close(out, (x0 + delta * radius / norms * 0.5).clamp(0, 1), rtol=1e-12, atol=1e-12)
+    assert float((out - x0).flatten(1).norm(dim=1).max()) <= 0.5 + 1e-9
+    with pytest.raises(InputError, match="norm must be"):
+        FP.pgd_random_start(x0, 0.5, norm="l1")

@@ -121,3 +121,35 @@ class GraphedStep:
                           stacklevel=3)
             return None
         return cls(graph)
+
+
+class GraphCache:
+    """CUDA graphs of a step, one per key (a batch shape), for loops whose batches come in a few
+    shapes. A key is captured at its ``after``-th use (rare shapes, such as an epoch's last
+    partial batch, stay eager); a failed capture is remembered and that key runs eagerly.
+
+    ``run(key, step, state, check)``: ``step`` reads and writes only static tensors of that key;
+    ``state`` and ``check`` are as in :meth:`GraphedStep.try_capture`.
+    """
+
+    def __init__(self, enabled: bool, after: int = 3):
+        self.enabled, self.after = enabled, after
+        self.uses: dict = {}
+        self.graphs: dict = {}
+
+    @property
+    def captured(self) -> int:
+        return sum(g is not None for g in self.graphs.values())
+
+    def run(self, key, step: Callable[[], None], state: list[torch.Tensor], check: list[torch.Tensor]) -> None:
+        if not self.enabled:
+            step()
+            return
+        if key not in self.graphs:
+            self.uses[key] = self.uses.get(key, 0) + 1
+            if self.uses[key] < self.after:
+                step()
+                return
+            self.graphs[key] = GraphedStep.try_capture(step, state, check)
+        graph = self.graphs[key]
+        (graph or step)()

@@ -13,29 +13,13 @@ parameters never receive ``.grad``. Per step:
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ..data import make_generator
 from ..inference import eval_mode, model_device
-from ..validation import InputError, check_images, check_labels, check_positive, check_positive_int
-
-NORMS = ("linf", "l2")
-
-
-def check_pgd_settings(*, eps: float, alpha: float, steps: int, norm: str, lo: float, hi: float) -> None:
-    """PGD's settings, checked before any work (shared with the fast engine)."""
-    check_positive(eps, "eps (the perturbation bound)")
-    check_positive(alpha, "alpha (the step size)")
-    check_positive_int(steps, "steps")
-    if norm not in NORMS:
-        raise InputError(f"norm must be one of {NORMS}, got {norm!r}")
-    if not (isinstance(lo, (int, float)) and isinstance(hi, (int, float)) and math.isfinite(lo)
-            and math.isfinite(hi) and lo < hi):
-        raise InputError(f"the pixel range must be finite numbers lo < hi, got lo={lo!r}, hi={hi!r}")
+from ..validation import InputError, check_images, check_labels, check_pgd_settings, check_positive_int
 
 
 def _per_image_norm(t: torch.Tensor) -> torch.Tensor:
@@ -44,13 +28,18 @@ def _per_image_norm(t: torch.Tensor) -> torch.Tensor:
 
 def pgd(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, eps: float = 8 / 255,
         alpha: float = 2 / 255, steps: int = 10, random_start: bool = True, norm: str = "linf", lo: float = 0.0,
-        hi: float = 1.0, seed: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+        hi: float = 1.0, seed: int | None = None, generator: torch.Generator | None = None,
+        batch_size: int | None = None) -> torch.Tensor:
     """Adversarial examples of ``images`` (pixels in [lo, hi]) that raise the model's loss on
-    ``labels``, returned detached on the images' device. The random start draws from
-    ``generator``, else from a generator seeded with ``seed``, else from torch's global RNG."""
-    check_pgd_settings(eps=eps, alpha=alpha, steps=steps, norm=norm, lo=lo, hi=hi)
+    ``labels``, returned detached on the images' device. The random start (one draw for all
+    images) comes from ``generator``, else from a generator seeded with ``seed``, else from
+    torch's global RNG. ``batch_size``: attack the images in chunks of this many (default: all
+    at once); in eval mode each image's result does not depend on the chunking."""
+    check_pgd_settings(eps=eps, alpha=alpha, steps=steps, norm=norm, lo=lo, hi=hi, random_start=random_start)
     check_images(images)
     check_labels(labels, num_images=images.shape[0])
+    if batch_size is not None:
+        check_positive_int(batch_size, "batch_size")
     if float(images.min()) < lo or float(images.max()) > hi:
         raise InputError(f"images must lie in the pixel range [{lo}, {hi}], found "
                          f"[{float(images.min()):.4g}, {float(images.max()):.4g}]")
@@ -70,18 +59,29 @@ def pgd(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, eps: fl
             radius = torch.empty_like(_per_image_norm(delta)).uniform_(0, 1, generator=generator)
             adv = adv + delta * radius / _per_image_norm(delta) * eps
         adv = adv.clamp(lo, hi)
+    size = batch_size or x0.shape[0]
+    chunks = []
     with eval_mode(model), torch.enable_grad():
-        for _ in range(steps):
-            adv.requires_grad_(True)
-            loss = F.cross_entropy(model(adv), y)
-            (grad,) = torch.autograd.grad(loss, adv)
-            adv = adv.detach()
-            if norm == "linf":
-                adv = adv + alpha * grad.sign()
-                delta = (adv - x0).clamp(-eps, eps)
-            else:
-                adv = adv + alpha * grad / (_per_image_norm(grad) + 1e-10)
-                delta = adv - x0
-                delta = delta * torch.clamp(eps / _per_image_norm(delta), max=1.0)
-            adv = (x0 + delta).clamp(lo, hi)
-    return adv.detach().to(images.device)
+        for s in range(0, x0.shape[0], size):
+            chunks.append(_attack(model, x0[s:s + size], adv[s:s + size], y[s:s + size], eps=eps, alpha=alpha,
+                                  steps=steps, norm=norm, lo=lo, hi=hi))
+    return torch.cat(chunks).to(images.device)
+
+
+def _attack(model: nn.Module, x0: torch.Tensor, adv: torch.Tensor, y: torch.Tensor, *, eps: float, alpha: float,
+            steps: int, norm: str, lo: float, hi: float) -> torch.Tensor:
+    """``steps`` PGD steps from ``adv`` around ``x0`` (the model already in eval mode)."""
+    for _ in range(steps):
+        adv.requires_grad_(True)
+        loss = F.cross_entropy(model(adv), y)
+        (grad,) = torch.autograd.grad(loss, adv)
+        adv = adv.detach()
+        if norm == "linf":
+            adv = adv + alpha * grad.sign()
+            delta = (adv - x0).clamp(-eps, eps)
+        else:
+            adv = adv + alpha * grad / (_per_image_norm(grad) + 1e-10)
+            delta = adv - x0
+            delta = delta * torch.clamp(eps / _per_image_norm(delta), max=1.0)
+        adv = (x0 + delta).clamp(lo, hi)
+    return adv.detach()

@@ -18,32 +18,38 @@ def _model():
     return small_cnn(num_classes=4, in_channels=1, width=4)
 
 
-def test_a_round_on_a_clean_extra_set_is_adversarial_then_clean_fine_tuning():
-    """The documented order: one generator drives the sampler's epochs and PGD's random start;
-    one SGD optimizer; adversarial epochs attack every batch against the current model."""
+@pytest.mark.parametrize("regenerate", ["round", "batch"])
+def test_a_round_on_a_clean_extra_set_is_adversarial_then_clean_fine_tuning(regenerate):
+    """The documented order: one generator drives PGD's random start and the sampler's epochs;
+    one SGD optimizer; PGD examples once per round ("round") or of every batch against the
+    current model ("batch")."""
     model = _model()
     x, y = synthetic_dataset(n=12, num_classes=4, channels=1, size=8, seed=0)
     kw = dict(eps=8 / 255, alpha=2 / 255, pgd_steps=2, random_start=True, lr=0.01, batch_size=5, padding=1,
               seed=3)
-    result = pbe(model, clean_data=(x, y), adv_epochs=2, clean_epochs=1, progress=False, **kw)
+    purified, report = pbe(model, clean_data=(x, y), adv_epochs=2, clean_epochs=1, regenerate=regenerate,
+                           progress=False, **kw)
 
     net = copy.deepcopy(model)
     opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
     g = make_generator(3)
-    sampler = DeviceBatchSampler(x, y, 5, generator=g, padding=1)
+    attack = dict(eps=8 / 255, alpha=2 / 255, steps=2, random_start=True, generator=g)
+    adversarial = pgd(net, x, y, batch_size=5, **attack) if regenerate == "round" else None
     for epoch in range(3):
-        for xb, yb in sampler:
-            if epoch < 2:
-                xb = pgd(net, xb, yb, eps=8 / 255, alpha=2 / 255, steps=2, random_start=True, generator=g)
+        source = adversarial if epoch < 2 and regenerate == "round" else x
+        for xb, yb in DeviceBatchSampler(source, y, 5, generator=g, padding=1):
+            if epoch < 2 and regenerate == "batch":
+                xb = pgd(net, xb, yb, **attack)
             net.train()
             loss = F.cross_entropy(net(xb), yb)
             opt.zero_grad()
             loss.backward()
             opt.step()
-    for (k, a), b in zip(result.model.state_dict().items(), net.state_dict().values()):
+    for (k, a), b in zip(purified.state_dict().items(), net.state_dict().values()):
         torch.testing.assert_close(a, b, msg=k)
-    assert len(result.rounds) == 1 and result.rounds[0].indices is None and result.ranking is None
-    assert any(not torch.equal(a, b) for a, b in zip(model.state_dict().values(), result.model.state_dict().values()))
+    assert len(report.rounds) == 1 and report.rounds[0].indices is None and report.ranking is None
+    assert report.rounds[0].size == 12 and report.before is None and report.rounds[0].acc is None
+    assert any(not torch.equal(a, b) for a, b in zip(model.state_dict().values(), purified.state_dict().values()))
 
 
 def test_training_set_rounds_follow_the_schedule_and_the_ranking():
@@ -51,23 +57,23 @@ def test_training_set_rounds_follow_the_schedule_and_the_ranking():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     x, y = synthetic_dataset(n=100, num_classes=4, channels=1, size=8, seed=1)
     poisoned = torch.arange(0, 100, 10)
-    result = pbe(model, train_data=(x, y), poison_indices=poisoned, adv_epochs=1, clean_epochs=1, pgd_steps=2,
-                 batch_size=32, lr=0.01, seed=5, progress=False)
+    purified, result = pbe(model, train_data=(x, y), poison_indices=poisoned, adv_epochs=1, clean_epochs=1,
+                           pgd_steps=2, batch_size=32, lr=0.01, seed=5, progress=False)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items()), "the given model is untouched"
     assert [r.fraction for r in result.rounds] == [0.05, 0.2, 0.5, 0.7]
     assert [r.indices.numel() for r in result.rounds] == [5, 20, 50, 70]
     assert torch.equal(result.rounds[0].indices, torch.randperm(100, generator=make_generator(5))[:5])
     for prev, cur in zip(result.rounds, result.rounds[1:]):  # the top of the previous round's ranking
         assert torch.equal(cur.indices, prev.ranking[:cur.indices.numel()])
-    scores = cosine_scores(predict_logits(model, x), predict_logits(result.model, x))
+    scores = cosine_scores(predict_logits(model, x), predict_logits(purified, x))
     torch.testing.assert_close(result.rounds[-1].scores, scores)
     assert torch.equal(result.ranking, rank_descending(scores))
     flags = torch.zeros(100, dtype=torch.bool)
     flags[poisoned] = True
     for r in result.rounds:
-        assert r.poisoned == int(flags[r.indices].sum())
+        assert r.poisoned == int(flags[r.indices].sum()) and r.poisoned_fraction == r.poisoned / r.indices.numel()
         assert r.average_precision == average_precision(r.ranking, ~flags)
-    again = pbe(model, train_data=(x, y), poison_indices=flags, adv_epochs=1, clean_epochs=1, pgd_steps=2, batch_size=32,
+    _, again = pbe(model, train_data=(x, y), poison_indices=flags, adv_epochs=1, clean_epochs=1, pgd_steps=2, batch_size=32,
                 lr=0.01, seed=5, progress=False)
     assert torch.equal(again.ranking, result.ranking), "seeded, and poison flags work like indices"
 

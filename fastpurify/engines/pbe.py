@@ -1,0 +1,224 @@
+"""The fast PBE engine: ``purified, report = fastpurify.pbe(model, train_data, clean_data)``.
+
+The same rounds, keywords, defaults and random draws as :func:`fastpurify.reference.pbe`
+(laid out in :mod:`fastpurify.purification`), computed with less work:
+
+1. PGD runs on the frozen model (input gradients only) through :class:`PGDAttack`: fused
+   steps, one random-start draw, chunks of ``pgd_batch_size`` images; on CUDA the loop of each
+   recurring chunk shape is a CUDA graph, reused for the whole run (it reads the parameters
+   in place, so it follows the fine-tuning);
+2. all data stays on the device; batches are augmented there (``DeviceBatchSampler``);
+3. on CUDA each recurring training-batch shape's step (forward, backward, SGD update) is a
+   CUDA graph; the model is channels_last, convolutions use TF32, ``precision="bf16"`` runs the
+   forward passes under bfloat16 autocast; the SGD update is PyTorch's fused kernel;
+4. the infected model's logits on the training set are computed once; each round scores the
+   training set chunk by chunk with the fused ``logits_cosine`` and ranks it on the device.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .. import functional as FP
+from ..data import DeviceBatchSampler, make_generator
+from ..inference import eval_mode
+from ..purification import (DEFAULT_SCHEDULE, PBEPlan, PBEReport, PBEResult, PBERound, RoundClock, finish_round,
+                            initial_subset, measure, next_subset, plan_pbe)
+from ..ranking import rank_descending
+from ..validation import InputError, check_positive_int
+from .pgd import PGDAttack
+from .runtime import (GraphCache, autocast, check_precision, resolve_device, tf32_enabled, to_memory_format,
+                      use_channels_last)
+
+
+class FineTuner:
+    """SGD fine-tuning of ``model`` on static per-shape batch buffers; on CUDA the step of a
+    recurring batch shape is captured in a CUDA graph (self-checked against an eager step)."""
+
+    def __init__(self, model: nn.Module, *, lr: float, momentum: float, weight_decay: float, precision: str,
+                 cuda_graph: bool, memory_format: torch.memory_format):
+        self.model, self.precision, self.memory_format = model, precision, memory_format
+        self.device = next(model.parameters()).device
+        fused = {"fused": True} if self.device.type == "cuda" else {}
+        self.optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay,
+                                         **fused)
+        self.graphs = GraphCache(cuda_graph)
+        self._buffers: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.steps = 0
+
+    def _static(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        key = tuple(x.shape)
+        if key not in self._buffers:
+            self._buffers[key] = (torch.zeros_like(x, memory_format=self.memory_format), torch.zeros_like(y))
+        return self._buffers[key]
+
+    def _step(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        with autocast(self.device, self.precision):
+            logits = self.model(x)
+        loss = F.cross_entropy(logits.float() if logits.dtype == torch.bfloat16 else logits, y)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+
+    def _state(self) -> list[torch.Tensor]:
+        momenta = [s["momentum_buffer"] for s in self.optimizer.state.values()
+                   if s.get("momentum_buffer") is not None]
+        return [*self.model.parameters(), *self.model.buffers(), *momenta]
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """One training step on the batch (the model in train mode)."""
+        self.model.train()
+        s_x, s_y = self._static(x, y)
+        with torch.no_grad():
+            s_x.copy_(x)
+            s_y.copy_(y)
+        if self.steps == 0:  # the first step creates the momentum buffers a graph would update
+            self._step(s_x, s_y)
+        else:
+            params = list(self.model.parameters())
+            self.graphs.run(tuple(x.shape), lambda: self._step(s_x, s_y), state=self._state(), check=params)
+        self.steps += 1
+
+
+class PBEEngine:
+    """A copy of the model on ``device`` (channels_last on request), its fine-tuner, its attack
+    and its scorer: one PBE round at a time."""
+
+    def __init__(self, model: nn.Module, plan: PBEPlan, *, device: torch.device, channels_last: bool,
+                 cuda_graph: bool, precision: str, pgd_batch_size: int, score_batch_size: int):
+        memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.model = to_memory_format(copy.deepcopy(model).to(device), channels_last)  # a copy; never the caller's
+        self.plan, self.device, self.precision = plan, device, precision
+        self.pgd_batch_size, self.score_batch_size = pgd_batch_size, score_batch_size
+        cfg, opt = plan.cfg, plan.optimizer
+        self.tuner = FineTuner(self.model, lr=opt["lr"], momentum=opt["momentum"], weight_decay=opt["weight_decay"],
+                               precision=precision, cuda_graph=cuda_graph, memory_format=memory_format)
+        self.attack = PGDAttack(self.model, eps=cfg["eps"], alpha=cfg["alpha"], steps=cfg["pgd_steps"],
+                                precision=precision, cuda_graph=cuda_graph)
+        self.generator = make_generator(plan.seed, device)
+
+    def _sampler(self, images: torch.Tensor, labels: torch.Tensor) -> DeviceBatchSampler:
+        cfg = self.plan.cfg
+        return DeviceBatchSampler(images, labels, cfg["batch_size"], generator=self.generator, augment=cfg["augment"],
+                                  padding=cfg["padding"], flip=cfg["flip"])
+
+    def purify(self, images: torch.Tensor, labels: torch.Tensor, bar=None) -> None:
+        """One round on the extra set: adversarial epochs, then clean epochs."""
+        cfg = self.plan.cfg
+        per_round = cfg["regenerate"] == "round"
+        adversarial = None
+        if per_round and cfg["adv_epochs"]:
+            adversarial = self.attack.attack(images, labels, random_start=cfg["random_start"],
+                                             generator=self.generator, batch_size=self.pgd_batch_size)
+        for epoch in range(cfg["adv_epochs"] + cfg["clean_epochs"]):
+            in_adv = epoch < cfg["adv_epochs"]
+            for x, y in self._sampler(adversarial if in_adv and per_round else images, labels):
+                if in_adv and not per_round:
+                    x = self.attack.attack(x, y, random_start=cfg["random_start"], generator=self.generator,
+                                           batch_size=x.shape[0])
+                self.tuner(x, y)
+            if bar is not None:
+                bar.update(1)
+
+    @torch.no_grad()
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        """The current model's logits, in chunks, eval mode (float32; float64 for a float64 model)."""
+        outs = []
+        with eval_mode(self.model):
+            for s in range(0, images.shape[0], self.score_batch_size):
+                outs.append(self._forward(images[s:s + self.score_batch_size]))
+        return torch.cat(outs)
+
+    @torch.no_grad()
+    def scores(self, images: torch.Tensor, infected: torch.Tensor) -> torch.Tensor:
+        """cos(infected logits, current logits) per image, chunk by chunk (no full logit copy)."""
+        out = torch.empty(images.shape[0], dtype=infected.dtype, device=images.device)
+        with eval_mode(self.model):
+            for s in range(0, images.shape[0], self.score_batch_size):
+                stop = min(images.shape[0], s + self.score_batch_size)
+                out[s:stop] = FP.logits_cosine(infected[s:stop], self._forward(images[s:stop]))
+        return out
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        with autocast(self.device, self.precision):
+            logits = self.model(x)
+        return logits if logits.dtype == torch.float64 else logits.float()
+
+
+def pbe(model: nn.Module, train_data: Any = None, clean_data: Any = None, *,
+        poison_indices: torch.Tensor | None = None, test_data: Any = None, attack: Any = None,
+        eps: float = 6 / 255, alpha: float | None = None, pgd_steps: int = 7, random_start: bool = False,
+        regenerate: str = "round", adv_epochs: int = 3, clean_epochs: int = 17, lr: float = 1e-3,
+        momentum: float = 0.9, weight_decay: float = 5e-4, batch_size: int = 128, augment: bool = True,
+        padding: int = 4, flip: bool = True, schedule: Sequence[float] = DEFAULT_SCHEDULE, seed: int = 0,
+        progress: bool = True, device: torch.device | str | None = None, cuda_graph: bool | None = None,
+        channels_last: bool | None = None, tf32: bool = True, precision: str = "fp32", pgd_batch_size: int = 512,
+        score_batch_size: int = 1024) -> PBEResult:
+    """Purify a copy of ``model`` with PBE; returns ``(purified, report)`` (a :class:`PBEResult`).
+
+    With ``clean_data`` (a clean extra set): one round on it. Without: the progressive setting
+    on ``train_data`` (the possibly poisoned training set): ``len(schedule)`` rounds on growing
+    extra sets of the images that look cleanest. ``poison_indices`` (ground truth, evaluation
+    only) adds each extra set's poisoned share and each ranking's average precision;
+    ``test_data`` adds ACC per round and ``attack`` (a :mod:`fastpurify.backdoor` attack) the ASR.
+    The keywords up to ``progress`` mean what they mean in :func:`fastpurify.reference.pbe`, with
+    the same defaults and, for one seed, the same random draws. ``alpha=None`` is ``eps / 5``;
+    ``regenerate``: "round" (PGD examples once per round, the paper) or "batch" (every batch,
+    the authors' code). Speed options: ``device`` (default: CUDA if available),
+    ``cuda_graph``/``channels_last`` (None: on CUDA), ``tf32``, ``precision`` ("fp32"/"bf16"),
+    ``pgd_batch_size`` and ``score_batch_size`` (images per chunk). ``model`` is never modified.
+    """
+    check_precision(precision)
+    check_positive_int(pgd_batch_size, "pgd_batch_size")
+    check_positive_int(score_batch_size, "score_batch_size")
+    device = resolve_device(device)
+    if cuda_graph and device.type != "cuda":
+        raise InputError(f"cuda_graph=True needs a CUDA device; the engine runs on {device}")
+    use_graph = device.type == "cuda" if cuda_graph is None else bool(cuda_graph)
+    plan = plan_pbe(model, train_data, clean_data, device=device, poison_indices=poison_indices,
+                    test_data=test_data, attack=attack, eps=eps, alpha=alpha, pgd_steps=pgd_steps,
+                    random_start=random_start, regenerate=regenerate, adv_epochs=adv_epochs, clean_epochs=clean_epochs,
+                    lr=lr, momentum=momentum, weight_decay=weight_decay, batch_size=batch_size, augment=augment,
+                    padding=padding, flip=flip, schedule=schedule, seed=seed)
+    channels_last = use_channels_last(channels_last, device, plan.images)
+    with tf32_enabled(tf32 and device.type == "cuda"):
+        engine = PBEEngine(model, plan, device=device, channels_last=channels_last, cuda_graph=use_graph,
+                           precision=precision, pgd_batch_size=pgd_batch_size, score_batch_size=score_batch_size)
+        report = PBEReport(settings=plan.settings, before=measure(engine.model, plan), poisoned=plan.poisoned)
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=plan.num_rounds * (adv_epochs + clean_epochs), desc="PBE", unit="epoch")
+        try:
+            clock = RoundClock(device)
+            if not plan.progressive:
+                engine.purify(plan.images, plan.labels, bar)
+                finish_round(PBERound(0, None, None, size=plan.images.shape[0]), plan, engine.model, clock, report)
+            else:
+                _progressive(engine, plan, clock, report, bar)
+        finally:
+            if bar is not None:
+                bar.close()
+    report.engine = dict(name="fast", device=str(device), backend=FP.backend_for(plan.images),
+                         cuda_graph=use_graph, graphs_captured=engine.tuner.graphs.captured + engine.attack.graphs.captured,
+                         channels_last=channels_last, tf32=tf32 and device.type == "cuda", precision=precision)
+    return PBEResult(engine.model, report)
+
+
+def _progressive(engine: PBEEngine, plan: PBEPlan, clock: RoundClock, report: PBEReport, bar) -> None:
+    infected = engine.logits(plan.images)  # once: the infected model is the copy before any update
+    chosen = initial_subset(plan, engine.generator)
+    for r, fraction in enumerate(plan.fractions):
+        if r > 0:
+            clock.start()
+            chosen = next_subset(plan, r, report.ranking)
+        engine.purify(plan.images[chosen], plan.labels[chosen], bar)
+        scores = engine.scores(plan.images, infected)
+        info = PBERound(r, fraction, chosen, size=int(chosen.numel()), scores=scores, ranking=rank_descending(scores))
+        finish_round(info, plan, engine.model, clock, report)

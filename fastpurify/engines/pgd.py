@@ -1,0 +1,166 @@
+"""The fast PGD engine: ``fastpurify.pgd(model, images, labels)``.
+
+The same attack, keywords and random draws as :func:`fastpurify.reference.pgd` (torchattacks'
+``PGD`` / ``PGDL2``), computed with less work:
+
+1. the model's weights are frozen during the attack (``requires_grad`` off, restored after):
+   each backward pass computes the input gradient only;
+2. the images stay on the device and are attacked in memory-bounded chunks (halved on a CUDA
+   out-of-memory error);
+3. the update is one fused launch per step (``pgd_step_`` for L-inf, ``pgd_l2_step_`` for L2),
+   and the random start one launch for all images;
+4. on CUDA the whole ``steps``-step loop of a chunk is captured in a CUDA graph (self-checked
+   against an eager run) and replayed for every chunk of that shape; TF32 by default; bfloat16
+   autocast on request (the loss and the update stay in float32).
+
+The model is in eval mode for the attack; every submodule's own flag is restored afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Iterator
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .. import functional as FP
+from ..data import make_generator
+from ..inference import eval_mode, frozen, model_device
+from ..validation import InputError, check_images, check_labels, check_pgd_settings, check_positive_int
+from .runtime import GraphCache, autocast, check_precision, tf32_enabled
+
+GRAPH_MIN_CHUNKS = 8  # below this many full chunks a standalone attack is not worth capturing
+
+
+class PGDAttack:
+    """PGD against one model, chunk by chunk, on static per-shape buffers.
+
+    Call it inside :meth:`prepared` (eval mode, frozen weights, gradients on). With
+    ``cuda_graph`` the loop of a chunk shape is captured at that shape's ``capture_after``-th
+    use and replayed from then on; the graph reads the model's parameters and buffers where
+    they live, so it stays valid while an optimizer updates them in place (the PBE engine).
+    """
+
+    def __init__(self, model: nn.Module, *, eps: float, alpha: float, steps: int, norm: str = "linf",
+                 lo: float = 0.0, hi: float = 1.0, precision: str = "fp32", cuda_graph: bool = False,
+                 capture_after: int = 3):
+        check_pgd_settings(eps=eps, alpha=alpha, steps=steps, norm=norm, lo=lo, hi=hi)
+        check_precision(precision)
+        self.model, self.eps, self.alpha, self.steps, self.norm = model, eps, alpha, steps, norm
+        self.lo, self.hi, self.precision = lo, hi, precision
+        self.device = model_device(model)
+        self.graphs = GraphCache(cuda_graph, after=capture_after)
+        self._buffers: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    @contextlib.contextmanager
+    def prepared(self) -> Iterator[None]:
+        with eval_mode(self.model), frozen(self.model), torch.enable_grad():
+            yield
+
+    def _static(self, x0: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        key = (tuple(x0.shape), x0.dtype)
+        if key not in self._buffers:
+            adv = torch.zeros(x0.shape, dtype=x0.dtype, device=self.device, requires_grad=True)
+            self._buffers[key] = (torch.zeros_like(adv, requires_grad=False), adv,
+                                  torch.zeros(labels.shape, dtype=torch.long, device=self.device))
+        return self._buffers[key]
+
+    def _loop(self, x0: torch.Tensor, adv: torch.Tensor, labels: torch.Tensor) -> None:
+        """``steps`` steps in place on the leaf ``adv`` (static tensors only: capturable)."""
+        step = FP.pgd_step_ if self.norm == "linf" else FP.pgd_l2_step_
+        for _ in range(self.steps):
+            with autocast(self.device, self.precision):
+                logits = self.model(adv)
+            loss = F.cross_entropy(logits.float() if logits.dtype == torch.bfloat16 else logits, labels)
+            (grad,) = torch.autograd.grad(loss, adv)
+            step(adv.data, x0, grad, self.alpha, self.eps, self.lo, self.hi)
+
+    def __call__(self, x0: torch.Tensor, labels: torch.Tensor, start: torch.Tensor | None = None) -> torch.Tensor:
+        """Adversarial examples of one chunk ``x0`` (a new tensor), from ``start`` (default x0)."""
+        s_x0, s_adv, s_y = self._static(x0, labels)
+        with torch.no_grad():
+            s_x0.copy_(x0)
+            s_adv.copy_(x0 if start is None else start)
+            s_y.copy_(labels)
+        self.graphs.run(tuple(x0.shape), lambda: self._loop(s_x0, s_adv, s_y), state=[s_adv], check=[s_adv])
+        return s_adv.detach().clone()
+
+    def attack(self, images: torch.Tensor, labels: torch.Tensor, *, random_start: bool,
+               generator: torch.Generator | None, batch_size: int, bar=None) -> torch.Tensor:
+        """Adversarial examples of all ``images`` (on the device), in chunks of ``batch_size``;
+        the random start is one draw for all images, so the chunking does not change results.
+        On a CUDA out-of-memory error the chunk size is halved (with a warning) and the chunk retried."""
+        start = FP.pgd_random_start(images, self.eps, self.lo, self.hi, generator, self.norm) if random_start \
+            else images
+        out = torch.empty_like(images)
+        n, size, s = images.shape[0], batch_size, 0
+        with self.prepared():
+            while s < n:
+                stop = min(n, s + size)
+                try:
+                    out[s:stop] = self(images[s:stop], labels[s:stop], start[s:stop])
+                except torch.cuda.OutOfMemoryError:
+                    if size == 1:
+                        raise
+                    size = max(1, size // 2)
+                    self._buffers.clear()
+                    torch.cuda.empty_cache()
+                    warnings.warn(f"PGD ran out of GPU memory; attacking {size} images at a time", RuntimeWarning,
+                                  stacklevel=2)
+                    continue
+                if bar is not None:
+                    bar.update(stop - s)
+                s = stop
+        return out
+
+
+def pgd(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, eps: float = 8 / 255,
+        alpha: float = 2 / 255, steps: int = 10, random_start: bool = True, norm: str = "linf", lo: float = 0.0,
+        hi: float = 1.0, seed: int | None = None, generator: torch.Generator | None = None, batch_size: int = 512,
+        cuda_graph: bool | None = None, tf32: bool = True, precision: str = "fp32",
+        progress: bool = False) -> torch.Tensor:
+    """Untargeted PGD examples of ``images`` (N, C, H, W, pixels in [lo, hi]) that raise the
+    model's cross-entropy on ``labels``; returned detached on the images' device.
+
+    The keywords up to ``generator`` mean what they mean in :func:`fastpurify.reference.pgd`,
+    with the same defaults and, for one seed, the same random start. The attack runs on the
+    model's device; the model comes back as it was (training flags, ``requires_grad``) and its
+    parameters get no ``.grad``. Speed options: ``batch_size`` (images per chunk; halved on a
+    CUDA out-of-memory error), ``cuda_graph`` (None: on CUDA when there are at least
+    8 full chunks), ``tf32``, ``precision`` ("fp32" or "bf16" autocast), ``progress``.
+    """
+    check_pgd_settings(eps=eps, alpha=alpha, steps=steps, norm=norm, lo=lo, hi=hi, random_start=random_start)
+    check_images(images)
+    check_labels(labels, num_images=images.shape[0])
+    check_positive_int(batch_size, "batch_size")
+    check_precision(precision)
+    lo_seen, hi_seen = float(images.min()), float(images.max())
+    if lo_seen < lo or hi_seen > hi:
+        raise InputError(f"images must lie in the pixel range [{lo}, {hi}], found [{lo_seen:.4g}, {hi_seen:.4g}]")
+    if seed is not None and generator is not None:
+        raise InputError("give a seed or a generator for the random start, not both")
+    device = model_device(model)
+    if cuda_graph and device.type != "cuda":
+        raise InputError(f"cuda_graph=True needs a model on a CUDA device; the model is on {device}")
+    full_chunks = images.shape[0] // batch_size
+    use_graph = (device.type == "cuda" and full_chunks >= GRAPH_MIN_CHUNKS) if cuda_graph is None else bool(cuda_graph)
+    x0 = images.detach().to(device).contiguous()
+    y = labels.to(device)
+    if generator is None and seed is not None:
+        generator = make_generator(seed, device)
+    engine = PGDAttack(model, eps=eps, alpha=alpha, steps=steps, norm=norm, lo=lo, hi=hi, precision=precision,
+                       cuda_graph=use_graph, capture_after=1)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=x0.shape[0], desc=f"PGD-{steps}", unit="img")
+    try:
+        with tf32_enabled(tf32 and device.type == "cuda"):
+            adv = engine.attack(x0, y, random_start=random_start, generator=generator, batch_size=batch_size, bar=bar)
+    finally:
+        if bar is not None:
+            bar.close()
+    return adv.to(images.device)
