@@ -3,6 +3,7 @@
 import datetime
 import platform
 
+import pytest
 import torch
 
 # Each benchmarked shape and layout compiles its own graph: keep them all cached, or dynamo
@@ -30,3 +31,17 @@ def pytest_benchmark_update_machine_info(config, machine_info):
         "cuda": torch.version.cuda if cuda else None,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     })
+
+
+@pytest.fixture
+def cpu_path():
+    """On CPU: fastpurify's PyTorch path on one thread (see fastpurify.benchmarks.common.cpu_smoke);
+    on a GPU: nothing changes."""
+    if torch.cuda.is_available():
+        yield
+        return
+    from fastpurify.benchmarks.common import cpu_smoke
+
+    with cpu_smoke():
+        yield
+

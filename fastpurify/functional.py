@@ -296,7 +296,8 @@ def pgd_random_start(x0: torch.Tensor, eps: float, lo: float = 0.0, hi: float = 
     _check_pgd(x_adv, x0, eps, lo, hi)
     if norm == "l2":
         if x0.dim() < 2:
-            raise InputError(f"the L2 start needs a batch, shape (N, ...) with one image per row; got {tuple(x0.shape)}")
+            raise InputError(f"the L2 start needs a batch, shape (N, ...) with one image per row; "
+                             f"got {tuple(x0.shape)}")
         z = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         shape = (-1,) + (1,) * (x0.dim() - 1)
         norms = z.flatten(1).norm(dim=1).view(shape)

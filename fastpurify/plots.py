@@ -57,14 +57,74 @@ def pruning_curve(xs: Sequence[float], acc: Sequence[float], asr: Sequence[float
                   xlabel: str = "pruning threshold", title: str = "ACC and ASR after pruning") -> Path:
     """Clean accuracy and attack success rate (in %) against the pruning threshold or count."""
     plt, fig, ax = _figure()
+    _acc_asr_lines(ax, xs, acc, asr)
+    ax.set_xlabel(xlabel)
+    ax.set_title(title)
+    return _save(plt, fig, path)
+
+
+def _acc_asr_lines(ax, xs: Sequence[float], acc: Sequence[float], asr: Sequence[float | None]) -> None:
+    """ACC and, where known, ASR in % against ``xs`` on a 0-100 axis with a grid and legend."""
     ax.plot(xs, [100 * a for a in acc], marker="o", color="#228833", label="ACC (clean accuracy)")
     if any(a is not None for a in asr):
         ax.plot(xs, [None if a is None else 100 * a for a in asr], marker="s", color="#cc3311",
                 label="ASR (attack success rate)")
-    ax.set_xlabel(xlabel)
     ax.set_ylabel("%")
     ax.set_ylim(-2, 102)
     ax.grid(alpha=0.3)
     ax.legend(loc="best")
+
+
+def _round_label(r) -> str:
+    return f"{r.round + 1}\n{r.fraction:.0%}" if r.fraction is not None else f"{r.round + 1}\nclean set"
+
+
+def pbe_rounds(report, path: str | Path, *, title: str = "PBE: ACC and ASR per round") -> Path:
+    """ACC and ASR (in %) of a :class:`~fastpurify.purification.PBEReport` per round, round 0
+    being the infected model before PBE (as the PBE paper's fig. 6). Needs the report's test
+    metrics (``test_data``)."""
+    if report.before is None or any(r.acc is None for r in report.rounds):
+        raise ValueError("the report holds no test metrics: run PBE with test_data to plot ACC / ASR per round")
+    plt, fig, ax = _figure()
+    xs = list(range(len(report.rounds) + 1))
+    acc = [report.before["acc"], *(r.acc for r in report.rounds)]
+    asr = [report.before.get("asr"), *(r.asr for r in report.rounds)]
+    _acc_asr_lines(ax, xs, acc, asr)
+    ax.set_xticks(xs, ["0\nbefore", *(_round_label(r) for r in report.rounds)])
+    ax.set_xlabel("round (extra set)")
+    ax.set_title(title)
+    return _save(plt, fig, path)
+
+
+def precision_recall(report, path: str | Path, *,
+                     title: str = "PBE: finding the clean training images") -> Path:
+    """Precision against recall of taking the top of each round's clean-first ranking as the
+    clean images (as the PBE paper's fig. 7), one curve per round, with the clean share (a
+    random ranking's precision) dashed. Needs the progressive setting and the ground truth
+    (``report.poisoned``)."""
+    from .ranking import precision_recall_curve
+
+    ranked = [r for r in report.rounds if r.ranking is not None]
+    if report.poisoned is None or not ranked:
+        raise ValueError("a precision-recall curve needs the rankings of the progressive setting and the ground "
+                         "truth (poison_indices)")
+    clean = ~report.poisoned.cpu()
+    plt, fig, ax = _figure()
+    colors = plt.cm.viridis([i / max(1, len(ranked) - 1) * 0.85 for i in range(len(ranked))])
+    share = float(clean.double().mean())
+    lowest = share
+    for r, color in zip(ranked, colors):
+        precision, recall = precision_recall_curve(r.ranking.cpu(), clean)
+        lowest = min(lowest, float(precision.min()))
+        ap = f": AP {r.average_precision:.3f}" if r.average_precision is not None else ""
+        ax.plot(recall.numpy(), 100 * precision.numpy(), color=color,
+                label=f"round {r.round + 1} ({r.fraction:.0%} extra set){ap}")
+    ax.axhline(100 * share, color="#777777", linestyle="--", label=f"clean share {share:.1%} (random ranking)")
+    ax.set_xlabel("recall of the clean images")
+    ax.set_ylabel("precision (%)")
+    ax.set_xlim(0, 1.0)
+    ax.set_ylim(100 * lowest - 2, 101)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize="small")
     ax.set_title(title)
     return _save(plt, fig, path)

@@ -41,3 +41,27 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def torch_backend(monkeypatch):
+    """fastpurify's PyTorch path, as a user's CPU runs it (whole engines through the interpreted
+    kernels would be slow)."""
+    monkeypatch.setenv("FASTPURIFY_BACKEND", "torch")
+
+
+SUSPECT_META = {"arch": "small_cnn", "num_classes": 10, "in_channels": 1, "image_size": [16, 16],
+                "attack": {"name": "badnets", "mode": "all2one", "target": 0, "seed": 0},
+                "poison": {"data": "digits", "rate": 0.1, "seed": 0}}
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    """A suspect checkpoint as ``fastpurify train`` writes it (an untrained small CNN for the
+    bundled 16x16 digits, BadNets recorded as its trigger, the poisoning recorded)."""
+    from fastpurify.checkpoint import save_model
+    from fastpurify.models import small_cnn
+
+    torch.manual_seed(0)
+    return save_model(small_cnn(num_classes=10, in_channels=1), tmp_path / "suspect.safetensors",
+                      metadata=SUSPECT_META)

@@ -46,6 +46,18 @@ def test_demo_end_to_end(tmp_path, capsys, monkeypatch):
     zeroed = sum(int((m.weight == 0).sum()) for m in pruned.modules() if isinstance(m, torch.nn.BatchNorm2d))
     assert zeroed == anp["pruned"]
 
+    # PBE on the same 100 clean images (the demo's settings: see tests/test_end_to_end.py)
+    assert "PBE: 3 + 17 epochs on the same 100 clean images (eps 16/255): fastpurify.pbe" in printed
+    pbe = report["pbe"]
+    assert pbe["clean_images"] == 100 and pbe["evaluated_images"] == 259 and pbe["settings"]["clean_epochs"] == 17
+    assert pbe["seconds"] > 0 and pbe["reference_seconds"] > 0
+    assert pbe["after"]["asr"] < 0.2 and pbe["after"]["acc"] > pbe["before"]["acc"] - 0.06
+    assert abs(pbe["reference_after"]["asr"] - pbe["after"]["asr"]) <= 0.02
+    purified, purified_meta = load_model(tmp_path / "purified_model.safetensors")
+    assert purified_meta["purified"]["defense"] == "pbe" and purified_meta["poison"] == {"data": "digits",
+                                                                                       "rate": 0.1, "seed": 0}
+    assert evaluate(purified, *held_out, attack)["asr"] == pytest.approx(pbe["after"]["asr"])
+
 
 def test_train_command_other_choices(tmp_path):
     code = main(["train", "--data", "synthetic", "--size", "8", "--arch", "small_cnn", "--attack", "wanet",

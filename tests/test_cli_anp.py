@@ -6,25 +6,15 @@ import numpy as np
 import pytest
 import torch
 
-from fastpurify.checkpoint import load_model, save_model
+from fastpurify.checkpoint import load_model
 from fastpurify.cli import main
 from fastpurify.masks import load_masks
 from fastpurify.models import small_cnn
 
-META = {"arch": "small_cnn", "num_classes": 10, "in_channels": 1, "image_size": [16, 16],
-        "attack": {"name": "badnets", "mode": "all2one", "target": 0, "seed": 0}}
 FAST = ["--iterations", "12", "--batch-size", "16", "--clean-images", "40", "--no-progress"]
 
 
-@pytest.fixture
-def checkpoint(tmp_path):
-    torch.manual_seed(0)
-    return save_model(small_cnn(num_classes=10, in_channels=1), tmp_path / "suspect.safetensors", metadata=META)
-
-
-@pytest.fixture(autouse=True)
-def _torch_backend(monkeypatch):
-    monkeypatch.setenv("FASTPURIFY_BACKEND", "torch")
+pytestmark = pytest.mark.usefixtures("torch_backend")  # the suspect comes from tests/conftest.py: checkpoint
 
 
 def test_anp_writes_masks_report_pruned_model_and_figures(tmp_path, checkpoint, capsys):

@@ -22,74 +22,20 @@ Variants (each isolates one of DESIGN.md §4's wins):
 from __future__ import annotations
 
 import copy
-import datetime as dt
-import platform
-import statistics
-import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
 
-import torch
-import torch.nn as nn
-
-from ..data import DeviceBatchSampler, make_generator, synthetic_dataset
+from ..data import DeviceBatchSampler, make_generator
 from ..engines.anp import ANPEngine
 from ..engines.anp import anp as fast_anp
 from ..engines.runtime import resolve_device, tf32_enabled, use_channels_last
-from ..models import build_model
 from ..pruning import select_neurons
 from ..reference.anp import ANPState
-from ..validation import InputError, check_positive_int
+from ..validation import check_positive_int
+from .common import (choose_variants, compile_model, environment, run_variants, skipped_lines, synthetic_subject, table,
+                     time_variant)
 
 VARIANTS = ("reference", "reference-frozen", "reference-compile", "fast-separate", "fast-eager", "fast", "fast-bf16")
 ANP_KW = dict(eps=0.4, steps=1, alpha=0.2, lr=0.2, momentum=0.9, clamp_noise=True)
-
-
-@dataclass
-class Timing:
-    name: str
-    median_ms: float
-    min_ms: float
-    max_ms: float
-    iterations_per_second: float
-    peak_memory_mb: float | None
-    block_ms: list[float] = field(default_factory=list)
-    ratio_vs_reference: float | None = None
-    ratio_vs_compile: float | None = None
-    note: str = ""
-
-
-def environment(device: torch.device) -> dict:
-    """Device, driver and library versions, and the date: stored with every result."""
-    try:
-        import triton
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    env = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "torch": torch.__version__,
-           "triton": triton_version, "python": platform.python_version(), "device_type": device.type}
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        env.update(device=props.name, cuda=torch.version.cuda, memory_gb=round(props.total_memory / 2 ** 30, 1),
-                   driver=_driver_version())
-    else:
-        env.update(device=platform.processor() or platform.machine(), threads=torch.get_num_threads())
-    return env
-
-
-def _driver_version() -> str | None:
-    try:
-        import subprocess
-        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=20)
-        return out.stdout.strip().splitlines()[0] if out.returncode == 0 else None
-    except (OSError, IndexError, subprocess.SubprocessError):
-        return None
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _reference_step(model, images, labels, batch_size, device, *, frozen=False, compiled=False) -> Callable:
@@ -98,7 +44,7 @@ def _reference_step(model, images, labels, batch_size, device, *, frozen=False, 
         model.requires_grad_(False)
     state = ANPState(model, **ANP_KW)
     if compiled:
-        state.model = torch.compile(state.model)
+        state.model = compile_model(state.model)
     sampler = DeviceBatchSampler(images, labels, batch_size, seed=0, device=device)
     noise = make_generator(1, device)
     return lambda: state.iteration(*sampler.sample(), noise)
@@ -124,25 +70,6 @@ def _build(name, model, images, labels, batch_size, device) -> Callable:
                                compiled=name == "reference-compile")
     return _fast_step(model, images, labels, batch_size, device, grouped=name != "fast-separate",
                       graph=name in ("fast", "fast-bf16"), precision="bf16" if name == "fast-bf16" else "fp32")
-
-
-def time_variant(name, step: Callable, device, *, warmup: int, iterations: int, repeats: int) -> Timing:
-    for _ in range(warmup):
-        step()
-    _sync(device)
-    blocks = []
-    for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        for _ in range(iterations):
-            step()
-        _sync(device)
-        blocks.append((time.perf_counter() - start) / iterations * 1000)
-    med = statistics.median(blocks)
-    peak = torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda" else None
-    return Timing(name, round(med, 4), round(min(blocks), 4), round(max(blocks), 4), round(1000 / med, 3),
-                  None if peak is None else round(peak, 1), [round(b, 4) for b in blocks],
-                  note="CUDA graph" if getattr(step, "graphed", False) else "")
 
 
 def pruned_set_change(model, images, labels, *, batch_size, device, iterations) -> dict:
@@ -171,38 +98,22 @@ def run_anp_benchmark(*, arch: str = "cifar_resnet18", batch_size: int = 128, nu
     for name, value in (("batch_size", batch_size), ("num_images", num_images), ("iterations", iterations),
                         ("repeats", repeats)):
         check_positive_int(value, name)
-    if variants is None:
-        variants = tuple(v for v in VARIANTS if device.type == "cuda" or v not in ("reference-compile", "fast-bf16"))
-    unknown = [v for v in variants if v not in VARIANTS]
-    if unknown:
-        raise InputError(f"unknown benchmark variant(s) {unknown}; choose from {list(VARIANTS)}")
-    torch.manual_seed(0)
-    model: nn.Module = build_model(arch, num_classes=num_classes, in_channels=channels)
-    images, labels = synthetic_dataset(n=num_images, num_classes=num_classes, channels=channels, size=image_size,
-                                       seed=0)
-    images, labels = images.to(device), labels.to(device)
-    timings: list[Timing] = []
+    variants = choose_variants(variants, VARIANTS, device, cpu_default_skip=("reference-compile", "fast-bf16"))
+    model, images, labels = synthetic_subject(arch, num_images, device, num_classes=num_classes, channels=channels,
+                                              image_size=image_size)
+
+    def measure(name):
+        step = _build(name, model, images, labels, batch_size, device)
+        return time_variant(name, step, device, warmup=warmup, iterations=iterations, repeats=repeats,
+                            note="CUDA graph" if getattr(step, "graphed", False) else "")
+
     with tf32_enabled(device.type == "cuda"):
-        for name in variants:
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats(device)
-            if progress:
-                progress(f"  {name} ...")
-            step = _build(name, model, images, labels, batch_size, device)
-            timings.append(time_variant(name, step, device, warmup=warmup, iterations=iterations, repeats=repeats))
-            del step
-    by_name = {t.name: t for t in timings}
-    for t in timings:
-        if "reference" in by_name:
-            t.ratio_vs_reference = round(by_name["reference"].median_ms / t.median_ms, 3)
-        if "reference-compile" in by_name:
-            t.ratio_vs_compile = round(by_name["reference-compile"].median_ms / t.median_ms, 3)
+        timings, skipped = run_variants(variants, measure, device, progress=progress)
     result = {"benchmark": "anp", "environment": environment(device),
               "settings": dict(arch=arch, batch_size=batch_size, num_images=num_images, image_size=image_size,
                                channels=channels, num_classes=num_classes, warmup=warmup,
                                iterations_per_block=iterations, repeats=repeats, tf32=device.type == "cuda", **ANP_KW),
-              "variants": [asdict(t) for t in timings]}
+              "variants": [t.as_dict() for t in timings], "skipped": skipped}
     if end_to_end_iterations:
         if progress:
             progress(f"  fastpurify.anp end to end, {end_to_end_iterations} iterations ...")
@@ -224,13 +135,7 @@ def format_table(result: dict) -> str:
     lines = [f"ANP on {s['arch']}, batch {s['batch_size']}, {s['num_images']} images of {s['image_size']}px; "
              f"{env['device']} (torch {env['torch']}, triton {env['triton']}); median of {s['repeats']} blocks of "
              f"{s['iterations_per_block']} iterations",
-             f"{'variant':<18} {'ms/it':>9} {'min':>9} {'max':>9} {'it/s':>9} {'x ref':>7} {'x compile':>9} "
-             f"{'peak MB':>9}  note"]
-    for v in result["variants"]:
-        cell = lambda x, fmt: format("-", fmt.split(".")[0]) if x is None else format(x, fmt)  # noqa: E731
-        lines.append(f"{v['name']:<18} {v['median_ms']:>9.2f} {v['min_ms']:>9.2f} {v['max_ms']:>9.2f} "
-                     f"{v['iterations_per_second']:>9.2f} {cell(v['ratio_vs_reference'], '>7.2f')} "
-                     f"{cell(v['ratio_vs_compile'], '>9.2f')} {cell(v['peak_memory_mb'], '>9.1f')}  {v['note']}")
+             *table(result["variants"], rate_key="iterations_per_second"), *skipped_lines(result)]
     if "end_to_end" in result:
         e = result["end_to_end"]
         lines.append(f"fastpurify.anp end to end: {e['iterations']} iterations in {e['seconds']:.2f} s")

@@ -18,6 +18,8 @@ import sys
 from pathlib import Path
 
 from ..validation import InputError, check_fraction, check_positive_int
+from .options import (add_augment_options, add_engine_and_output_options, add_model_options,
+                      add_trigger_options, plotting_enabled)
 
 PRUNE_RULES = ("threshold", "number", "fraction", "max_drop")
 
@@ -25,14 +27,7 @@ PRUNE_RULES = ("threshold", "number", "fraction", "max_drop")
 def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("anp", help="Adversarial Neuron Pruning of a checkpoint (fast engine or reference)",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    g = p.add_argument_group("model")
-    g.add_argument("--model", required=True, help="checkpoint: .safetensors, or .pt/.pth of weights")
-    g.add_argument("--arch", default=None, help="architecture (default: from the checkpoint's metadata): "
-                   "cifar_resnet18 | preact_resnet18 | small_cnn | torchvision:<name>")
-    g.add_argument("--num-classes", type=int, default=None)
-    g.add_argument("--in-channels", type=int, default=None)
-    g.add_argument("--trust-pickle", action="store_true",
-                   help="allow a checkpoint that holds pickled Python code (only if you trust its author)")
+    add_model_options(p)
     g = p.add_argument_group("data")
     g.add_argument("--data", default="digits", help="digits | synthetic | cifar10[:DIR] | DIR | FILE.npz/.pt/"
                    ".safetensors with images and labels (default: %(default)s)")
@@ -40,10 +35,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--clean-images", type=int, default=500,
                    help="the first N images of the test split (or file) are the defender's clean set; the rest "
                         "evaluate (default: %(default)s, the paper's 1%% of CIFAR-10)")
-    g.add_argument("--attack", default=None,
-                   help="trigger for ASR: badnets | blend | sig | wanet | none (default: the checkpoint's)")
-    g.add_argument("--target", type=int, default=None)
-    g.add_argument("--mode", default=None, choices=["all2one", "all2all"])
+    add_trigger_options(g)
     g = p.add_argument_group("ANP (defaults: the paper's)")
     g.add_argument("--iterations", type=int, default=2000)
     g.add_argument("--batch-size", type=int, default=128)
@@ -53,17 +45,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--lr", type=float, default=0.2)
     g.add_argument("--momentum", type=float, default=0.9)
     g.add_argument("--no-clamp-noise", action="store_true", help="the official script's unclamped noise")
-    g.add_argument("--no-augment", action="store_true")
-    g.add_argument("--padding", type=int, default=4)
-    g.add_argument("--no-flip", action="store_true")
+    add_augment_options(g)
     g.add_argument("--seed", type=int, default=0)
-    g = p.add_argument_group("engine")
-    g.add_argument("--engine", choices=["fast", "reference"], default="fast")
-    g.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
-    g.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
-    g.add_argument("--no-cuda-graph", action="store_true")
-    g.add_argument("--no-channels-last", action="store_true")
-    g.add_argument("--no-tf32", action="store_true")
     g = p.add_argument_group("pruning (one rule; default: --threshold 0.2, the paper's)")
     rule = g.add_mutually_exclusive_group()
     rule.add_argument("--threshold", type=float, default=None, help="prune every neuron with mask <= T")
@@ -74,10 +57,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--sweep", choices=["thresholds", "numbers"], default="thresholds",
                    help="the table and curve: thresholds 0..0.9 (official) or numbers of neurons")
     g.add_argument("--sweep-values", default=None, help="comma-separated thresholds or numbers to sweep")
-    g = p.add_argument_group("output")
-    g.add_argument("--out", default="runs/anp", help="output folder (default: %(default)s)")
-    g.add_argument("--no-plot", action="store_true")
-    g.add_argument("--no-progress", action="store_true")
+    add_engine_and_output_options(p, out="runs/anp")
     return p
 
 
@@ -213,13 +193,9 @@ def _default_numbers(total: int) -> list[int]:
 
 
 def _figures(args, result, points, rule, value, by, out: Path) -> list[str]:
-    from ..plots import mask_distribution, matplotlib_missing, pruning_curve
+    from ..plots import mask_distribution, pruning_curve
 
-    if args.no_plot:
-        return []
-    missing = matplotlib_missing()
-    if missing:
-        print(f"figures skipped: {missing}")
+    if not plotting_enabled(args):
         return []
     threshold = value if rule == "threshold" else None
     swept = points[1:]

@@ -158,8 +158,8 @@ def pbe(model: nn.Module, train_data: Any = None, clean_data: Any = None, *,
         momentum: float = 0.9, weight_decay: float = 5e-4, batch_size: int = 128, augment: bool = True,
         padding: int = 4, flip: bool = True, schedule: Sequence[float] = DEFAULT_SCHEDULE, seed: int = 0,
         progress: bool = True, device: torch.device | str | None = None, cuda_graph: bool | None = None,
-        channels_last: bool | None = None, tf32: bool = True, precision: str = "fp32", pgd_batch_size: int = 512,
-        score_batch_size: int = 1024) -> PBEResult:
+        channels_last: bool | None = None, tf32: bool = True, precision: str = "fp32",
+        pgd_batch_size: int | None = None, score_batch_size: int = 1024) -> PBEResult:
     """Purify a copy of ``model`` with PBE; returns ``(purified, report)`` (a :class:`PBEResult`).
 
     With ``clean_data`` (a clean extra set): one round on it. Without: the progressive setting
@@ -172,12 +172,15 @@ def pbe(model: nn.Module, train_data: Any = None, clean_data: Any = None, *,
     ``regenerate``: "round" (PGD examples once per round, the paper) or "batch" (every batch,
     the authors' code). Speed options: ``device`` (default: CUDA if available),
     ``cuda_graph``/``channels_last`` (None: on CUDA), ``tf32``, ``precision`` ("fp32"/"bf16"),
-    ``pgd_batch_size`` and ``score_batch_size`` (images per chunk). ``model`` is never modified.
+    ``pgd_batch_size`` (images per PGD chunk; None: 512 on CUDA, ``batch_size`` on the CPU, where
+    large chunks only thrash the caches) and ``score_batch_size``. ``model`` is never modified.
     """
     check_precision(precision)
-    check_positive_int(pgd_batch_size, "pgd_batch_size")
     check_positive_int(score_batch_size, "score_batch_size")
     device = resolve_device(device)
+    if pgd_batch_size is None:
+        pgd_batch_size = 512 if device.type == "cuda" else batch_size
+    check_positive_int(pgd_batch_size, "pgd_batch_size")
     if cuda_graph and device.type != "cuda":
         raise InputError(f"cuda_graph=True needs a CUDA device; the engine runs on {device}")
     use_graph = device.type == "cuda" if cuda_graph is None else bool(cuda_graph)
@@ -206,7 +209,8 @@ def pbe(model: nn.Module, train_data: Any = None, clean_data: Any = None, *,
             if bar is not None:
                 bar.close()
     report.engine = dict(name="fast", device=str(device), backend=FP.backend_for(plan.images),
-                         cuda_graph=use_graph, graphs_captured=engine.tuner.graphs.captured + engine.attack.graphs.captured,
+                         cuda_graph=use_graph,
+                         graphs_captured=engine.tuner.graphs.captured + engine.attack.graphs.captured,
                          channels_last=channels_last, tf32=tf32 and device.type == "cuda", precision=precision)
     return PBEResult(engine.model, report)
 

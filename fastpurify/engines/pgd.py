@@ -106,9 +106,10 @@ class PGDAttack:
                     if size == 1:
                         raise
                     size = max(1, size // 2)
-                    self._buffers.clear()
+                    self._buffers.clear()  # and the graphs that read them
+                    self.graphs = GraphCache(self.graphs.enabled, self.graphs.after)
                     torch.cuda.empty_cache()
-                    warnings.warn(f"PGD ran out of GPU memory; attacking {size} images at a time", RuntimeWarning,
+                    warnings.warn(f"PGD ran out of GPU memory; attacking {size} image(s) at a time", RuntimeWarning,
                                   stacklevel=2)
                     continue
                 if bar is not None:

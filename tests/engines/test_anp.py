@@ -15,11 +15,6 @@ from fastpurify.models import build_model, small_cnn
 from fastpurify.reference import anp as reference_anp
 
 
-@pytest.fixture(autouse=True)
-def _torch_backend(monkeypatch):
-    """The PyTorch path unless a test asks for the kernels (interpreted kernels are slow)."""
-    monkeypatch.setenv("FASTPURIFY_BACKEND", "torch")
-
 
 def clean_set(n=40, channels=3, size=16, seed=0, dtype=torch.float64):
     g = torch.Generator().manual_seed(seed)

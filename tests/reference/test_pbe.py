@@ -11,6 +11,7 @@ from fastpurify.inference import predict_logits
 from fastpurify.models import small_cnn
 from fastpurify.ranking import average_precision, cosine_scores, rank_descending
 from fastpurify.reference import pbe, pgd
+from tests.stubs import Refuses
 
 
 def _model():
@@ -73,18 +74,9 @@ def test_training_set_rounds_follow_the_schedule_and_the_ranking():
     for r in result.rounds:
         assert r.poisoned == int(flags[r.indices].sum()) and r.poisoned_fraction == r.poisoned / r.indices.numel()
         assert r.average_precision == average_precision(r.ranking, ~flags)
-    _, again = pbe(model, train_data=(x, y), poison_indices=flags, adv_epochs=1, clean_epochs=1, pgd_steps=2, batch_size=32,
-                lr=0.01, seed=5, progress=False)
+    _, again = pbe(model, train_data=(x, y), poison_indices=flags, adv_epochs=1, clean_epochs=1, pgd_steps=2,
+                   batch_size=32, lr=0.01, seed=5, progress=False)
     assert torch.equal(again.ranking, result.ranking), "seeded, and poison flags work like indices"
-
-
-class Refuses(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc = nn.Linear(16, 2)
-
-    def forward(self, x):
-        raise AssertionError("no forward may run")
 
 
 @pytest.mark.parametrize("kwargs, message", [

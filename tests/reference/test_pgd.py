@@ -111,3 +111,15 @@ def test_bad_settings(kwargs, message):
     model, x, y = _setup()
     with pytest.raises(InputError, match=message):
         pgd(model, x, y, **kwargs)
+
+
+@pytest.mark.parametrize("norm, eps, alpha", [("linf", 8 / 255, 2 / 255), ("l2", 0.5, 0.1)])
+def test_chunks_do_not_change_the_result(norm, eps, alpha):
+    """One random-start draw for all images, then eval-mode attacks chunk by chunk."""
+    model, x, y = _setup(torch.float64)
+    whole = pgd(model, x, y, eps=eps, alpha=alpha, steps=4, norm=norm, seed=3)
+    for batch_size in (1, 5):
+        chunked = pgd(model, x, y, eps=eps, alpha=alpha, steps=4, norm=norm, seed=3, batch_size=batch_size)
+        torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-6)
+    with pytest.raises(InputError, match="batch_size must be a positive integer"):
+        pgd(model, x, y, batch_size=0)

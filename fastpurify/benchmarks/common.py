@@ -1,0 +1,254 @@
+"""What every benchmark runner shares: the record of one variant's timing, the environment stored
+beside it, the timing loop (device-synchronised blocks after a warm-up), the ratios, the text
+table and the default result path.
+
+A runner builds each variant as a no-argument ``step`` and hands the names and a builder to
+:func:`run_variants`; every variant runs in the same process on the same device and data.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import os
+import platform
+import re
+import statistics
+import subprocess
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from ..data import synthetic_dataset
+from ..models import build_model
+from ..validation import InputError
+
+REFERENCE, COMPILED = "reference", "reference-compile"
+RESULTS_DIR = Path("bench/results")
+
+
+@dataclass
+class Timing:
+    """One variant: milliseconds per step (median, min, max over the timed blocks), steps or
+    items per second (``items`` per step: images of a batch, 1 for an iteration), peak device
+    memory, and the speed-ups over the reference and over the reference under torch.compile."""
+
+    name: str
+    median_ms: float
+    min_ms: float
+    max_ms: float
+    per_second: float
+    unit: str = "iterations"
+    peak_memory_mb: float | None = None
+    block_ms: list[float] = field(default_factory=list)
+    ratio_vs_reference: float | None = None
+    ratio_vs_compile: float | None = None
+    note: str = ""
+
+    def as_dict(self) -> dict:
+        """JSON-ready; the rate is stored as ``<unit>_per_second``."""
+        d = asdict(self)
+        d[f"{d.pop('unit')}_per_second"] = d.pop("per_second")
+        return d
+
+
+def environment(device: torch.device) -> dict:
+    """Device, driver and library versions, the TF32 defaults, and the date: stored with every result."""
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    env = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "torch": torch.__version__,
+           "triton": triton_version, "python": platform.python_version(), "device_type": device.type}
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        env.update(device=props.name, cuda=torch.version.cuda, memory_gb=round(props.total_memory / 2 ** 30, 1),
+                   driver=_driver_version(), tf32_defaults={"cudnn": torch.backends.cudnn.allow_tf32,
+                                                            "matmul": torch.backends.cuda.matmul.allow_tf32})
+    else:
+        env.update(device=platform.processor() or platform.machine(), threads=torch.get_num_threads())
+    return env
+
+
+def _driver_version() -> str | None:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20)
+        return out.stdout.strip().splitlines()[0] if out.returncode == 0 else None
+    except (OSError, IndexError, subprocess.SubprocessError):
+        return None
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def synchronized(call: Callable[[], object], device: torch.device) -> Callable[[], object]:
+    """``call`` followed by a synchronisation of ``device`` (a timed call then includes its GPU work)."""
+    def run() -> object:
+        out = call()
+        sync(device)
+        return out
+    return run
+
+
+def reset_memory(device: torch.device) -> None:
+    """Free cached blocks and restart the peak-memory counter (CUDA), before a variant is built."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_mb(device: torch.device) -> float | None:
+    return round(torch.cuda.max_memory_allocated(device) / 2 ** 20, 1) if device.type == "cuda" else None
+
+
+def timed(fn: Callable[[], object], device: torch.device) -> tuple[object, float]:
+    """``fn()`` and its wall time in seconds, with a device synchronisation before and after."""
+    sync(device)
+    start = time.perf_counter()
+    out = fn()
+    sync(device)
+    return out, time.perf_counter() - start
+
+
+def time_variant(name: str, step: Callable[[], object], device: torch.device, *, warmup: int, iterations: int,
+                 repeats: int, items: int = 1, unit: str = "iterations", note: str = "") -> Timing:
+    """``warmup`` untimed steps (compilation, graph capture, autotuning), then ``repeats`` blocks
+    of ``iterations`` steps, each block between two device synchronisations."""
+    for _ in range(warmup):
+        step()
+    sync(device)
+    blocks = []
+    for _ in range(repeats):
+        _, seconds = timed(lambda: [step() for _ in range(iterations)], device)
+        blocks.append(seconds / iterations * 1000)
+    med = statistics.median(blocks)
+    return Timing(name, round(med, 4), round(min(blocks), 4), round(max(blocks), 4),
+                  round(items * 1000 / med, 3), unit, peak_memory_mb(device), [round(b, 4) for b in blocks],
+                  note=note)
+
+
+def choose_variants(variants: Sequence[str] | None, known: Sequence[str], device: torch.device, *,
+                    cuda_only: Iterable[str] = (), cpu_default_skip: Iterable[str] = ()) -> tuple[str, ...]:
+    """The variants asked for (checked), or by default every known one that applies to the device:
+    ``cuda_only`` never run on CPU; ``cpu_default_skip`` only when named on CPU."""
+    cuda_only, skip = set(cuda_only), set(cpu_default_skip) | set(cuda_only)
+    if variants is None:
+        return tuple(v for v in known if device.type == "cuda" or v not in skip)
+    unknown = [v for v in variants if v not in known]
+    if unknown:
+        raise InputError(f"unknown benchmark variant(s) {unknown}; choose from {list(known)}")
+    if device.type != "cuda":
+        cuda_named = [v for v in variants if v in cuda_only]
+        if cuda_named:
+            raise InputError(f"variant(s) {cuda_named} need a CUDA device; this run is on {device}")
+    return tuple(variants)
+
+
+def compile_model(model: nn.Module) -> nn.Module:
+    """``torch.compile(model)`` with room for every shape and mode the benchmark sends through it
+    (else dynamo would silently fall back to eager after its default recompile limit)."""
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, max(256, getattr(torch._dynamo.config, name)))
+    return torch.compile(model)
+
+
+def synthetic_subject(arch: str, num_images: int, device: torch.device, *, num_classes: int = 10, channels: int = 3,
+                      image_size: int = 32, seed: int = 0) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """A freshly initialised model (on the CPU; each variant copies it) and synthetic images and
+    labels on ``device``: the speed of a benchmark does not depend on the weights or pixels."""
+    torch.manual_seed(seed)
+    model = build_model(arch, num_classes=num_classes, in_channels=channels)
+    images, labels = synthetic_dataset(n=num_images, num_classes=num_classes, channels=channels, size=image_size,
+                                       seed=seed)
+    return model, images.to(device), labels.to(device)
+
+
+def run_variants(names: Sequence[str], measure: Callable[[str], Timing], device: torch.device, *,
+                 progress: Callable[[str], None] | None = print,
+                 optional: Iterable[str] = (COMPILED,)) -> tuple[list[Timing], list[dict]]:
+    """``measure(name)`` for each variant in turn, peak memory counted per variant. A variant in
+    ``optional`` that fails (torch.compile without a working compiler, say) is skipped and
+    recorded with the error instead of ending the run."""
+    timings, skipped = [], []
+    for name in names:
+        reset_memory(device)
+        if progress:
+            progress(f"  {name} ...")
+        try:
+            timings.append(measure(name))
+        except Exception as err:  # noqa: BLE001 - only for the optional variants, re-raised otherwise
+            if name not in optional:
+                raise
+            skipped.append({"name": name, "reason": f"{type(err).__name__}: {str(err)[:300]}"})
+            if progress:
+                progress(f"    skipped: {skipped[-1]['reason']}")
+    add_ratios(timings)
+    return timings, skipped
+
+
+def add_ratios(timings: list[Timing]) -> None:
+    """Speed-ups (median time of the baseline / median time of the variant)."""
+    by_name = {t.name: t for t in timings}
+    for t in timings:
+        if REFERENCE in by_name:
+            t.ratio_vs_reference = round(by_name[REFERENCE].median_ms / t.median_ms, 3)
+        if COMPILED in by_name:
+            t.ratio_vs_compile = round(by_name[COMPILED].median_ms / t.median_ms, 3)
+
+
+def table(rows: Sequence[dict], *, rate_key: str, time_header: str = "ms/it", rate_header: str = "it/s",
+          scale: float = 1.0) -> list[str]:
+    """Lines of a text table of variant dicts (:meth:`Timing.as_dict`): the median, min and max
+    time (times ``scale``), the rate, the ratios and the peak memory."""
+    def cell(x, fmt):
+        return format("-", fmt.split(".")[0]) if x is None else format(x, fmt)
+
+    lines = [f"{'variant':<18} {time_header:>9} {'min':>9} {'max':>9} {rate_header:>9} {'x ref':>7} "
+             f"{'x compile':>9} {'peak MB':>9}  note"]
+    for v in rows:
+        lines.append(f"{v['name']:<18} {v['median_ms'] * scale:>9.2f} {v['min_ms'] * scale:>9.2f} "
+                     f"{v['max_ms'] * scale:>9.2f} {v[rate_key]:>9.2f} {cell(v['ratio_vs_reference'], '>7.2f')} "
+                     f"{cell(v['ratio_vs_compile'], '>9.2f')} {cell(v['peak_memory_mb'], '>9.1f')}  {v['note']}")
+    return lines
+
+
+def skipped_lines(result: dict) -> list[str]:
+    return [f"{s['name']:<18} skipped: {s['reason']}" for s in result.get("skipped", [])]
+
+
+def device_slug(env: dict) -> str:
+    """The device part of a result's file name: the GPU's name, or ``cpu-<N>threads``."""
+    text = env["device"] if env.get("device_type") == "cuda" else f"cpu-{env.get('threads', 1)}threads"
+    return re.sub(r"[^a-z0-9]+", "-", str(text).lower()).strip("-") or "device"
+
+
+def result_path(what: str, env: dict, directory: Path = RESULTS_DIR) -> Path:
+    """``bench/results/<what>-<device>-<date>.json``."""
+    return directory / f"{what}-{device_slug(env)}-{env['date'][:10]}.json"
+
+
+@contextlib.contextmanager
+def cpu_smoke(threads: int = 1) -> Iterator[None]:
+    """For the CPU smoke runs of the benchmark suites: fastpurify's PyTorch path (the tests'
+    ``TRITON_INTERPRET=1`` would time the Triton interpreter instead) on ``threads`` threads (on a
+    shared 2-core machine a second spinning thread can cost 100x); both restored afterwards."""
+    saved_backend, saved_threads = os.environ.get("FASTPURIFY_BACKEND"), torch.get_num_threads()
+    os.environ["FASTPURIFY_BACKEND"] = "torch"
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved_threads)
+        if saved_backend is None:
+            os.environ.pop("FASTPURIFY_BACKEND", None)
+        else:
+            os.environ["FASTPURIFY_BACKEND"] = saved_backend

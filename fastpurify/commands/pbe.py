@@ -1,0 +1,361 @@
+"""``fastpurify pbe``: purify a checkpoint with Progressive Backdoor Erasing, evaluate, write everything.
+
+    fastpurify pbe --model runs/demo/model.safetensors --clean-images 100 --out runs/pbe   # clean extra set
+    fastpurify pbe --model runs/demo/model.safetensors --out runs/pbe                      # progressive
+
+Two settings (the PBE paper's):
+
+- ``--clean-images N``: the defender holds a clean extra set, the first N images of the data's
+  test split (or file); one round of PBE on it; the rest of the test split evaluates.
+- otherwise, the progressive setting on the (possibly poisoned) training set: rounds on growing
+  extra sets of the training images that look cleanest (``--schedule``); the whole test split
+  evaluates. The training set is ``--train-data FILE`` (images, labels and optionally
+  ``poison_indices`` or ``poisoned`` flags), or the data source's training split, poisoned again
+  as ``fastpurify train`` poisoned it (the checkpoint records its data, poison rate and seed;
+  ``--poison-rate`` overrides). Knowing which images were poisoned (ground truth, for evaluation
+  only) adds each extra set's poisoned share and each ranking's average precision.
+
+With a trigger (``--attack``, or the one recorded in a fastpurify checkpoint) the ASR is
+reported before and after each round. Outputs in ``--out``: ``purified_model.safetensors``,
+``report.json``, ``ranking.txt`` (progressive: the final clean-first ranking) and the figures
+``pbe_rounds.png`` (ACC / ASR per round) and ``precision_recall.png`` (progressive, with ground
+truth).
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..validation import InputError, check_fraction, check_positive, check_positive_int
+from .options import (add_augment_options, add_engine_and_output_options, add_model_options,
+                      add_trigger_options, plotting_enabled)
+
+POISON_KEYS = ("poison_indices", "poisoned")
+DEFAULT_EPS = "6/255"
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("pbe", help="Progressive Backdoor Erasing of a checkpoint (fast engine or reference)",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_options(p)
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default=None, help="digits | synthetic | cifar10[:DIR] | DIR | FILE.npz/.pt/.safetensors "
+                   "with images and labels (a test split only) (default: the checkpoint's training data, else digits)")
+    g.add_argument("--size", type=int, default=None, help="image size for digits/synthetic (default: the model's)")
+    g.add_argument("--clean-images", type=int, default=None,
+                   help="the clean-extra-set setting: the first N images of the test split (or file) are the "
+                        "defender's clean extra set, the rest evaluate (default: the progressive setting)")
+    g.add_argument("--train-data", default=None,
+                   help="progressive setting: the training set as FILE.npz/.pt/.safetensors with images, labels "
+                        "and optionally poison_indices (or boolean poisoned) (default: the data's training split)")
+    g.add_argument("--poison-rate", type=float, default=None,
+                   help="progressive setting: poison the data's training split with the trigger at this rate "
+                        "(default: the rate the checkpoint records; 0: use it unpoisoned)")
+    add_trigger_options(g)
+    g = p.add_argument_group("PBE (defaults: the paper's)")
+    g.add_argument("--eps", default=DEFAULT_EPS, help="L-inf PGD bound in pixel units, a number or a fraction "
+                   "such as 8/255 (default: %(default)s)")
+    g.add_argument("--alpha", default=None, help="PGD step, a number or a fraction (default: eps / 5)")
+    g.add_argument("--pgd-steps", type=int, default=7)
+    g.add_argument("--random-start", action="store_true", help="start PGD at a random point of the eps-ball")
+    g.add_argument("--regenerate", choices=["round", "batch"], default="round",
+                   help="PGD examples once per round (the paper) or every batch (the authors' code)")
+    g.add_argument("--adv-epochs", type=int, default=3, help="epochs on PGD examples per round")
+    g.add_argument("--clean-epochs", type=int, default=17, help="epochs on the extra set itself per round")
+    g.add_argument("--lr", type=float, default=1e-3)
+    g.add_argument("--momentum", type=float, default=0.9)
+    g.add_argument("--weight-decay", type=float, default=5e-4)
+    g.add_argument("--batch-size", type=int, default=128)
+    add_augment_options(g)
+    g.add_argument("--schedule", default="0.05,0.2,0.5,0.7",
+                   help="progressive setting: the extra set's fraction of the training set per round, the first "
+                        "drawn at random (default: %(default)s)")
+    g.add_argument("--seed", type=int, default=0)
+    add_engine_and_output_options(p, out="runs/pbe")
+    return p
+
+
+def parse_pixels(text: str, name: str) -> float:
+    """A pixel-unit value given as a number ("0.0235") or a fraction ("6/255")."""
+    try:
+        if "/" in text:
+            num, den = text.split("/")
+            return float(num) / float(den)
+        return float(text)
+    except (ValueError, ZeroDivisionError):
+        raise InputError(f"{name} must be a number or a fraction such as 6/255, got {text!r}") from None
+
+
+def parse_schedule(text: str) -> list[float]:
+    """``"0.05,0.2,0.5,0.7"`` -> strictly increasing fractions in (0, 1]."""
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or any(not 0 < v <= 1 for v in values) or any(b <= a for a, b in zip(values, values[1:])):
+        raise InputError(f"--schedule must be comma-separated, strictly increasing fractions in (0, 1], e.g. "
+                         f"0.05,0.2,0.5,0.7; got {text!r}")
+    return values
+
+
+def _check(args) -> dict:
+    """Check the arguments before any work; return the engines' keywords."""
+    eps = parse_pixels(args.eps, "--eps")
+    alpha = None if args.alpha is None else parse_pixels(args.alpha, "--alpha")
+    check_positive(eps, "--eps")
+    if alpha is not None:
+        check_positive(alpha, "--alpha")
+    check_positive(args.lr, "--lr")
+    for name in ("pgd_steps", "batch_size"):
+        check_positive_int(getattr(args, name), "--" + name.replace("_", "-"))
+    for name in ("adv_epochs", "clean_epochs", "padding"):
+        if getattr(args, name) < 0:
+            raise InputError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if args.adv_epochs + args.clean_epochs == 0:
+        raise InputError("--adv-epochs + --clean-epochs must be at least 1")
+    check_fraction(args.momentum, "--momentum", low_open=False)
+    check_fraction(args.weight_decay, "--weight-decay", low_open=False)
+    if args.clean_images is not None:
+        check_positive_int(args.clean_images, "--clean-images")
+        if args.train_data is not None or args.poison_rate is not None:
+            raise InputError("--train-data and --poison-rate are for the progressive setting; --clean-images picks "
+                             "the clean-extra-set setting: give one or the other")
+    if args.poison_rate is not None:
+        check_fraction(args.poison_rate, "--poison-rate", low_open=False)
+    return dict(eps=eps, alpha=alpha, pgd_steps=args.pgd_steps, random_start=args.random_start,
+                regenerate=args.regenerate, adv_epochs=args.adv_epochs, clean_epochs=args.clean_epochs, lr=args.lr,
+                momentum=args.momentum, weight_decay=args.weight_decay, batch_size=args.batch_size,
+                augment=not args.no_augment, padding=args.padding, flip=not args.no_flip,
+                schedule=parse_schedule(args.schedule), seed=args.seed, progress=not args.no_progress)
+
+
+@dataclass
+class PBEInputs:
+    """What one run purifies with and evaluates on."""
+
+    setting: str                      # "clean extra set" or "training set"
+    data: str                         # where the extra set / training set came from
+    extra: tuple[torch.Tensor, torch.Tensor]   # the clean extra set, or the training set
+    test: tuple[torch.Tensor, torch.Tensor]
+    poison_indices: torch.Tensor | None = None
+    note: str = ""
+
+    @property
+    def progressive(self) -> bool:
+        return self.setting == "training set"
+
+
+def _recorded_poisoning(meta: dict, data: str) -> dict:
+    """How ``fastpurify train`` poisoned the checkpoint's training set, if it recorded it for
+    this data source (``{"data", "rate", "seed"}``), else ``{}``."""
+    recorded = meta.get("poison")
+    return recorded if isinstance(recorded, dict) and recorded.get("data") == data else {}
+
+
+def _inputs(args, meta: dict, attack) -> PBEInputs:
+    """Load the data of the chosen setting: the clean extra set and the evaluation images, or
+    the training set (with its ground truth when known) and the test split."""
+    from ..data import load_source
+
+    data = args.data or (meta.get("poison") or {}).get("data") or "digits"
+    recorded = _recorded_poisoning(meta, data)
+    size = args.size or (meta.get("image_size") or [None])[0]
+    splits = load_source(data, size=size, channels=meta.get("in_channels"), seed=recorded.get("seed", args.seed))
+    images, labels = splits.test
+    if labels.numel() and int(labels.max()) >= meta["num_classes"]:
+        raise InputError(f"the data has labels up to {int(labels.max())} but the model has {meta['num_classes']} "
+                         "classes")
+    if args.clean_images is not None:
+        n = args.clean_images
+        if n >= images.shape[0]:
+            raise InputError(f"--clean-images must be below {images.shape[0]}, the images of {splits.name}'s test "
+                             f"split (the rest evaluate), got {n}")
+        return PBEInputs("clean extra set", f"the first {n} test images of {splits.name}", (images[:n], labels[:n]),
+                         (images[n:], labels[n:]))
+    if args.train_data is not None:
+        train, poisoned, note = _train_file(Path(args.train_data))
+        if train[0].shape[1:] != images.shape[1:]:
+            raise InputError(f"{args.train_data} holds {tuple(train[0].shape[1:])} images but the test split of "
+                             f"{splits.name} holds {tuple(images.shape[1:])}: give --data and --size to match")
+        return PBEInputs("training set", str(args.train_data), train, splits.test, poisoned, note)
+    if splits.train[1].numel() == 0:
+        raise InputError(f"{splits.name} has no training split: give --train-data FILE for the progressive setting, "
+                         "or --clean-images N for a clean extra set")
+    rate = args.poison_rate if args.poison_rate is not None else recorded.get("rate")
+    if not rate:
+        why = "--poison-rate 0" if rate == 0 else "the checkpoint records no poisoning of it"
+        return PBEInputs("training set", f"{splits.name}'s training split, unpoisoned", splits.train, splits.test,
+                         note=f"the training split is used as it is ({why}); pass --poison-rate R to poison it with "
+                              "the trigger as `fastpurify train` does")
+    if attack is None:
+        raise InputError("poisoning the training split needs a trigger: pass --attack, or --poison-rate 0")
+    from ..backdoor import poison
+
+    poisoned = poison(splits.train, attack, rate, seed=recorded.get("seed", args.seed))
+    return PBEInputs("training set", f"{splits.name}'s training split, poisoned at rate {rate}", poisoned.tensors,
+                     splits.test, poisoned.poison_indices)
+
+
+def _train_file(path: Path) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor | None, str]:
+    """A training set from a file, and its ground truth if it holds one."""
+    from ..data.tensor_file import load_tensor_file
+
+    train = load_tensor_file(path)
+    poisoned = _poison_key(path)
+    note = "" if poisoned is not None else (f"{path.name} holds no {' or '.join(POISON_KEYS)}: the poisoned share "
+                                           "and average precision of the rounds are not known")
+    return train, poisoned, note
+
+
+def _poison_key(path: Path) -> torch.Tensor | None:
+    """The optional ground truth of a training-set file (already read safely once by
+    :func:`load_tensor_file`), read the same safe way: indices or boolean flags, or None."""
+    suffix = path.suffix.lower()
+    if suffix == ".npz":
+        import numpy as np
+
+        with np.load(path, allow_pickle=False) as npz:
+            key = next((k for k in POISON_KEYS if k in npz.files), None)
+            return None if key is None else torch.from_numpy(npz[key])
+    if suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as fh:
+            key = next((k for k in POISON_KEYS if k in fh.keys()), None)
+            return None if key is None else fh.get_tensor(key)
+    loaded = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(loaded, dict):
+        return None
+    key = next((k for k in POISON_KEYS if k in loaded), None)
+    return None if key is None else torch.as_tensor(loaded[key])
+
+
+def run(args: argparse.Namespace) -> int:
+    from .. import __version__
+    from ..backdoor import evaluate
+    from ..checkpoint import load_model, save_model
+    from ..files import write_json
+    from .anp import _attack
+
+    settings = _check(args)
+    model, meta = load_model(args.model, args.arch, args.num_classes, args.in_channels,
+                             trust_pickle=args.trust_pickle)
+    attack = _attack(args, meta, meta["num_classes"])
+    inputs = _inputs(args, meta, attack)
+    out = Path(args.out)
+    _announce(args, meta, inputs, settings)
+    purified, report = _purify(args, model, inputs, attack, settings)
+    after = evaluate(purified, *inputs.test, attack)
+    purified = purified.cpu()
+    save_model(purified, out / "purified_model.safetensors",
+               metadata={**meta, "purified": {"defense": "pbe", "setting": inputs.setting,
+                                              "rounds": len(report.rounds), "engine": args.engine}})
+    files = ["purified_model.safetensors", "report.json"]
+    if report.ranking is not None:
+        files.append(write_ranking(out / "ranking.txt", report).name)
+    figures = _figures(args, report, out)
+    print(format_rounds(report), end="")
+    print(f"PBE: {len(report.rounds)} round(s) in {report.seconds:.1f} s on {report.engine.get('device', '?')}; "
+          f"on {inputs.test[1].numel()} test images: before {_metrics(report.before)}; after {_metrics(after)}")
+    summary = report.summary()
+    write_json(out / "report.json", {
+        "fastpurify": __version__, "command": "pbe", "model": str(args.model), "arch": meta["arch"],
+        "setting": inputs.setting, "data": inputs.data, "extra_images": int(inputs.extra[1].numel()),
+        "evaluated_images": int(inputs.test[1].numel()),
+        "poisoned_images": None if report.poisoned is None else int(report.poisoned.sum()),
+        "engine": args.engine, "engine_info": summary["engine"], "settings": summary["settings"],
+        "seconds": round(report.seconds, 3), "before": report.before, "after": after, "rounds": summary["rounds"],
+        "attack": None if attack is None else repr(attack), "figures": figures,
+        "arguments": {k: v for k, v in vars(args).items() if k != "command"}})
+    print(f"wrote {out}/" + ", ".join(files + [Path(f).name for f in figures]))
+    return 0
+
+
+def _announce(args, meta: dict, inputs: PBEInputs, settings: dict) -> None:
+    rounds = len(settings["schedule"]) if inputs.progressive else 1
+    truth = ""
+    if inputs.progressive and inputs.poison_indices is not None:
+        flags = inputs.poison_indices
+        count = int(flags.sum()) if flags.dtype == torch.bool else flags.numel()
+        truth = f" ({count} poisoned, known)"
+    print(f"{meta['arch']} from {args.model}; PBE on a {inputs.setting}: {inputs.extra[1].numel()} images of "
+          f"{inputs.data}{truth}; {inputs.test[1].numel()} test images evaluate; {args.engine} engine, {rounds} "
+          f"round(s) of {args.adv_epochs} + {args.clean_epochs} epochs, eps {args.eps}")
+    if inputs.note:
+        print(f"note: {inputs.note}")
+
+
+def _purify(args, model, inputs: PBEInputs, attack, settings: dict):
+    """Run the chosen engine on the chosen setting."""
+    from ..engines.pbe import pbe as fast_pbe
+    from ..engines.runtime import resolve_device
+    from ..reference import pbe as reference_pbe
+
+    data = dict(test_data=inputs.test, attack=attack)
+    if inputs.progressive:
+        data.update(train_data=inputs.extra, poison_indices=inputs.poison_indices)
+    else:
+        data.update(clean_data=inputs.extra)
+    if args.engine == "reference":
+        return reference_pbe(model.to(resolve_device(args.device)), **data, **settings)
+    return fast_pbe(model, **data, **settings, device=args.device, precision=args.precision,
+                    cuda_graph=False if args.no_cuda_graph else None,
+                    channels_last=False if args.no_channels_last else None, tf32=not args.no_tf32)
+
+
+def _metrics(m: dict | None) -> str:
+    if m is None:
+        return "-"
+    return f"ACC {m['acc']:.1%}" + (f", ASR {m['asr']:.1%}" if m.get("asr") is not None else "")
+
+
+def _cell(value, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def format_rounds(report) -> str:
+    """The per-round table: round 0 is the infected model, the rounds of PBE count from 1."""
+    row = "{:>5}  {:>8}  {:>9}  {:>8}  {:>6}  {:>6}  {:>6}  {:>7}\n"
+    before = report.before or {}
+    lines = [row.format("round", "fraction", "extra set", "poisoned", "AP", "ACC", "ASR", "seconds"),
+             row.format(0, "before", "-", "-", "-", _cell(before.get("acc"), ".1%"), _cell(before.get("asr"), ".1%"),
+                        "-")]
+    for r in report.rounds:
+        lines.append(row.format(r.round + 1, "clean" if r.fraction is None else format(r.fraction, ".0%"), r.size,
+                                _cell(r.poisoned_fraction, ".1%"), _cell(r.average_precision, ".3f"),
+                                _cell(r.acc, ".1%"), _cell(r.asr, ".1%"), format(r.seconds, ".1f")))
+    return "".join(lines)
+
+
+def write_ranking(path: Path, report) -> Path:
+    """The final clean-first ranking: one training image per line, index and score (and the
+    ground-truth poisoned flag when known), most likely clean first."""
+    from ..files import write_text
+
+    last = report.rounds[-1]
+    ranking, scores = last.ranking.cpu(), last.scores.cpu().double()
+    flags = None if report.poisoned is None else report.poisoned.cpu()
+    header = "# PBE's final ranking of the training images, most likely clean first; score: cosine similarity of " \
+             "the infected and the purified model's logits\n# index\tscore" + ("\tpoisoned" if flags is not None
+                                                                              else "") + "\n"
+    rows = [f"{i}\t{scores[i]:.6f}" + (f"\t{int(flags[i])}" if flags is not None else "") for i in ranking.tolist()]
+    return write_text(path, header + "\n".join(rows) + "\n")
+
+
+def _figures(args, report, out: Path) -> list[str]:
+    from ..plots import pbe_rounds, precision_recall
+
+    if not plotting_enabled(args):
+        return []
+    files = []
+    if report.before is not None:
+        files.append(pbe_rounds(report, out / "pbe_rounds.png"))
+    if report.ranking is not None and report.poisoned is not None:
+        files.append(precision_recall(report, out / "precision_recall.png"))
+    elif report.ranking is not None:
+        print("precision_recall.png skipped: which training images are poisoned is not known")
+    return [str(f) for f in files]

@@ -1,0 +1,210 @@
+"""The fast PBE engine against the reference step for step (float64: same extra sets every
+round, same parameters), its report, and its handling of bad input."""
+
+import json
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+
+import fastpurify
+from fastpurify import InputError
+from fastpurify.backdoor import BadNets
+from fastpurify.data import synthetic_dataset
+from fastpurify.models import small_cnn
+from fastpurify.reference import pbe as reference_pbe
+from tests.stubs import Refuses
+
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return small_cnn(num_classes=4, in_channels=1, width=4).double()
+
+
+@pytest.fixture(scope="module")
+def data():
+    x, y = synthetic_dataset(n=100, num_classes=4, channels=1, size=8, seed=1)
+    return x.double(), y
+
+
+SMALL = dict(adv_epochs=1, clean_epochs=1, pgd_steps=2, batch_size=16, lr=0.01, seed=5, progress=False)
+
+
+def gap(a: nn.Module, b: nn.Module) -> float:
+    return max(float((p - q).abs().max()) for p, q in zip(a.state_dict().values(), b.state_dict().values())
+               if p.is_floating_point())
+
+
+@pytest.mark.parametrize("regenerate", ["round", "batch"])
+@pytest.mark.parametrize("random_start", [False, True])
+def test_progressive_rounds_follow_the_reference_step_for_step(model, data, regenerate, random_start):
+    kw = dict(SMALL, train_data=data, poison_indices=torch.arange(0, 100, 10), regenerate=regenerate,
+              random_start=random_start)
+    ref, ref_report = reference_pbe(model, **kw)
+    fast, report = fastpurify.pbe(model, device="cpu", pgd_batch_size=7, score_batch_size=30, **kw)
+    assert len(report.rounds) == 4
+    for a, b in zip(ref_report.rounds, report.rounds):
+        assert torch.equal(a.indices, b.indices), f"round {b.round}: a different extra set"
+        assert torch.equal(a.ranking, b.ranking)
+        torch.testing.assert_close(a.scores, b.scores, rtol=0, atol=1e-9)
+        assert (a.poisoned, a.average_precision) == (b.poisoned, pytest.approx(b.average_precision))
+    assert gap(ref, fast) < 1e-6
+    assert gap(model, fast) > 1e-4, "the copy was fine-tuned"
+    assert report.engine["name"] == "fast" and ref_report.engine["name"] == "reference"
+
+
+def test_a_clean_extra_set_round_follows_the_reference(model, data):
+    clean = (data[0][:40], data[1][:40])
+    for regenerate in ("round", "batch"):
+        kw = dict(SMALL, clean_data=clean, regenerate=regenerate, random_start=True, adv_epochs=2)
+        ref, ref_report = reference_pbe(model, **kw)
+        fast, report = fastpurify.pbe(model, device="cpu", **kw)
+        assert gap(ref, fast) < 1e-6
+        assert len(report.rounds) == 1 and report.rounds[0].size == 40 and report.ranking is None
+
+
+def test_layout_and_precision_options_run_the_same_rounds(model, data):
+    """channels_last (the CUDA default) changes no result; bfloat16 autocast runs and scores."""
+    kw = dict(SMALL, train_data=data, schedule=(0.2, 0.5))
+    _, ref = reference_pbe(model, **kw)
+    _, fast = fastpurify.pbe(model, device="cpu", channels_last=True, **kw)
+    assert fast.engine["channels_last"] and all(torch.equal(a.indices, b.indices)
+                                                for a, b in zip(ref.rounds, fast.rounds))
+    net = small_cnn(num_classes=4, in_channels=1, width=4)
+    kw["train_data"] = (data[0].float(), data[1])
+    _, half = fastpurify.pbe(net, device="cpu", precision="bf16", **kw)
+    assert half.engine["precision"] == "bf16" and bool(torch.isfinite(half.rounds[-1].scores).all())
+
+
+def test_the_given_model_is_untouched(data):
+    torch.manual_seed(1)
+    net = small_cnn(num_classes=4, in_channels=1, width=4).double()
+    net.features[0].weight.requires_grad_(False)
+    net.eval()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    purified, _ = fastpurify.pbe(net, data, device="cpu", **SMALL)
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+    assert not net.training and not net.features[0].weight.requires_grad and net.features[1].weight.requires_grad
+    assert purified is not net and all(p.grad is None for p in net.parameters())
+
+
+def test_the_report_measures_each_round(data):
+    torch.manual_seed(0)
+    net = small_cnn(num_classes=4, in_channels=1, width=4)
+    x, y = (t.float() if t.is_floating_point() else t for t in data)
+    attack = BadNets(num_classes=4, target=0)
+    test = synthetic_dataset(n=40, num_classes=4, channels=1, size=8, seed=9)
+    purified, report = fastpurify.pbe(net, (x, y), test_data=test, attack=attack,
+                                      poison_indices=torch.tensor([1, 2, 3]), device="cpu", **SMALL)
+    assert set(report.before) >= {"acc", "asr"}
+    for r in report.rounds:
+        assert 0 <= r.acc <= 1 and 0 <= r.asr <= 1 and r.seconds > 0
+        assert r.poisoned == int(torch.isin(r.indices, torch.tensor([1, 2, 3])).sum())
+        assert r.poisoned_fraction == pytest.approx(r.poisoned / r.size)
+    assert report.seconds == pytest.approx(sum(r.seconds for r in report.rounds))
+    summary = json.loads(json.dumps(report.summary()))
+    assert [r["fraction"] for r in summary["rounds"]] == [0.05, 0.2, 0.5, 0.7]
+    assert summary["settings"]["alpha"] == pytest.approx(6 / 255 / 5), "alpha=None is eps / 5"
+    assert summary["engine"]["device"] == "cpu" and summary["engine"]["precision"] == "fp32"
+    assert report.rounds[-1].acc == fastpurify.backdoor.evaluate(purified, *test)["acc"]
+
+
+def test_kernels_through_the_interpreter_follow_the_reference(model, data, monkeypatch):
+    monkeypatch.setenv("FASTPURIFY_BACKEND", "triton")  # the fused PGD step and cosine, interpreted
+    kw = dict(SMALL, train_data=(data[0][:40], data[1][:40]), schedule=(0.2, 0.5), random_start=True)
+    ref, ref_report = reference_pbe(model, **kw)
+    fast, report = fastpurify.pbe(model, device="cpu", **kw)
+    assert report.engine["backend"] == "triton"
+    assert all(torch.equal(a.indices, b.indices) for a, b in zip(ref_report.rounds, report.rounds))
+    assert gap(ref, fast) < 1e-6
+
+
+BAD = [
+    (dict(eps=0), "eps .* must be a positive"),
+    (dict(eps=-1 / 255), "eps .* must be a positive"),
+    (dict(schedule=(0.5, 0.2)), "schedule must be strictly increasing"),
+    (dict(schedule=(0.2, 1.5)), r"every schedule fraction must lie in \(0, 1\]"),
+    (dict(schedule="0.2"), "non-empty sequence"),
+    (dict(regenerate="epoch"), "regenerate must be 'round'"),
+    (dict(adv_epochs=0, clean_epochs=0), "at least 1"),
+    (dict(momentum=1.0), r"momentum must lie in \[0, 1\)"),
+    (dict(batch_size=0), "batch_size must be a positive integer"),
+    (dict(attack=BadNets(num_classes=2, target=0)), "give test_data too"),
+]
+
+
+@pytest.mark.parametrize("engine", ["fast", "reference"])
+@pytest.mark.parametrize("kwargs, message", BAD)
+def test_bad_settings_fail_before_any_work(engine, kwargs, message):
+    data = (torch.rand(40, 1, 4, 4), torch.zeros(40, dtype=torch.int64))
+    run = fastpurify.pbe if engine == "fast" else reference_pbe
+    with pytest.raises(InputError, match=message):
+        run(Refuses(), train_data=data, progress=False, **kwargs)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(precision="fp16"), "precision must be one of"),
+    (dict(cuda_graph=True), "cuda_graph=True needs a CUDA device"),
+    (dict(pgd_batch_size=0), "pgd_batch_size must be a positive integer"),
+    (dict(device="cuda:0"), "CUDA is not available"),
+])
+def test_bad_engine_options(kwargs, message):
+    if torch.cuda.is_available() and "device" in kwargs:
+        pytest.skip("CUDA is available here")
+    data = (torch.rand(40, 1, 4, 4), torch.zeros(40, dtype=torch.int64))
+    with pytest.raises(InputError, match=message):
+        fastpurify.pbe(Refuses(), data, progress=False, device=kwargs.pop("device", "cpu"), **kwargs)
+
+
+def test_labels_the_model_does_not_have_are_refused(model, data):
+    x, y = data
+    with pytest.raises(InputError, match=r"clean extra set data has labels up to 6 but the model outputs 4 classes"):
+        fastpurify.pbe(model, clean_data=(x[:20], y[:20] + 3), device="cpu", progress=False)
+    with pytest.raises(InputError, match=r"training data has labels up to 6"):
+        reference_pbe(model, train_data=(x, y + 3), progress=False)
+    with pytest.raises(InputError, match=r"test labels must lie in \[0, 3\]"):
+        fastpurify.pbe(model, (x, y), test_data=(x, y + 3), device="cpu", progress=False)
+
+
+def test_alpha_above_eps_without_random_start_is_allowed_but_warned(model, data):
+    kw = dict(SMALL, clean_data=(data[0][:20], data[1][:20]), eps=2 / 255, alpha=4 / 255, device="cpu")
+    with pytest.warns(UserWarning, match="alpha=0.01569 > eps=0.007843"):
+        fastpurify.pbe(model, **kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fastpurify.pbe(model, random_start=True, **kw)
+
+
+def test_missing_data_and_bad_pixels_are_refused(model, data):
+    with pytest.raises(InputError, match="give train_data"):
+        fastpurify.pbe(model, device="cpu", progress=False)
+    with pytest.raises(InputError, match=r"pixel values in \[0, 1\]"):
+        fastpurify.pbe(model, clean_data=(data[0] * 2, data[1]), device="cpu", progress=False)
+    nan = data[0].clone()
+    nan[0, 0, 0, 0] = float("nan")
+    with pytest.raises(InputError, match="NaN"):
+        fastpurify.pbe(model, (nan, data[1]), device="cpu", progress=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("regenerate", ["round", "batch"])
+def test_cuda_graphs_follow_the_eager_engine(regenerate):
+    """On a GPU: the captured PGD loop and training step give what the eager engine gives
+    (TF32 off; cuDNN may still reorder sums, so selections are compared, parameters loosely)."""
+    from fastpurify.models import build_model
+    torch.manual_seed(0)
+    net = build_model("preact_resnet18", num_classes=10, in_channels=3).cuda()
+    x, y = synthetic_dataset(n=640, size=32, seed=0)
+    kw = dict(adv_epochs=2, clean_epochs=2, pgd_steps=3, batch_size=64, schedule=(0.2, 0.5), seed=0, progress=False,
+              regenerate=regenerate, device="cuda", tf32=False, channels_last=False, pgd_batch_size=64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a failed or mismatching capture would warn
+        graphed, g_report = fastpurify.pbe(net, (x, y), cuda_graph=True, **kw)
+    eager, e_report = fastpurify.pbe(net, (x, y), cuda_graph=False, **kw)
+    assert g_report.engine["graphs_captured"] >= 2
+    overlap = len(set(g_report.rounds[1].indices.tolist()) & set(e_report.rounds[1].indices.tolist()))
+    assert overlap >= 0.95 * g_report.rounds[1].size
+    assert gap(graphed, eager) < 1e-2
