@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastpurify", description="Fast backdoor removal for image classifiers.")
     parser.add_argument("--version", action="version", version=f"fastpurify {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="the embedded end-to-end demo on the bundled digits (CPU, about a minute)")
+    demo = sub.add_parser("demo", help="the embedded end-to-end demo on the bundled digits (CPU, a few minutes)")
     _add_train_args(demo, DEMO)
     _add_anp_args(demo, DEMO)
     _add_pbe_args(demo, DEMO)

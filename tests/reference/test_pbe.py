@@ -2,7 +2,6 @@ import copy
 
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 from fastpurify import InputError
