@@ -1,13 +1,8 @@
-import os
-
+import pytest
 import torch
 
-# Without a GPU the Triton kernels run through Triton's interpreter on CPU tensors. The flag
-# must be set before any kernel module is imported (fastpurify imports them lazily).
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
+# TRITON_INTERPRET=1 without a GPU is set in the repository's root conftest.py, before any test
+# module (tests/ or bench/) is imported.
 
 # The tests run many small tensor operations, where a second intra-op thread costs more than it
 # gives (and on a shared 2-core machine spinning threads make it far worse): use one.

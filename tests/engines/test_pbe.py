@@ -208,3 +208,41 @@ def test_cuda_graphs_follow_the_eager_engine(regenerate):
     overlap = len(set(g_report.rounds[1].indices.tolist()) & set(e_report.rounds[1].indices.tolist()))
     assert overlap >= 0.95 * g_report.rounds[1].size
     assert gap(graphed, eager) < 1e-2
+
+
+def test_graph_bookkeeping_without_a_gpu(model, data, monkeypatch):
+    """The CUDA-graph paths of the engine, with capture replaced by a recorder that runs the step
+    eagerly: the shapes that recur are captured (the training step after its first eager step,
+    with the momentum buffers in the saved state), and the results do not change."""
+    from fastpurify.engines import runtime
+    from fastpurify.engines.pbe import PBEEngine
+    from fastpurify.purification import plan_pbe
+
+    captured = []
+
+    def record(cls, step, state, check, **kw):
+        captured.append((step, len(state), len(check)))
+        return lambda: step()
+
+    monkeypatch.setattr(runtime.GraphedStep, "try_capture", classmethod(record))
+    kw = dict(poison_indices=None, test_data=None, attack=None, eps=6 / 255, alpha=None, pgd_steps=2,
+              random_start=True, adv_epochs=2, clean_epochs=1, lr=0.01, momentum=0.9, weight_decay=5e-4,
+              batch_size=16, augment=True, padding=4, flip=True, schedule=(0.5,), seed=0)
+    results = []
+    for graphs in (True, False):
+        for regenerate in ("round", "batch"):
+            plan = plan_pbe(model, (data[0][:48], data[1][:48]), None, device=torch.device("cpu"),
+                            regenerate=regenerate, **kw)
+            engine = PBEEngine(model, plan, device=torch.device("cpu"), channels_last=False, cuda_graph=graphs,
+                               precision="fp32", pgd_batch_size=8, score_batch_size=64)
+            engine.purify(plan.images, plan.labels)
+            results.append(engine.model.state_dict())
+            if graphs:
+                params = len(list(engine.model.parameters()))
+                buffers = len(list(engine.model.buffers()))
+                train = [c for c in captured if c[2] == params]
+                assert len(train) == 1 and train[0][1] == 2 * params + buffers, "params, buffers, momenta"
+                assert engine.tuner.graphs.captured == 1 and engine.attack.graphs.captured == 1
+                captured.clear()
+    for a, b in zip(results[:2], results[2:]):
+        assert max(float((a[k] - b[k]).abs().max()) for k in a if a[k].is_floating_point()) == 0.0
