@@ -66,6 +66,11 @@ class FineTuner:
         loss.backward()
         self.optimizer.step()
 
+    def keep_batches(self, sizes: set[int]) -> None:
+        """Free the buffers and graphs of batch shapes whose batch is not in ``sizes``."""
+        self.graphs.keep(lambda shape: shape[0] in sizes)
+        self._buffers = {k: v for k, v in self._buffers.items() if k[0] in sizes}
+
     def _state(self) -> list[torch.Tensor]:
         momenta = [s["momentum_buffer"] for s in self.optimizer.state.values()
                    if s.get("momentum_buffer") is not None]
@@ -111,6 +116,9 @@ class PBEEngine:
     def purify(self, images: torch.Tensor, labels: torch.Tensor, bar=None) -> None:
         """One round on the extra set: adversarial epochs, then clean epochs."""
         cfg = self.plan.cfg
+        full = {cfg["batch_size"], self.pgd_batch_size}  # the last partial batches of earlier rounds never return
+        self.tuner.keep_batches(full)
+        self.attack.keep_batches(full)
         per_round = cfg["regenerate"] == "round"
         adversarial = None
         if per_round and cfg["adv_epochs"]:

@@ -60,6 +60,12 @@ class PGDAttack:
         with eval_mode(self.model), frozen(self.model), torch.enable_grad():
             yield
 
+    def keep_batches(self, sizes: set[int]) -> None:
+        """Free the buffers and graphs of chunk shapes whose batch is not in ``sizes`` (say, an
+        earlier extra set's last partial chunk, which will not come again)."""
+        self.graphs.keep(lambda shape: shape[0] in sizes)
+        self._buffers = {k: v for k, v in self._buffers.items() if k[0][0] in sizes}
+
     def _static(self, x0: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         key = (tuple(x0.shape), x0.dtype)
         if key not in self._buffers:

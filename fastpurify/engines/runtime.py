@@ -141,6 +141,11 @@ class GraphCache:
     def captured(self) -> int:
         return sum(g is not None for g in self.graphs.values())
 
+    def keep(self, wanted: Callable[[object], bool]) -> None:
+        """Forget every key (and free its graph) for which ``wanted(key)`` is false."""
+        self.uses = {k: n for k, n in self.uses.items() if wanted(k)}
+        self.graphs = {k: g for k, g in self.graphs.items() if wanted(k)}
+
     def run(self, key, step: Callable[[], None], state: list[torch.Tensor], check: list[torch.Tensor]) -> None:
         if not self.enabled:
             step()

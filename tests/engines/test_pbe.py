@@ -234,15 +234,21 @@ def test_graph_bookkeeping_without_a_gpu(model, data, monkeypatch):
             plan = plan_pbe(model, (data[0][:48], data[1][:48]), None, device=torch.device("cpu"),
                             regenerate=regenerate, **kw)
             engine = PBEEngine(model, plan, device=torch.device("cpu"), channels_last=False, cuda_graph=graphs,
-                               precision="fp32", pgd_batch_size=8, score_batch_size=64)
+                               precision="fp32", pgd_batch_size=12, score_batch_size=64)
             engine.purify(plan.images, plan.labels)
-            results.append(engine.model.state_dict())
+            results.append({k: v.clone() for k, v in engine.model.state_dict().items()})
             if graphs:
                 params = len(list(engine.model.parameters()))
                 buffers = len(list(engine.model.buffers()))
                 train = [c for c in captured if c[2] == params]
                 assert len(train) == 1 and train[0][1] == 2 * params + buffers, "params, buffers, momenta"
                 assert engine.tuner.graphs.captured == 1 and engine.attack.graphs.captured == 1
+                assert set(engine.tuner.graphs.uses) == {(16, 1, 8, 8)}  # 48 images: 3 full batches
+                engine.purify(plan.images[:40], plan.labels[:40])  # a round whose last batch holds 8
+                assert (8, 1, 8, 8) in engine.tuner.graphs.uses and (8, 1, 8, 8) in engine.tuner._buffers
+                engine.purify(plan.images[:16], plan.labels[:16])  # the next round forgets that shape
+                assert set(engine.tuner.graphs.graphs) == {(16, 1, 8, 8)} and set(engine.tuner._buffers) == {
+                    (16, 1, 8, 8)}
                 captured.clear()
     for a, b in zip(results[:2], results[2:]):
         assert max(float((a[k] - b[k]).abs().max()) for k in a if a[k].is_floating_point()) == 0.0
