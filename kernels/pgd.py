@@ -42,6 +42,15 @@ def pgd_random_start_kernel(X, X0, U, n, eps, lo, hi, ACC: tl.constexpr, BLOCK: 
 
 
 @triton.jit
+def _l2_moved(X, X0, GRAD, base, offs, valid, scale, ACC: tl.constexpr):
+    """One block of an image: ``x0`` and the moved delta ``x + scale * grad - x0``."""
+    x = tl.load(X + base + offs, mask=valid, other=0.0).to(ACC)
+    x0 = tl.load(X0 + base + offs, mask=valid, other=0.0).to(ACC)
+    g = tl.load(GRAD + base + offs, mask=valid, other=0.0).to(ACC)
+    return x0, x + scale * g - x0
+
+
+@triton.jit
 def pgd_l2_step_kernel(X, X0, GRAD, d, alpha, eps, lo, hi, ACC: tl.constexpr, BLOCK: tl.constexpr):
     """Grid ``(N,)``; program i updates image i (``d`` contiguous pixels) in three sweeps:
     ``g_norm = ||grad_i||``; ``x' = x + alpha * grad / (g_norm + 1e-10)`` and ``d_norm = ||x' - x0||``;
@@ -56,20 +65,14 @@ def pgd_l2_step_kernel(X, X0, GRAD, d, alpha, eps, lo, hi, ACC: tl.constexpr, BL
     d_sq = tl.zeros((BLOCK,), dtype=ACC)
     for start in range(0, d, BLOCK):
         offs = start + tl.arange(0, BLOCK)
-        valid = offs < d
-        x = tl.load(X + base + offs, mask=valid, other=0.0).to(ACC)
-        x0 = tl.load(X0 + base + offs, mask=valid, other=0.0).to(ACC)
-        g = tl.load(GRAD + base + offs, mask=valid, other=0.0).to(ACC)
-        delta = x + scale * g - x0
+        _, delta = _l2_moved(X, X0, GRAD, base, offs, offs < d, scale, ACC)
         d_sq += delta * delta
     factor = tl.minimum(eps / tl.sqrt(tl.sum(d_sq, axis=0)), 1.0)
     for start in range(0, d, BLOCK):
         offs = start + tl.arange(0, BLOCK)
         valid = offs < d
-        x = tl.load(X + base + offs, mask=valid, other=0.0).to(ACC)
-        x0 = tl.load(X0 + base + offs, mask=valid, other=0.0).to(ACC)
-        g = tl.load(GRAD + base + offs, mask=valid, other=0.0).to(ACC)
-        x = tl.minimum(tl.maximum(x0 + (x + scale * g - x0) * factor, lo), hi)
+        x0, delta = _l2_moved(X, X0, GRAD, base, offs, valid, scale, ACC)
+        x = tl.minimum(tl.maximum(x0 + delta * factor, lo), hi)
         tl.store(X + base + offs, x.to(X.dtype.element_ty), mask=valid)
 
 

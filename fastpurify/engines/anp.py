@@ -35,7 +35,7 @@ from ..data import DeviceBatchSampler, as_tensors, make_generator
 from ..layers import convert
 from ..masks import ANPResult
 from ..validation import InputError, check_anp_settings, check_positive_int
-from .runtime import (GraphedStep, autocast, check_precision, resolve_device, tf32_enabled, to_memory_format,
+from .runtime import (GraphedStep, check_precision, logits_in, resolve_device, tf32_enabled, to_memory_format,
                       use_channels_last)
 
 
@@ -88,9 +88,7 @@ class ANPEngine:
 
     def _logits(self, images: torch.Tensor) -> torch.Tensor:
         """The model's logits (under autocast for bf16; the loss is always taken in float32+)."""
-        with autocast(self.device, self.precision):
-            logits = self.model(images)
-        return logits.float() if logits.dtype == torch.bfloat16 else logits
+        return logits_in(self.model, images, self.device, self.precision)
 
     def _cross_entropy(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(self._logits(images), labels)

@@ -33,7 +33,7 @@ from ..purification import (DEFAULT_SCHEDULE, PBEPlan, PBEReport, PBEResult, PBE
 from ..ranking import rank_descending
 from ..validation import InputError, check_positive_int
 from .pgd import PGDAttack
-from .runtime import (GraphCache, autocast, check_precision, resolve_device, tf32_enabled, to_memory_format,
+from .runtime import (GraphCache, check_precision, logits_in, resolve_device, tf32_enabled, to_memory_format,
                       use_channels_last)
 
 
@@ -59,9 +59,7 @@ class FineTuner:
         return self._buffers[key]
 
     def _step(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        with autocast(self.device, self.precision):
-            logits = self.model(x)
-        loss = F.cross_entropy(logits.float() if logits.dtype == torch.bfloat16 else logits, y)
+        loss = F.cross_entropy(logits_in(self.model, x, self.device, self.precision), y)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
@@ -124,9 +122,11 @@ class PBEEngine:
         if per_round and cfg["adv_epochs"]:
             adversarial = self.attack.attack(images, labels, random_start=cfg["random_start"],
                                              generator=self.generator, batch_size=self.pgd_batch_size)
+        clean = self._sampler(images, labels)  # drawing happens per epoch, so one sampler per set serves them all
+        attacked = self._sampler(adversarial, labels) if adversarial is not None else clean
         for epoch in range(cfg["adv_epochs"] + cfg["clean_epochs"]):
             in_adv = epoch < cfg["adv_epochs"]
-            for x, y in self._sampler(adversarial if in_adv and per_round else images, labels):
+            for x, y in attacked if in_adv else clean:
                 if in_adv and not per_round:
                     x = self.attack.attack(x, y, random_start=cfg["random_start"], generator=self.generator,
                                            batch_size=x.shape[0])
@@ -154,9 +154,7 @@ class PBEEngine:
         return out
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        with autocast(self.device, self.precision):
-            logits = self.model(x)
-        return logits if logits.dtype == torch.float64 else logits.float()
+        return logits_in(self.model, x, self.device, self.precision)
 
 
 def pbe(model: nn.Module, train_data: Any = None, clean_data: Any = None, *,

@@ -30,7 +30,7 @@ from .. import functional as FP
 from ..data import make_generator
 from ..inference import eval_mode, frozen, model_device
 from ..validation import InputError, check_images, check_labels, check_pgd_settings, check_positive_int
-from .runtime import GraphCache, autocast, check_precision, tf32_enabled
+from .runtime import GraphCache, check_precision, logits_in, tf32_enabled
 
 GRAPH_MIN_CHUNKS = 8  # below this many full chunks a standalone attack is not worth capturing
 
@@ -78,9 +78,7 @@ class PGDAttack:
         """``steps`` steps in place on the leaf ``adv`` (static tensors only: capturable)."""
         step = FP.pgd_step_ if self.norm == "linf" else FP.pgd_l2_step_
         for _ in range(self.steps):
-            with autocast(self.device, self.precision):
-                logits = self.model(adv)
-            loss = F.cross_entropy(logits.float() if logits.dtype == torch.bfloat16 else logits, labels)
+            loss = F.cross_entropy(logits_in(self.model, adv, self.device, self.precision), labels)
             (grad,) = torch.autograd.grad(loss, adv)
             step(adv.data, x0, grad, self.alpha, self.eps, self.lo, self.hi)
 

@@ -53,6 +53,14 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     return contextlib.nullcontext()
 
 
+def logits_in(model: nn.Module, x: torch.Tensor, device: torch.device, precision: str) -> torch.Tensor:
+    """The model's logits on ``x``, the forward pass under :func:`autocast`; bfloat16 logits come
+    back as float32, so losses and scores are never taken in bfloat16."""
+    with autocast(device, precision):
+        logits = model(x)
+    return logits.float() if logits.dtype == torch.bfloat16 else logits
+
+
 def use_channels_last(requested: bool | None, device: torch.device, sample: torch.Tensor) -> bool:
     """channels_last by default on CUDA for 4-D image batches (faster convolutions), never on CPU
     unless asked."""

@@ -52,9 +52,11 @@ def _purify(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Te
 
     per_round = cfg["regenerate"] == "round"
     adversarial = attack(images, labels) if per_round and cfg["adv_epochs"] else None
+    clean = sampler(images)  # drawing happens per epoch, so one sampler per set serves them all
+    attacked = sampler(adversarial) if adversarial is not None else clean
     for epoch in range(cfg["adv_epochs"] + cfg["clean_epochs"]):
         in_adv = epoch < cfg["adv_epochs"]
-        for x, y in sampler(adversarial if in_adv and per_round else images):
+        for x, y in attacked if in_adv else clean:
             if in_adv and not per_round:
                 x = attack(x, y)
             model.train()
