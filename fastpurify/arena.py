@@ -1,4 +1,4 @@
-"""Every ANP neuron of a converted network in one flat arena.
+"""Every ANP neuron of a converted network (BatchNorm, LayerNorm or Conv/Linear) in one flat arena.
 
 With ``P`` masked channels in total (layers in model order, channels in order), the arena holds
 
@@ -33,13 +33,9 @@ class NeuronArena:
     def __init__(self, model: nn.Module):
         self.layers = perturbed_layers(model)
         if not self.layers:
-            raise InputError("the model holds no perturbed BatchNorm layer: convert it first (fastpurify.layers.convert)")
-        for name, layer in self.layers.items():
-            if layer.weight is None or layer.bias is None:
-                raise InputError(f"layer {name!r} has no affine parameters (affine=False): ANP masks and prunes the "
-                                 "BatchNorm scale, so every masked layer needs one")
+            raise InputError("the model holds no perturbed layer: convert it first (fastpurify.layers.convert)")
         first = next(iter(self.layers.values())).weight
-        self.sizes = [layer.num_features for layer in self.layers.values()]
+        self.sizes = [layer.num_neurons for layer in self.layers.values()]
         self.num_neurons = sum(self.sizes)
         kw = dict(dtype=first.dtype, device=first.device)
         p = self.num_neurons
@@ -76,7 +72,7 @@ class NeuronArena:
             raise InputError(f"mode must be one of {MODES}, got {mode!r}")
         for i, layer in enumerate(self.layers.values()):
             layer.perturbed = mode != "clean"
-            layer.groups = 2 if mode == "grouped" else 1
+            layer.batch_groups = 2 if mode == "grouped" else 1
             if mode == "grouped":
                 layer.noise, layer.noise_bias = self._grouped_delta[i], self._grouped_xi[i]
             else:
@@ -90,16 +86,17 @@ class NeuronArena:
         self.noise[1, 0].uniform_(-eps, eps, generator=generator)
         self.noise[1, 1].uniform_(-eps, eps, generator=generator)
 
-    def gather_noise_grad(self, loss: torch.Tensor) -> torch.Tensor:
-        """d loss / d (delta, xi) of the perturbed group into ``noise_grad`` (2, P); one gather."""
+    def gather_noise_grad(self, loss: torch.Tensor, accumulate: bool = False) -> torch.Tensor:
+        """d loss / d (delta, xi) of the perturbed group into ``noise_grad`` (2, P), or added to
+        it with ``accumulate`` (micro-batches); one gather."""
         grads = torch.autograd.grad(loss, self._delta_views + self._xi_views, materialize_grads=True)
-        torch.cat(grads, out=self.noise_grad.view(-1))
+        _gather(grads, self.noise_grad.view(-1), accumulate)
         return self.noise_grad
 
-    def gather_mask_grad(self, loss: torch.Tensor) -> torch.Tensor:
-        """d loss / d m into ``mask_grad`` (P,); one gather."""
+    def gather_mask_grad(self, loss: torch.Tensor, accumulate: bool = False) -> torch.Tensor:
+        """d loss / d m into ``mask_grad`` (P,), or added to it with ``accumulate``; one gather."""
         grads = torch.autograd.grad(loss, self._mask_views, materialize_grads=True)
-        torch.cat(grads, out=self.mask_grad)
+        _gather(grads, self.mask_grad, accumulate)
         return self.mask_grad
 
     def masks(self) -> dict[str, torch.Tensor]:
@@ -107,3 +104,10 @@ class NeuronArena:
         flat = self.mask.detach().cpu()
         flat = flat if flat.dtype == torch.float64 else flat.float()
         return dict(zip(self.layers, (part.clone() for part in flat.split(self.sizes))))
+
+
+def _gather(grads: tuple[torch.Tensor, ...], out: torch.Tensor, accumulate: bool) -> None:
+    if accumulate:
+        out.add_(torch.cat(grads))
+    else:
+        torch.cat(grads, out=out)

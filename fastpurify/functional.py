@@ -188,6 +188,148 @@ class _PerturbedBatchNorm(torch.autograd.Function):
 
 
 # ---------------------------------------------------------------------------------------------
+# Masked-and-perturbed LayerNorm
+# ---------------------------------------------------------------------------------------------
+def perturbed_layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                         mask: torch.Tensor, noise: torch.Tensor | None = None,
+                         noise_bias: torch.Tensor | None = None, eps: float = 1e-5, groups: int = 1,
+                         channel_dim: int = -1) -> torch.Tensor:
+    """LayerNorm over the feature axis ``channel_dim`` whose scale is ``weight * (mask + noise[g])``
+    and shift ``bias * (1 + noise_bias[g])``.
+
+    ``channel_dim``: -1 for ``nn.LayerNorm((C,))`` on (N, ..., C) (ViT tokens, Swin's NHWC), or 1
+    for the LayerNorm2d of ConvNeXt-style models on NCHW (contiguous or channels_last). Statistics
+    are per position, over the C features (biased variance); there are no running statistics.
+    The batch (dim 0) is ``groups`` equal contiguous chunks, chunk g perturbed by row g of
+    ``noise``/``noise_bias`` ((groups, C), (C,) for one group, or None). ``weight``/``bias`` None
+    mean ones/zeros. Gradients flow to x, mask, noise, noise_bias, and to weight/bias when they
+    require grad. Statistics and reductions in float32 (float64 for float64); y in x's dtype and layout.
+    """
+    axis = _check_layer_norm(x, channel_dim)
+    weight, bias, noise, noise_bias = _check_norm_params(x, x.shape[axis], weight, bias, mask, noise, noise_bias,
+                                                         groups, eps)
+    if backend_for(x) == "triton":
+        return _PerturbedLayerNorm.apply(x, weight, bias, mask, noise, noise_bias, eps, groups, axis)
+    return _perturbed_layer_norm_torch(x, weight, bias, mask, noise, noise_bias, eps, groups, axis)
+
+
+def _check_layer_norm(x, channel_dim) -> int:
+    if not isinstance(x, torch.Tensor) or x.dim() < 2:
+        raise InputError(f"x must be a tensor (N, ..., C) or (N, C, *spatial), got shape "
+                         f"{tuple(getattr(x, 'shape', ()))}")
+    _check_float("x", x)
+    if channel_dim not in (1, -1, x.dim() - 1):
+        raise InputError(f"channel_dim must be -1 (the last axis, nn.LayerNorm) or 1 (the channels of NCHW, "
+                         f"LayerNorm2d), got {channel_dim!r}")
+    return 1 if channel_dim == 1 and x.dim() > 2 else -1
+
+
+def _check_norm_params(x, c, weight, bias, mask, noise, noise_bias, groups, eps):
+    n = x.shape[0]
+    _check_same_device(x=x, weight=weight, bias=bias, mask=mask, noise=noise, noise_bias=noise_bias)
+    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1 or n % groups:
+        raise InputError(f"groups must be a positive integer dividing the batch size {n}, got {groups!r}")
+    check_positive(eps, "eps")
+    for name, t in (("weight", weight), ("bias", bias), ("mask", mask)):
+        if t is not None:
+            _check_float(name, t)
+            if tuple(t.shape) != (c,):
+                raise InputError(f"{name} must have shape ({c},) for {c} features, got {tuple(t.shape)}")
+    return weight, bias, _per_group(noise, "noise", groups, c), _per_group(noise_bias, "noise_bias", groups, c)
+
+
+def _perturbed_layer_norm_torch(x, weight, bias, mask, noise, noise_bias, eps, groups, axis):
+    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    c = x.shape[axis]
+    scale = mask.expand(groups, c) if noise is None else mask + noise
+    if weight is not None:
+        scale = weight * scale
+    shift = None if bias is None else (bias.expand(groups, c) if noise_bias is None else bias * (1 + noise_bias))
+    moved = x.movedim(axis, -1).to(compute)
+    xhat = F.layer_norm(moved, (c,), eps=eps)
+    lead = (groups,) + (1,) * (moved.dim() - 1) + (c,)
+    y = xhat.reshape(groups, -1, *moved.shape[1:]) * scale.to(compute).view(lead)
+    if shift is not None:
+        y = y + shift.to(compute).view(lead)
+    y = y.reshape(moved.shape).movedim(-1, axis)
+    return y.to(x.dtype) if y.stride() == x.stride() else torch.empty_like(x).copy_(y)  # x's layout
+
+
+def _nfs(t: torch.Tensor, axis: int) -> torch.Tensor:
+    """A (N, C, S) view of ``t`` with C the feature axis: (N, ..., C) as (N, C, T) by strides,
+    NC... as (N, C, HW); copies only when the positions cannot be merged."""
+    n, c = t.shape[0], t.shape[axis]
+    if axis == 1:
+        return _ncs(t)
+    try:
+        tokens = t.view(n, -1, c)
+    except RuntimeError:
+        tokens = t.contiguous().view(n, -1, c)
+    return tokens.transpose(1, 2)
+
+
+class _PerturbedLayerNorm(torch.autograd.Function):
+    """The Triton path: one fused forward kernel and one fused backward kernel."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, mask, noise, noise_bias, eps, groups, axis):
+        from .kernels.layer_norm import ln_forward
+
+        x3 = _nfs(x, axis)
+        y = torch.empty_like(x)  # x's layout, returned itself (the caller may modify it in place)
+        y3 = _nfs(y, axis)
+        stat_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        mean = torch.empty(x3.shape[0] * x3.shape[2], dtype=stat_dtype, device=x.device)
+        rstd = torch.empty_like(mean)
+        ln_forward(x3, y3, weight, bias, mask, noise, noise_bias, mean, rstd, groups=groups, eps=eps)
+        ctx.save_for_backward(x3, weight, bias, mask, noise, noise_bias, mean, rstd)
+        ctx.groups, ctx.axis, ctx.shape = groups, axis, x.shape
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        from .kernels.layer_norm import ln_backward
+
+        x3, weight, bias, mask, noise, noise_bias, mean, rstd = ctx.saved_tensors
+        need_x, need_w, need_b, need_m, need_n, need_nb = ctx.needs_input_grad[:6]
+        dy3 = _nfs(dy, ctx.axis)
+        dx = torch.empty_strided(x3.shape, x3.stride(), dtype=x3.dtype, device=x3.device) if need_x else None
+        sum_a, sum_b = ln_backward(x3, dy3, dx, weight, mask, noise, mean, rstd, groups=ctx.groups)
+        grads = _norm_param_grads(sum_a, sum_b, weight, bias, mask, noise, noise_bias,
+                                  (need_w, need_b, need_m, need_n, need_nb))
+        if dx is not None:
+            dx = _from_nfs(dx, ctx.shape, ctx.axis)
+        return (dx, *grads, None, None, None)
+
+
+def _from_nfs(t3: torch.Tensor, shape: torch.Size, axis: int) -> torch.Tensor:
+    """Undo :func:`_nfs` on a tensor laid out like the original input."""
+    if axis == 1:
+        return t3.view(shape)
+    return t3.transpose(1, 2).reshape(shape)
+
+
+def _norm_param_grads(sum_a, sum_b, weight, bias, mask, noise, noise_bias, needs):
+    """Parameter gradients from the per-group feature sums A = sum(dy * xhat), B = sum(dy) (G, C)."""
+    need_w, need_b, need_m, need_n, need_nb = needs
+    scale = mask if noise is None else mask + noise  # (C,) or (G, C)
+    w = weight if weight is not None else torch.ones_like(mask)
+    out = [None] * 5
+    if need_w:
+        out[0] = (scale * sum_a).sum(0).to(weight.dtype)
+    if need_b:
+        shift = 1 + noise_bias if noise_bias is not None else torch.ones_like(sum_b)
+        out[1] = (shift * sum_b).sum(0).to(bias.dtype)
+    if need_m:
+        out[2] = (w * sum_a.sum(0)).to(mask.dtype)
+    if need_n:
+        out[3] = (w * sum_a).to(noise.dtype)
+    if need_nb:
+        out[4] = ((bias if bias is not None else torch.zeros_like(mask)) * sum_b).to(noise_bias.dtype)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
 # Flat-buffer updates (ANP)
 # ---------------------------------------------------------------------------------------------
 def _check_flat_pair(a: torch.Tensor, b: torch.Tensor, names: tuple[str, str]) -> None:
@@ -336,3 +478,43 @@ def logits_cosine(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-8) -> torch.
     a, b = a.to(out_dtype), b.to(out_dtype)
     norms = a.norm(dim=1) * b.norm(dim=1)
     return (a * b).sum(1) / norms.clamp_min(eps)
+
+
+# ---------------------------------------------------------------------------------------------
+# Masked-and-perturbed Conv/Linear outputs (the paper's Eq. 3)
+# ---------------------------------------------------------------------------------------------
+def perturbed_channel_affine(y: torch.Tensor, bias: torch.Tensor | None, mask: torch.Tensor,
+                             noise: torch.Tensor | None = None, noise_bias: torch.Tensor | None = None,
+                             groups: int = 1, channel_dim: int = 1) -> torch.Tensor:
+    """The output of a Conv/Linear layer whose output channel k has weight ``W_k * (m_k + delta_k)``
+    and bias ``b_k * (1 + xi_k)``, from its bias-free output ``y = W * x``: since the layer is
+    linear in ``W_k``, ``y_k * (m_k + delta_k[g]) + b_k * (1 + xi_k[g])``.
+
+    ``channel_dim``: 1 (convolutions, NC...) or -1 (Linear, ...C). The batch (dim 0) is
+    ``groups`` equal contiguous chunks, chunk g perturbed by row g of ``noise``/``noise_bias``
+    ((groups, C), (C,) for one group, or None). Plain PyTorch ops: the convolution or matmul
+    dominates, and autograd fuses nothing worth a kernel here."""
+    if not isinstance(y, torch.Tensor) or y.dim() < 2:
+        raise InputError(f"y must be a layer output (N, C, ...) or (N, ..., C), got shape "
+                         f"{tuple(getattr(y, 'shape', ()))}")
+    _check_float("y", y)
+    if channel_dim not in (1, -1):
+        raise InputError(f"channel_dim must be 1 (convolutions) or -1 (Linear), got {channel_dim!r}")
+    _check_same_device(y=y, bias=bias, mask=mask, noise=noise, noise_bias=noise_bias)
+    n, c = y.shape[0], y.shape[channel_dim]
+    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1 or n % groups:
+        raise InputError(f"groups must be a positive integer dividing the batch size {n}, got {groups!r}")
+    for name, t in (("bias", bias), ("mask", mask)):
+        if t is not None and tuple(t.shape) != (c,):
+            raise InputError(f"{name} must have shape ({c},) for {c} output channels, got {tuple(t.shape)}")
+    noise = _per_group(noise, "noise", groups, c)
+    noise_bias = _per_group(noise_bias, "noise_bias", groups, c)
+    scale = mask.expand(groups, c) if noise is None else mask + noise
+    shift = None if bias is None else (bias.expand(groups, c) if noise_bias is None else bias * (1 + noise_bias))
+    # (groups, C) -> broadcastable against y viewed as (groups, N / groups, ...)
+    view = (groups, 1, c) + (1,) * (y.dim() - 2) if channel_dim == 1 else (groups,) + (1,) * (y.dim() - 1) + (c,)
+    yg = y.reshape(groups, n // groups, *y.shape[1:])
+    out = yg * scale.view(view).to(y.dtype)
+    if shift is not None:
+        out = out + shift.view(view).to(y.dtype)
+    return out.reshape(y.shape)

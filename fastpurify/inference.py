@@ -18,6 +18,18 @@ def model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def anp_mode(model: nn.Module) -> nn.Module:
+    """ANP's mode: BatchNorm layers in training mode (batch statistics, as the official script's
+    ``model.train()``), every other module in eval mode, so dropout and stochastic depth (ViT,
+    Swin, ConvNeXt) do not randomise the masks' gradients. For the BatchNorm networks of the
+    official script, which have neither, this is exactly ``model.train()``."""
+    model.eval()
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.train()
+    return model
+
+
 @contextmanager
 def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     """Put every submodule in eval mode, then restore each one's own training flag."""

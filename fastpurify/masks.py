@@ -1,7 +1,9 @@
-"""ANP neuron masks: one score in [0, 1] per BatchNorm channel, and the official file format.
+"""ANP neuron masks: one score in [0, 1] per neuron, and the official file format.
 
-Masks are a ``dict`` from a BatchNorm layer's name in ``model.named_modules()`` (e.g.
-``"layer1.0.bn1"``) to a 1-D tensor with one score per channel, layers in model order.
+Masks are a ``dict`` from a masked layer's name in ``model.named_modules()`` (a BatchNorm such
+as ``"layer1.0.bn1"``, a LayerNorm such as ``"encoder.layers.encoder_layer_0.ln_1"``, or a
+Conv/Linear layer with the Eq. 3 option) to a 1-D tensor with one score per neuron (channel or
+feature), layers in model order. Each file row names the layer and the neuron's index in it.
 
 The file is the official ``mask_values.txt`` of ``optimize_mask_cifar.py``::
 
@@ -36,7 +38,7 @@ HEADER = "No \t Layer Name \t Neuron Idx \t Mask Score \n"
 def check_masks(masks: dict[str, torch.Tensor]) -> None:
     """Masks must be a non-empty dict of layer names to non-empty 1-D finite tensors."""
     if not isinstance(masks, dict) or not masks:
-        raise InputError("masks must be a non-empty dict {BatchNorm layer name: 1-D tensor of scores}")
+        raise InputError("masks must be a non-empty dict {layer name: 1-D tensor of scores}")
     for name, values in masks.items():
         if not isinstance(name, str) or not name or any(c.isspace() for c in name):
             raise InputError(f"mask layer names must be non-empty module names without spaces, got {name!r}")
@@ -164,7 +166,7 @@ def load_masks(path: str | Path) -> dict[str, torch.Tensor]:
 
 @dataclass
 class ANPResult:
-    """ANP's output (the reference and the fast engine): masks by BatchNorm layer name (model
+    """ANP's output (the reference and the fast engine): masks by layer name (model
     order), the mask loss of every iteration, the wall time, the settings, and what the engine
     did (device, precision, CUDA graph, ...)."""
 

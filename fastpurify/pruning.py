@@ -1,7 +1,9 @@
-"""Prune BatchNorm neurons by their ANP masks; shared by the reference and the fast engines.
+"""Prune neurons by their ANP masks; shared by the reference and the fast engines.
 
-Pruning a neuron sets its BatchNorm scale (gamma) to 0 and keeps its shift (beta), as the
-official ``prune_neuron_cifar.py`` does and as the paper says ("we always keep the bias").
+Pruning a neuron sets its scale to 0 and keeps its shift, as the official
+``prune_neuron_cifar.py`` does and as the paper says ("we always keep the bias"): the BatchNorm
+or LayerNorm gamma of that channel or feature, or, for a Conv/Linear neuron (Eq. 3), the
+weight row of that output channel (its bias stays).
 Neurons are ranked globally, across layers, by ascending mask (a stable sort over the masks in
 layer order, as the official script sorts the rows of ``mask_values.txt``), so every rule
 prunes a prefix of that ranking:
@@ -19,11 +21,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from .backdoor import Attack
 from .inference import predict_logits
 from .masks import check_masks
+from .neurons import layer_kind, num_neurons
 from .validation import InputError, check_fraction, check_images, check_labels
 
 # The official sweep: thresholds 0, 0.05, ..., 0.90 (--pruning-max 0.90 --pruning-step 0.05).
@@ -72,18 +74,18 @@ def _check_layers(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
     modules = dict(model.named_modules())
     for name, values in masks.items():
         layer = modules.get(name)
-        if not isinstance(layer, _BatchNorm) or layer.weight is None:
-            raise InputError(f"the masks name layer {name!r}, which is not a BatchNorm layer with a scale in this "
-                             "model; masks must come from this model's architecture")
-        if layer.weight.numel() != values.numel():
-            raise InputError(f"layer {name!r} has {layer.weight.numel()} channels but its masks hold "
+        if layer is None or layer_kind(layer) is None or getattr(layer, "weight", None) is None:
+            raise InputError(f"the masks name layer {name!r}, which is not a BatchNorm, LayerNorm, Conv or Linear "
+                             "layer with a weight in this model; masks must come from this model's architecture")
+        if num_neurons(layer) != values.numel():
+            raise InputError(f"layer {name!r} has {num_neurons(layer)} neurons but its masks hold "
                              f"{values.numel()} scores")
 
 
 def prune(model: nn.Module, masks: dict[str, torch.Tensor], *, threshold: float | None = None,
           number: int | None = None, fraction: float | None = None) -> nn.Module:
-    """A pruned copy of ``model``: gamma = 0 for the neurons the rule selects, beta and
-    everything else kept. ``model`` is not modified."""
+    """A pruned copy of ``model``: scale (gamma, or the weight row) = 0 for the neurons the rule
+    selects, the shift and everything else kept. ``model`` is not modified."""
     _check_layers(model, masks)
     selected = select_neurons(masks, threshold=threshold, number=number, fraction=fraction)
     pruned = copy.deepcopy(model)

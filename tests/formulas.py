@@ -56,3 +56,20 @@ def random_running_stats(c, seed=5):
     """Seeded running_mean and running_var (C,)."""
     g = torch.Generator().manual_seed(seed)
     return dict(running_mean=torch.randn(c, generator=g) * 0.1, running_var=torch.rand(c, generator=g) + 0.5)
+
+
+def layer_norm(x, weight, bias, mask, noise=None, noise_bias=None, eps=1e-5, groups=1, channel_dim=-1):
+    """The masked-and-perturbed LayerNorm in float64: per position over the feature axis, group g
+    scaled by weight * (mask + noise[g]) and shifted by bias * (1 + noise_bias[g])."""
+    d = lambda t: None if t is None else t.double()  # noqa: E731
+    moved = x.double().movedim(channel_dim, -1)
+    mu, var = moved.mean(-1, keepdim=True), moved.var(-1, unbiased=False, keepdim=True)
+    xhat = (moved - mu) / torch.sqrt(var + eps)
+    outs = []
+    for g, part in enumerate(xhat.chunk(groups)):
+        scale = d(mask) + (0 if noise is None else d(noise)[g])
+        if weight is not None:
+            scale = scale * d(weight)
+        shift = 0 if bias is None else d(bias) * (1 + (0 if noise_bias is None else d(noise_bias)[g]))
+        outs.append(part * scale + shift)
+    return torch.cat(outs).movedim(-1, channel_dim)

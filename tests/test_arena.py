@@ -23,9 +23,9 @@ def test_every_layer_reads_the_one_flat_arena():
     assert arena.perturbation.abs().max() <= 0.4 and arena.perturbation.is_contiguous()
     arena.set_mode("grouped")
     first = next(iter(arena.layers.values()))
-    assert first.groups == 2 and first.noise.shape == (2, sizes[0]) and torch.equal(first.noise[1], arena.noise[1, 0, :sizes[0]])
+    assert first.batch_groups == 2 and first.noise.shape == (2, sizes[0]) and torch.equal(first.noise[1], arena.noise[1, 0, :sizes[0]])
     arena.set_mode("perturbed")
-    assert first.groups == 1 and first.perturbed and first.noise_bias.shape == (sizes[0],)
+    assert first.batch_groups == 1 and first.perturbed and first.noise_bias.shape == (sizes[0],)
     arena.set_mode("clean")
     assert not first.perturbed
     with torch.no_grad():

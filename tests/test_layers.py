@@ -86,10 +86,10 @@ def test_batchnorm1d_and_two_group_forward(backend):
     clean = converted(x[:4]).detach()
     noise, noise_bias = torch.zeros(2, 5), torch.zeros(2, 5)
     noise[1], noise_bias[1] = 0.3, -0.2
-    bn.noise, bn.noise_bias, bn.groups, bn.perturbed = noise, noise_bias, 2, True
+    bn.noise, bn.noise_bias, bn.batch_groups, bn.perturbed = noise, noise_bias, 2, True
     both = converted(torch.cat([x[:4], x[:4]]))
     assert torch.allclose(both[:4], clean, atol=1e-5)  # group 0 is the clean pass
-    bn.noise, bn.noise_bias, bn.groups = noise[1:], noise_bias[1:], 1
+    bn.noise, bn.noise_bias, bn.batch_groups = noise[1:], noise_bias[1:], 1
     assert torch.allclose(both[4:], converted(x[:4]), atol=1e-5)  # group 1 is the perturbed pass
     bn.perturbed = False
     assert torch.allclose(converted(x[:4]), clean, atol=1e-5)
@@ -106,6 +106,16 @@ def test_momentum_none_is_a_cumulative_average(backend):
     assert torch.allclose(converted[0].running_var, bn.running_var, atol=1e-6)
 
 
-def test_model_without_batchnorm_is_refused():
-    with pytest.raises(InputError, match="BatchNorm1d, BatchNorm2d"):
+def test_models_with_nothing_to_mask_name_the_options():
+    with pytest.raises(InputError, match=r"no layer to mask among batchnorm, layernorm.*mask_layers=\('conv_linear',\)"
+                                         r".*--mask-layers conv_linear.*present in this model: conv_linear"):
+        convert(nn.Sequential(nn.Conv2d(3, 4, 3), nn.GroupNorm(2, 4)))
+    with pytest.raises(InputError, match=r"normalises over \(4, 2, 2\); fastpurify masks LayerNorms over one"):
         convert(nn.Sequential(nn.Conv2d(3, 4, 3), nn.LayerNorm([4, 2, 2])))
+    with pytest.raises(InputError, match="elementwise_affine=False"):
+        convert(nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4, elementwise_affine=False)))
+    with pytest.raises(InputError, match="mask_layers must name one or more of batchnorm, layernorm, conv_linear; "
+                                         "got groupnorm"):
+        convert(nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4)), mask_layers=("groupnorm",))
+    with pytest.raises(InputError, match="already converted"):
+        convert(convert(nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4))))

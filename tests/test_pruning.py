@@ -80,10 +80,20 @@ def test_bad_rules_are_refused(rule, message):
 
 def test_masks_must_fit_the_model():
     model, masks = _model_and_masks()
-    with pytest.raises(InputError, match="not a BatchNorm layer"):
-        prune(model, {"features.0": torch.rand(4)}, number=1)
-    with pytest.raises(InputError, match="has 4 channels but its masks hold 3"):
+    with pytest.raises(InputError, match="not a BatchNorm, LayerNorm, Conv or Linear layer with a weight"):
+        prune(model, {"features.2": torch.rand(4)}, number=1)
+    with pytest.raises(InputError, match="has 4 neurons but its masks hold 3"):
         prune(model, {"features.1": torch.rand(3)}, number=1)
+
+
+def test_layer_norm_and_conv_neurons_are_pruned_by_their_weight_rows():
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.Flatten(), nn.Linear(12, 5), nn.LayerNorm(5), nn.Linear(5, 2))
+    masks = {"0": torch.tensor([0.9, 0.1, 0.8]), "3": torch.tensor([0.5, 0.05, 0.7, 0.95, 0.6])}
+    pruned = prune(model, masks, number=2)
+    assert torch.equal(pruned[0].weight[1], torch.zeros_like(pruned[0].weight[1]))  # the conv's output channel 1
+    assert torch.equal(pruned[0].bias, model[0].bias)  # the bias is kept
+    assert pruned[3].weight[1] == 0 and torch.equal(pruned[3].weight[[0, 2, 3, 4]], model[3].weight[[0, 2, 3, 4]])
+    assert torch.equal(pruned[0].weight[[0, 2]], model[0].weight[[0, 2]])
 
 
 def test_sweep_matches_separate_evaluations_and_prints_the_official_table():

@@ -27,7 +27,8 @@ from collections.abc import Callable
 from ..data import DeviceBatchSampler, make_generator
 from ..engines.anp import ANPEngine
 from ..engines.anp import anp as fast_anp
-from ..engines.runtime import resolve_device, tf32_enabled, use_channels_last
+from ..engines.runtime import check_micro_batch, resolve_device, tf32_enabled, use_channels_last
+from ..neurons import DEFAULT_KINDS, check_kinds
 from ..pruning import select_neurons
 from ..reference.anp import ANPState
 from ..validation import check_positive_int
@@ -38,11 +39,12 @@ VARIANTS = ("reference", "reference-frozen", "reference-compile", "fast-separate
 ANP_KW = dict(eps=0.4, steps=1, alpha=0.2, lr=0.2, momentum=0.9, clamp_noise=True)
 
 
-def _reference_step(model, images, labels, batch_size, device, *, frozen=False, compiled=False) -> Callable:
+def _reference_step(model, images, labels, batch_size, device, *, frozen=False, compiled=False,
+                    mask_layers=DEFAULT_KINDS) -> Callable:
     model = copy.deepcopy(model).to(device)
     if frozen:
         model.requires_grad_(False)
-    state = ANPState(model, **ANP_KW)
+    state = ANPState(model, mask_layers=mask_layers, **ANP_KW)
     if compiled:
         state.model = compile_model(state.model)
     sampler = DeviceBatchSampler(images, labels, batch_size, seed=0, device=device)
@@ -50,10 +52,11 @@ def _reference_step(model, images, labels, batch_size, device, *, frozen=False, 
     return lambda: state.iteration(*sampler.sample(), noise)
 
 
-def _fast_step(model, images, labels, batch_size, device, *, grouped=True, graph=True, precision="fp32") -> Callable:
+def _fast_step(model, images, labels, batch_size, device, *, grouped=True, graph=True, precision="fp32",
+               large: dict | None = None) -> Callable:
     channels_last = use_channels_last(None, device, images)
     engine = ANPEngine(model, (batch_size, *images.shape[1:]), device=device, grouped=grouped,
-                       channels_last=channels_last, precision=precision, **ANP_KW)
+                       channels_last=channels_last, precision=precision, **(large or {}), **ANP_KW)
     sampler = DeviceBatchSampler(images, labels, batch_size, seed=0, device=device)
     noise = make_generator(1, device)
     graphed = engine.capture() if graph and device.type == "cuda" else None
@@ -64,12 +67,13 @@ def _fast_step(model, images, labels, batch_size, device, *, grouped=True, graph
     return step
 
 
-def _build(name, model, images, labels, batch_size, device) -> Callable:
+def _build(name, model, images, labels, batch_size, device, large: dict) -> Callable:
     if name.startswith("reference"):
         return _reference_step(model, images, labels, batch_size, device, frozen=name == "reference-frozen",
-                               compiled=name == "reference-compile")
+                               compiled=name == "reference-compile", mask_layers=large["mask_layers"])
     return _fast_step(model, images, labels, batch_size, device, grouped=name != "fast-separate",
-                      graph=name in ("fast", "fast-bf16"), precision="bf16" if name == "fast-bf16" else "fp32")
+                      graph=name in ("fast", "fast-bf16"), precision="bf16" if name == "fast-bf16" else "fp32",
+                      large=large)
 
 
 def pruned_set_change(model, images, labels, *, batch_size, device, iterations) -> dict:
@@ -89,21 +93,28 @@ def run_anp_benchmark(*, arch: str = "cifar_resnet18", batch_size: int = 128, nu
                       image_size: int = 32, channels: int = 3, num_classes: int = 10, device=None,
                       variants: tuple[str, ...] | None = None, warmup: int = 3, iterations: int = 10,
                       repeats: int = 5, end_to_end_iterations: int = 0, precision_check_iterations: int = 0,
+                      mask_layers=DEFAULT_KINDS, micro_batch: int | None = None, checkpoint: bool = False,
                       progress: Callable[[str], None] | None = print) -> dict:
     """Time the variants and return the result dict (JSON-ready). Defaults: the issue's setting,
     CIFAR ResNet-18 at batch 128 on 500 images (synthetic pixels: the speed does not depend on
     them). ``end_to_end_iterations``: also time one whole ``fastpurify.anp`` call of that many
-    iterations. ``precision_check_iterations``: also count the pruned neurons bf16 changes."""
+    iterations. ``precision_check_iterations``: also count the pruned neurons bf16 changes.
+    Large models: ``mask_layers`` (every variant), ``micro_batch`` and ``checkpoint`` (the fast
+    variants; e.g. ``arch="torchvision:vit_b_16", image_size=224``); each variant's peak device
+    memory is recorded on CUDA."""
     device = resolve_device(device)
     for name, value in (("batch_size", batch_size), ("num_images", num_images), ("iterations", iterations),
                         ("repeats", repeats)):
         check_positive_int(value, name)
     variants = choose_variants(variants, VARIANTS, device, cpu_default_skip=("reference-compile", "fast-bf16"))
+    mask_layers = check_kinds(mask_layers)
+    large = dict(mask_layers=mask_layers, micro_batch=check_micro_batch(micro_batch, batch_size),
+                 checkpoint=checkpoint)
     model, images, labels = synthetic_subject(arch, num_images, device, num_classes=num_classes, channels=channels,
                                               image_size=image_size)
 
     def measure(name):
-        step = _build(name, model, images, labels, batch_size, device)
+        step = _build(name, model, images, labels, batch_size, device, large)
         return time_variant(name, step, device, warmup=warmup, iterations=iterations, repeats=repeats,
                             note="CUDA graph" if getattr(step, "graphed", False) else "")
 
@@ -112,13 +123,14 @@ def run_anp_benchmark(*, arch: str = "cifar_resnet18", batch_size: int = 128, nu
     result = {"benchmark": "anp", "environment": environment(device),
               "settings": dict(arch=arch, batch_size=batch_size, num_images=num_images, image_size=image_size,
                                channels=channels, num_classes=num_classes, warmup=warmup,
+                               mask_layers=list(mask_layers), micro_batch=micro_batch, checkpoint=checkpoint,
                                iterations_per_block=iterations, repeats=repeats, tf32=device.type == "cuda", **ANP_KW),
               "variants": [t.as_dict() for t in timings], "skipped": skipped}
     if end_to_end_iterations:
         if progress:
             progress(f"  fastpurify.anp end to end, {end_to_end_iterations} iterations ...")
         run = fast_anp(model, (images, labels), iterations=end_to_end_iterations, batch_size=batch_size,
-                       device=device, progress=False)
+                       device=device, progress=False, **large)
         result["end_to_end"] = {"iterations": end_to_end_iterations, "seconds": round(run.seconds, 3),
                                 "engine": run.engine}
     if precision_check_iterations:

@@ -18,8 +18,9 @@ import sys
 from pathlib import Path
 
 from ..validation import InputError, check_fraction, check_positive_int
-from .options import (add_augment_options, add_engine_and_output_options, add_model_options,
-                      add_trigger_options, plotting_enabled)
+from .options import (add_augment_options, add_engine_and_output_options, add_large_model_options,
+                      add_model_options, add_trigger_options, micro_batch_option, peak_text, plotting_enabled,
+                      process_group)
 
 PRUNE_RULES = ("threshold", "number", "fraction", "max_drop")
 
@@ -58,6 +59,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="the table and curve: thresholds 0..0.9 (official) or numbers of neurons")
     g.add_argument("--sweep-values", default=None, help="comma-separated thresholds or numbers to sweep")
     add_engine_and_output_options(p, out="runs/anp")
+    add_large_model_options(p, masks=True)
     return p
 
 
@@ -99,7 +101,15 @@ def _check(args) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """The command; under torchrun every rank learns the masks together and rank 0 writes."""
+    micro_batch_option(args)  # a clear error before any process group or data
+    with process_group(args):
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     from .. import __version__
+    from .. import distributed as D
     from ..backdoor import evaluate
     from ..checkpoint import load_model, save_model
     from ..data import load_source
@@ -130,25 +140,34 @@ def run(args: argparse.Namespace) -> int:
                     iterations=args.iterations, batch_size=args.batch_size, clamp_noise=not args.no_clamp_noise,
                     augment=not args.no_augment, padding=args.padding, flip=not args.no_flip, seed=args.seed,
                     progress=not args.no_progress)
-    print(f"{meta['arch']} from {args.model}; {n} clean images of {splits.name} for ANP, {held_out[1].numel()} to "
-          f"evaluate; {args.engine} engine, {args.iterations} iterations")
+    main = D.is_main()
+    if main:
+        ranks = f" on {D.world_size()} processes" if D.world_size() > 1 else ""
+        print(f"{meta['arch']} from {args.model}; {n} clean images of {splits.name} for ANP, {held_out[1].numel()} "
+              f"to evaluate; {args.engine} engine, {args.iterations} iterations{ranks}")
     try:
         if args.engine == "fast":
             result = fast_anp(model, clean, device=args.device, precision=args.precision,
                               cuda_graph=False if args.no_cuda_graph else None,
                               channels_last=False if args.no_channels_last else None, tf32=not args.no_tf32,
-                              **settings)
+                              mask_layers=args.mask_layers, micro_batch=micro_batch_option(args),
+                              checkpoint=args.checkpoint, **settings)
         else:
-            result = reference_anp(model.to(resolve_device(args.device)), clean, **settings)
+            result = reference_anp(model.to(resolve_device(args.device)), clean, mask_layers=args.mask_layers,
+                                   **settings)
     except ANPDiverged as err:
-        path = err.result.save(out / f"mask_values_iteration_{err.iteration - 1}.txt")
-        print(f"fastpurify anp: error: {err}; wrote those masks to {path}", file=sys.stderr)
+        if main:
+            path = err.result.save(out / f"mask_values_iteration_{err.iteration - 1}.txt")
+            print(f"fastpurify anp: error: {err}; wrote those masks to {path}", file=sys.stderr)
         return 3
+    if not main:
+        return 0  # the masks are the same on every rank; rank 0 prunes, evaluates and writes
     model = model.cpu()
     result.save(out / "mask_values.txt")
     result.save(out / "masks.json")
     print(f"ANP: {args.iterations} iterations in {result.seconds:.1f} s "
-          f"({args.iterations / result.seconds:.1f} it/s) on {result.engine.get('device', args.device or 'cpu')}")
+          f"({args.iterations / result.seconds:.1f} it/s) on {result.engine.get('device', args.device or 'cpu')}"
+          + peak_text(result.engine))
 
     rule, value = _rule(args)
     if rule == "max_drop":
@@ -173,6 +192,8 @@ def run(args: argparse.Namespace) -> int:
               "engine": args.engine, "engine_info": result.engine, "settings": result.settings,
               "seconds": round(result.seconds, 3), "iterations_per_second": round(args.iterations / result.seconds, 2),
               "final_loss": result.loss[-1], "num_neurons": result.num_neurons,
+              "peak_memory_bytes": result.engine.get("peak_memory_bytes"),
+              "peak_memory_kind": result.engine.get("peak_memory_kind"),
               "pruning": {"rule": rule, "value": value, "pruned": k}, "before": before, "after": after,
               "attack": None if attack is None else repr(attack), "figures": figures,
               "sweep": [{"by": p.by, "value": p.value, "pruned": p.pruned, "acc": p.acc, "asr": p.asr}

@@ -7,6 +7,8 @@ torch.compile, in one process on one device and the same data; prints a table, w
     fastpurify bench pbe             # one PBE round on 2,500 images, a scoring pass, and on CUDA the
                                      # full progressive run on 50,000 images (reference vs fast)
     fastpurify bench pgd --smoke     # small CPU sizes (CI); likewise for anp and pbe
+    fastpurify bench anp --model vit_b_16 --image-size 224 --batch-size 64 --micro-batch 16
+                                     # large models: ViT-B/16 (LayerNorm neurons), ResNet-50, ...
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ DEFAULTS = {
     "pbe": dict(arch="preact_resnet18", batch_size=128, images=2500, warmup=1, iterations=1, repeats=3,
                 adv_epochs=3, clean_epochs=17, full_images=50000),
 }
+OURS = ("cifar_resnet18", "preact_resnet18", "small_cnn")
 SMOKE = {
     "anp": dict(arch="small_cnn", batch_size=32, images=64, image_size=16, warmup=1, iterations=3, repeats=3),
     "pgd": dict(arch="small_cnn", batch_size=16, images=32, image_size=16, warmup=1, iterations=2, repeats=3,
@@ -34,7 +37,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="throughput benchmarks (fastpurify vs reference vs torch.compile)",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", choices=sorted(DEFAULTS), help="what to measure")
-    p.add_argument("--arch", default=None, help="model (default: cifar_resnet18 for anp, preact_resnet18 otherwise)")
+    p.add_argument("--arch", "--model", dest="arch", default=None,
+                   help="model: ours (cifar_resnet18, preact_resnet18, small_cnn) or a torchvision classifier by name "
+                        "(resnet50, vit_b_16, swin_t, convnext_tiny; or torchvision:<name>) (default: cifar_resnet18 "
+                        "for anp, preact_resnet18 otherwise)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="ANP batch (128), PGD chunk (512), PBE training batch (128)")
     p.add_argument("--images", type=int, default=None,
@@ -56,6 +62,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--precision-check", type=int, default=None,
                    help="also count neurons bf16 moves across threshold 0.2 after N iterations (default: 200 on "
                         "CUDA, 0 on CPU)")
+    g.add_argument("--mask-layers", default="batchnorm,layernorm",
+                   help="layer kinds whose neurons are masked: batchnorm, layernorm, conv_linear (default: %(default)s)")
+    g.add_argument("--micro-batch", type=int, default=None, help="fast variants: micro-batches of N images")
+    g.add_argument("--checkpoint", action="store_true", help="fast variants: activation checkpointing")
     g = p.add_argument_group("pgd")
     g.add_argument("--steps", type=int, default=None, help="PGD steps (default: 10)")
     g.add_argument("--no-random-start", action="store_true", help="start PGD at the images")
@@ -85,6 +95,8 @@ def _settings(args: argparse.Namespace) -> dict:
                 "adv_epochs", "clean_epochs", "score_images", "full_images"):
         if getattr(args, key) is not None:
             s[key] = getattr(args, key)
+    if ":" not in s["arch"] and s["arch"] not in OURS:
+        s["arch"] = f"torchvision:{s['arch']}"  # --model resnet50 | vit_b_16 | ...
     return s
 
 
@@ -113,7 +125,8 @@ def run(args: argparse.Namespace) -> int:
             iterations=s["iterations"], **kw,
             end_to_end_iterations=args.end_to_end if args.end_to_end is not None else (2000 if full_size else 0),
             precision_check_iterations=args.precision_check if args.precision_check is not None else (
-                200 if full_size else 0))
+                200 if full_size else 0),
+            mask_layers=args.mask_layers, micro_batch=args.micro_batch, checkpoint=args.checkpoint)
     elif args.what == "pgd":
         module = pgd
         result = pgd.run_pgd_benchmark(

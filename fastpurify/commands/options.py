@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+from collections.abc import Iterator
+
+from ..validation import InputError
 
 
 def add_model_options(p: argparse.ArgumentParser) -> None:
@@ -45,6 +49,60 @@ def add_engine_and_output_options(p: argparse.ArgumentParser, out: str) -> None:
     g.add_argument("--out", default=out, help="output folder (default: %(default)s)")
     g.add_argument("--no-plot", action="store_true")
     g.add_argument("--no-progress", action="store_true")
+
+
+def add_large_model_options(p: argparse.ArgumentParser, masks: bool) -> None:
+    """Which neurons ANP masks, memory-bounded runs, and the process group under torchrun."""
+    g = p.add_argument_group("large models (fast engine)")
+    if masks:
+        g.add_argument("--mask-layers", default="batchnorm,layernorm",
+                       help="comma-separated layer kinds whose neurons are masked: batchnorm, layernorm, conv_linear "
+                            "(the paper's Eq. 3 for networks without normalisation) (default: %(default)s)")
+    g.add_argument("--micro-batch", default=None,
+                   help="process every batch as micro-batches of N images with accumulated gradients (N divides "
+                        "the batch; 'auto': the largest that fits in free GPU memory)")
+    g.add_argument("--checkpoint", action="store_true",
+                   help="activation checkpointing: recompute each block's activations in the backward pass")
+    g.add_argument("--dist-timeout", type=float, default=300.0,
+                   help="under torchrun: seconds a collective waits for the other ranks before failing "
+                        "(default: %(default)s)")
+
+
+def micro_batch_option(args: argparse.Namespace) -> int | str | None:
+    """``--micro-batch`` as the engines take it, checked for the engine chosen."""
+    value = args.micro_batch
+    if value is not None and value != "auto":
+        try:
+            value = int(value)
+        except ValueError:
+            raise InputError(f"--micro-batch must be a positive integer or 'auto', got {value!r}") from None
+    if args.engine == "reference" and (value is not None or args.checkpoint):
+        raise InputError("--micro-batch and --checkpoint need the fast engine (--engine fast)")
+    return value
+
+
+def peak_text(engine: dict) -> str:
+    """"; peak memory X MiB (kind)" when the engine measured it, else ""."""
+    if engine.get("peak_memory_bytes") is None:
+        return ""
+    return f"; peak memory {engine['peak_memory_bytes'] / 2**20:.0f} MiB ({engine['peak_memory_kind']})"
+
+
+@contextlib.contextmanager
+def process_group(args: argparse.Namespace) -> Iterator[None]:
+    """Under torchrun: the default process group for the command (destroyed after); else nothing."""
+    from .. import distributed as D
+
+    owned = D.init_from_environment(args.dist_timeout)
+    if D.world_size() > 1 and args.engine == "reference":
+        if owned:
+            D.shutdown()
+        raise InputError("the reference engine runs in one process; run it without torchrun, or use --engine fast")
+    try:
+        yield
+    finally:
+        if owned:
+            D.shutdown()
 
 
 def plotting_enabled(args: argparse.Namespace) -> bool:

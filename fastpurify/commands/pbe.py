@@ -31,8 +31,9 @@ from pathlib import Path
 import torch
 
 from ..validation import InputError, check_fraction, check_positive, check_positive_int
-from .options import (add_augment_options, add_engine_and_output_options, add_model_options,
-                      add_trigger_options, plotting_enabled)
+from .options import (add_augment_options, add_engine_and_output_options, add_large_model_options,
+                      add_model_options, add_trigger_options, micro_batch_option, peak_text, plotting_enabled,
+                      process_group)
 
 POISON_KEYS = ("poison_indices", "poisoned")
 DEFAULT_EPS = "6/255"
@@ -76,6 +77,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
                         "drawn at random (default: %(default)s)")
     g.add_argument("--seed", type=int, default=0)
     add_engine_and_output_options(p, out="runs/pbe")
+    add_large_model_options(p, masks=False)
     return p
 
 
@@ -235,7 +237,17 @@ def _poison_key(path: Path) -> torch.Tensor | None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """The command; under torchrun every rank purifies together and rank 0 writes."""
+    micro_batch = micro_batch_option(args)  # a clear error before any process group or data
+    if micro_batch == "auto":
+        raise InputError("--micro-batch auto is for anp; give pbe a number of images")
+    with process_group(args):
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     from .. import __version__
+    from .. import distributed as D
     from ..backdoor import evaluate
     from ..checkpoint import load_model, save_model
     from ..files import write_json
@@ -247,8 +259,11 @@ def run(args: argparse.Namespace) -> int:
     attack = _attack(args, meta, meta["num_classes"])
     inputs = _inputs(args, meta, attack)
     out = Path(args.out)
-    _announce(args, meta, inputs, settings)
+    if D.is_main():
+        _announce(args, meta, inputs, settings)
     purified, report = _purify(args, model, inputs, attack, settings)
+    if not D.is_main():
+        return 0  # every rank holds the same purified model; rank 0 evaluates and writes
     after = evaluate(purified, *inputs.test, attack)
     purified = purified.cpu()
     save_model(purified, out / "purified_model.safetensors",
@@ -259,8 +274,9 @@ def run(args: argparse.Namespace) -> int:
         files.append(write_ranking(out / "ranking.txt", report).name)
     figures = _figures(args, report, out)
     print(format_rounds(report), end="")
-    print(f"PBE: {len(report.rounds)} round(s) in {report.seconds:.1f} s on {report.engine.get('device', '?')}; "
-          f"on {inputs.test[1].numel()} test images: before {_metrics(report.before)}; after {_metrics(after)}")
+    print(f"PBE: {len(report.rounds)} round(s) in {report.seconds:.1f} s on {report.engine.get('device', '?')}"
+          f"{peak_text(report.engine)}; on {inputs.test[1].numel()} test images: before {_metrics(report.before)}; "
+          f"after {_metrics(after)}")
     summary = report.summary()
     write_json(out / "report.json", {
         "fastpurify": __version__, "command": "pbe", "model": str(args.model), "arch": meta["arch"],
@@ -268,7 +284,8 @@ def run(args: argparse.Namespace) -> int:
         "evaluated_images": int(inputs.test[1].numel()),
         "poisoned_images": None if report.poisoned is None else int(report.poisoned.sum()),
         "engine": args.engine, "engine_info": summary["engine"], "settings": summary["settings"],
-        "seconds": round(report.seconds, 3), "before": report.before, "after": after, "rounds": summary["rounds"],
+        "seconds": round(report.seconds, 3), "peak_memory_bytes": report.engine.get("peak_memory_bytes"),
+        "peak_memory_kind": report.engine.get("peak_memory_kind"), "before": report.before, "after": after, "rounds": summary["rounds"],
         "attack": None if attack is None else repr(attack), "figures": figures,
         "arguments": {k: v for k, v in vars(args).items() if k != "command"}})
     print(f"wrote {out}/" + ", ".join(files + [Path(f).name for f in figures]))
@@ -304,7 +321,8 @@ def _purify(args, model, inputs: PBEInputs, attack, settings: dict):
         return reference_pbe(model.to(resolve_device(args.device)), **data, **settings)
     return fast_pbe(model, **data, **settings, device=args.device, precision=args.precision,
                     cuda_graph=False if args.no_cuda_graph else None,
-                    channels_last=False if args.no_channels_last else None, tf32=not args.no_tf32)
+                    channels_last=False if args.no_channels_last else None, tf32=not args.no_tf32,
+                    micro_batch=micro_batch_option(args), checkpoint=args.checkpoint)
 
 
 def _metrics(m: dict | None) -> str:

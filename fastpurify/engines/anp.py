@@ -22,20 +22,25 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .. import distributed as D
 from .. import functional as FP
 from ..arena import NeuronArena
 from ..data import DeviceBatchSampler, as_tensors, make_generator
+from ..inference import anp_mode
 from ..layers import convert
 from ..masks import ANPResult
+from ..neurons import DEFAULT_KINDS, check_kinds
 from ..validation import InputError, check_anp_settings, check_positive_int
-from .runtime import (GraphedStep, check_precision, logits_in, resolve_device, tf32_enabled, to_memory_format,
+from .checkpointing import checkpoint_blocks
+from .runtime import (GraphedStep, check_micro_batch, check_precision, logits_in, micro_batch_from_memory,
+                      peak_memory, reset_peak_memory, resolve_device, tf32_enabled, to_memory_format,
                       use_channels_last)
 
 
@@ -54,20 +59,26 @@ class ANPDiverged(RuntimeError):
 class ANPEngine:
     """A converted, frozen copy of a model on ``device`` with its arena, and one ANP iteration.
 
-    The iteration reads the static ``images``/``labels`` buffers (filled by :meth:`load_batch`)
-    and the noise drawn into the arena, so it can be captured in a CUDA graph as it is.
+    The iteration reads the static ``images``/``labels`` buffers (filled by :meth:`load_batch`
+    with this process's share of the batch) and the noise drawn into the arena, so it can be
+    captured in a CUDA graph as it is. ``micro_batch`` splits that share into equal
+    micro-batches: each gradient is accumulated over them (each micro-batch's loss weighted by
+    its share of the whole batch), and under a process group summed over the ranks with one
+    all-reduce per update, so every rank applies the same update.
     """
 
     def __init__(self, model: nn.Module, images_shape: tuple[int, ...], *, device: torch.device, eps: float,
                  steps: int, alpha: float, lr: float, momentum: float, clamp_noise: bool, grouped: bool = True,
-                 channels_last: bool = False, precision: str = "fp32"):
-        net = convert(model).to(device)  # a copy; the caller's model is untouched
+                 channels_last: bool = False, precision: str = "fp32", mask_layers=DEFAULT_KINDS,
+                 micro_batch: int | None = None, global_batch: int | None = None, checkpoint: bool = False):
+        net = convert(model, mask_layers).to(device)  # a copy; the caller's model is untouched
         for p in net.parameters():
             p.requires_grad_(False)  # 1. frozen weights
         for layer in net.modules():
             if isinstance(layer, nn.modules.batchnorm._BatchNorm):
                 layer.track_running_stats = False  # batch statistics; no running-stat writes
-        net.train()  # as the official script (BatchNorm on batch statistics)
+        anp_mode(net)  # BatchNorm on batch statistics, as the official script; no dropout
+        self.checkpointed = checkpoint_blocks(net) if checkpoint else []
         self.model = to_memory_format(net, channels_last)
         self.arena = NeuronArena(self.model)
         self.device, self.precision, self.grouped = device, precision, grouped
@@ -80,6 +91,15 @@ class ANPEngine:
         self.loss = torch.zeros((), dtype=dtype, device=device)
         self.finite = torch.ones((), dtype=torch.bool, device=device)
         self._previous_mask = torch.empty_like(self.arena.mask)
+        self.global_batch = global_batch or images_shape[0]
+        self.set_micro_batch(micro_batch or images_shape[0])
+
+    def set_micro_batch(self, micro_batch: int) -> None:
+        """Split this process's batch into micro-batches of ``micro_batch`` samples (a divisor)."""
+        local = self.images.shape[0]
+        self.micro_batch = micro_batch
+        self.chunks = [slice(s, s + micro_batch) for s in range(0, local, micro_batch)]
+        self.share = micro_batch / self.global_batch  # each micro-batch's weight in the batch's mean loss
 
     @torch.no_grad()
     def load_batch(self, images: torch.Tensor, labels: torch.Tensor) -> None:
@@ -93,45 +113,85 @@ class ANPEngine:
     def _cross_entropy(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(self._logits(images), labels)
 
+    def _mask_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """alpha * CE(clean) + (1 - alpha) * CE(perturbed) on one micro-batch."""
+        arena = self.arena
+        if self.grouped:  # 3. clean and perturbed passes as one two-group batch
+            arena.set_mode("grouped")
+            clean, perturbed = self._logits(torch.cat([x, x])).chunk(2)
+            return self.alpha * F.cross_entropy(clean, y) + (1 - self.alpha) * F.cross_entropy(perturbed, y)
+        arena.set_mode("perturbed")
+        loss_rob = self._cross_entropy(x, y)
+        arena.set_mode("clean")
+        return self.alpha * self._cross_entropy(x, y) + (1 - self.alpha) * loss_rob
+
+    def _weighted(self, loss: torch.Tensor) -> torch.Tensor:
+        return loss if self.share == 1.0 else loss * self.share
+
     def step(self) -> None:
         """One ANP iteration after the noise draw: ``steps`` noise sign steps, the mask step,
         the gated mask update. Writes ``loss`` and ``finite``; no host synchronisation."""
         arena, x, y = self.arena, self.images, self.labels
         for _ in range(self.steps):
             arena.set_mode("perturbed")
-            grad = arena.gather_noise_grad(self._cross_entropy(x, y))  # ascend CE
+            for i, part in enumerate(self.chunks):  # ascend CE
+                arena.gather_noise_grad(self._weighted(self._cross_entropy(x[part], y[part])), accumulate=i > 0)
+            grad = D.all_reduce_sum_(arena.noise_grad)
             FP.noise_sign_step_(arena.perturbation, grad.view(-1), self.eps / self.steps, self.eps,
                                 self.clamp_noise)
-        if self.grouped:  # 3. clean and perturbed passes as one two-group batch
-            arena.set_mode("grouped")
-            clean, perturbed = self._logits(torch.cat([x, x])).chunk(2)
-            loss = self.alpha * F.cross_entropy(clean, y) + (1 - self.alpha) * F.cross_entropy(perturbed, y)
-        else:
-            arena.set_mode("perturbed")
-            loss_rob = self._cross_entropy(x, y)
-            arena.set_mode("clean")
-            loss = self.alpha * self._cross_entropy(x, y) + (1 - self.alpha) * loss_rob
-        grad = arena.gather_mask_grad(loss)
+        total = None
+        for i, part in enumerate(self.chunks):
+            loss = self._weighted(self._mask_loss(x[part], y[part]))
+            arena.gather_mask_grad(loss, accumulate=i > 0)
+            total = loss.detach() if total is None else total + loss.detach()
+        grad = arena.mask_grad
+        if D.world_size() > 1:  # one collective: the mask gradient and the loss together
+            both = D.all_reduce_sum_(torch.cat([grad, total.reshape(1).to(grad.dtype)]))
+            grad.copy_(both[:-1])
+            total = both[-1]
         with torch.no_grad():
-            self.loss.copy_(loss.detach())
+            self.loss.copy_(total)
             self.finite.logical_and_(torch.isfinite(self.loss))
             self._previous_mask.copy_(arena.mask)
             FP.mask_sgd_step_(arena.mask, grad, arena.momentum, self.lr, self.momentum)
             torch.where(self.finite, arena.mask, self._previous_mask, out=arena.mask)  # skip once non-finite
 
     def iterate(self, sampler: DeviceBatchSampler, noise_generator: torch.Generator,
-                run: Callable[[], None] | None = None) -> None:
-        """One whole iteration: draw the batch, draw the noise, run the step (``run``: the
-        captured graph, default the eager :meth:`step`)."""
-        self.load_batch(*sampler.sample())
+                run: Callable[[], None] | None = None, shard: slice = slice(None)) -> None:
+        """One whole iteration: draw the batch (and keep this process's ``shard`` of it), draw
+        the noise, run the step (``run``: the captured graph, default the eager :meth:`step`)."""
+        images, labels = sampler.sample()
+        self.load_batch(images[shard], labels[shard])
         self.arena.draw_noise(self.eps, noise_generator)
         (run or self.step)()
 
+    def _state(self) -> list[torch.Tensor]:
+        arena = self.arena
+        return [arena.mask, arena.momentum, arena.noise, self.finite]
+
     def capture(self) -> GraphedStep | None:
         """The step captured in a CUDA graph (self-checked against an eager step), or None."""
-        arena = self.arena
-        return GraphedStep.try_capture(self.step, state=[arena.mask, arena.momentum, arena.noise, self.finite],
-                                       check=[arena.mask, arena.noise])
+        return GraphedStep.try_capture(self.step, state=self._state(), check=[self.arena.mask, self.arena.noise])
+
+    def measure_micro_batch(self, probe: int) -> float:
+        """Bytes of CUDA memory one sample of a micro-batch costs, from one step on the first
+        ``probe`` samples of the batch buffers (their values do not matter); the step leaves no
+        trace (its state is restored)."""
+        saved = [t.detach().clone() for t in self._state()]
+        keep = self.micro_batch
+        self.set_micro_batch(probe)
+        self.chunks = self.chunks[:1]
+        torch.cuda.synchronize(self.device)
+        base = torch.cuda.memory_allocated(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self.step()
+        torch.cuda.synchronize(self.device)
+        per_sample = (torch.cuda.max_memory_allocated(self.device) - base) / probe
+        with torch.no_grad():
+            for t, s in zip(self._state(), saved):
+                t.copy_(s)
+        self.set_micro_batch(keep)
+        return per_sample
 
 
 def _check_options(device: torch.device, cuda_graph: bool | None, check_every: int, precision: str) -> bool:
@@ -139,7 +199,30 @@ def _check_options(device: torch.device, cuda_graph: bool | None, check_every: i
     check_positive_int(check_every, "check_every")
     if cuda_graph and device.type != "cuda":
         raise InputError(f"cuda_graph=True needs a CUDA device; the engine runs on {device}")
-    return device.type == "cuda" if cuda_graph is None else bool(cuda_graph)
+    if cuda_graph and D.world_size() > 1:
+        raise InputError("cuda_graph=True is not supported under a process group (the step holds collectives); "
+                         "leave cuda_graph=None")
+    return device.type == "cuda" and D.world_size() == 1 if cuda_graph is None else bool(cuda_graph)
+
+
+def _rank_batch(batch_size: int) -> slice:
+    """This process's share of every batch (the whole batch without a process group)."""
+    world = D.world_size()
+    if world > batch_size:
+        raise InputError(f"the world size {world} is larger than the batch of {batch_size} images: every rank needs "
+                         "at least one image of each batch; use fewer processes or a larger batch_size")
+    return D.batch_shard(batch_size)
+
+
+def _choose_micro_batch(engine: ANPEngine, micro_batch: int | str | None, local: int) -> int:
+    if micro_batch != "auto" or engine.device.type != "cuda":
+        return check_micro_batch(micro_batch, local, "batch per process" if D.world_size() > 1 else "batch") \
+            or local  # on the CPU, "auto" is the whole batch
+    probe = min(local, 8)
+    per_sample = engine.measure_micro_batch(probe)
+    free, _ = torch.cuda.mem_get_info(engine.device)
+    return micro_batch_from_memory(local, per_sample, free + torch.cuda.memory_reserved(engine.device)
+                                   - torch.cuda.memory_allocated(engine.device))
 
 
 def anp(model: nn.Module, clean_data: Any, *, eps: float = 0.4, steps: int = 1, alpha: float = 0.2, lr: float = 0.2,
@@ -147,53 +230,81 @@ def anp(model: nn.Module, clean_data: Any, *, eps: float = 0.4, steps: int = 1, 
         augment: bool = True, padding: int = 4, flip: bool = True, seed: int = 0,
         device: torch.device | str | None = None, progress: bool = True, grouped: bool = True,
         cuda_graph: bool | None = None, channels_last: bool | None = None, tf32: bool = True,
-        precision: str = "fp32", check_every: int = 50) -> ANPResult:
+        precision: str = "fp32", check_every: int = 50, mask_layers: Iterable[str] | str = DEFAULT_KINDS,
+        micro_batch: int | str | None = None, checkpoint: bool = False) -> ANPResult:
     """Learn ANP masks for ``model`` on the defender's clean data; ``model`` is never modified.
 
     ``clean_data``: ``(images, labels)`` tensors or arrays, a Dataset or a DataLoader (anything
     :func:`fastpurify.data.as_tensors` reads). The keywords up to ``seed`` mean what they mean
     in :func:`fastpurify.reference.anp`, with the same defaults and, for one seed, the same
-    batches, augmentations and noise. Speed options: ``device`` (default: CUDA if available),
-    ``grouped`` (clean and perturbed passes as one two-group batch), ``cuda_graph`` (None: on
-    CUDA), ``channels_last`` (None: on CUDA), ``tf32`` (CUDA convolutions and matmuls),
-    ``precision`` ("fp32" or "bf16" autocast), ``check_every`` (iterations between host checks
-    of the loss). Prune afterwards with :func:`fastpurify.prune`.
+    batches, augmentations and noise. ``mask_layers``: the layers whose neurons are masked
+    (:mod:`fastpurify.neurons`: "batchnorm" and "layernorm" by default; "conv_linear" for the
+    paper's Eq. 3 on networks without normalisation). Speed options: ``device`` (default: CUDA
+    if available), ``grouped`` (clean and perturbed passes as one two-group batch),
+    ``cuda_graph`` (None: on CUDA), ``channels_last`` (None: on CUDA), ``tf32`` (CUDA
+    convolutions and matmuls), ``precision`` ("fp32" or "bf16" autocast), ``check_every``
+    (iterations between host checks of the loss). Prune afterwards with :func:`fastpurify.prune`.
+
+    Memory: ``micro_batch`` (a divisor of the batch, "auto": the largest that fits in free CUDA
+    memory, None: the whole batch) processes each batch in micro-batches with accumulated
+    gradients; ``checkpoint`` recomputes each block's activations in the backward. LayerNorm and
+    Conv/Linear neurons get exactly the whole-batch gradients; BatchNorm normalises each
+    micro-batch with its own statistics (a declared approximation: docs/large-models.md).
+
+    Under an initialised ``torch.distributed`` process group (e.g. ``torchrun``), the run is
+    data-parallel: every rank draws the same batch, keeps its own equal share, and the mask and
+    noise gradients are summed over the ranks (one all-reduce per update): the masks equal one
+    process's with ``micro_batch = batch_size / world_size``.
     """
     check_anp_settings(eps=eps, steps=steps, alpha=alpha, lr=lr, momentum=momentum, iterations=iterations,
                        batch_size=batch_size)
-    device = resolve_device(device)
+    mask_layers = check_kinds(mask_layers)
+    shard = _rank_batch(batch_size)
+    local = shard.stop - shard.start
+    check_micro_batch(micro_batch, local, "batch per process" if D.world_size() > 1 else "batch")
+    device = D.local_device(device) if D.world_size() > 1 else resolve_device(device)
     use_graph = _check_options(device, cuda_graph, check_every, precision)
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     images, labels = as_tensors(clean_data, dtype=dtype)
     n = int(images.shape[0])
-    if n < batch_size:
+    if n < batch_size and D.is_main():
         warnings.warn(f"the clean data holds {n} images, fewer than one batch of {batch_size}: every batch is drawn "
                       "with replacement (as always in ANP), so images repeat within a batch", UserWarning,
                       stacklevel=2)
     settings = dict(eps=eps, steps=steps, alpha=alpha, lr=lr, momentum=momentum, iterations=iterations,
                     batch_size=batch_size, clamp_noise=clamp_noise, augment=augment, padding=padding, flip=flip,
-                    seed=seed, num_images=n)
+                    seed=seed, num_images=n, mask_layers=list(mask_layers))
+    D.check_agree({**settings, "checksum": float(images.double().sum())}, "the ANP settings and clean data")
     sampler = DeviceBatchSampler(images, labels, batch_size, seed=seed, augment=augment, padding=padding, flip=flip,
                                  device=device)
     channels_last = use_channels_last(channels_last, device, images)
-    engine = ANPEngine(model, (batch_size, *images.shape[1:]), device=device, eps=eps, steps=steps, alpha=alpha,
+    engine = ANPEngine(model, (local, *images.shape[1:]), device=device, eps=eps, steps=steps, alpha=alpha,
                        lr=lr, momentum=momentum, clamp_noise=clamp_noise, grouped=grouped,
-                       channels_last=channels_last, precision=precision)
+                       channels_last=channels_last, precision=precision, mask_layers=mask_layers,
+                       global_batch=batch_size, checkpoint=checkpoint)
+    if checkpoint and not engine.checkpointed:
+        warnings.warn(f"checkpoint=True but {type(model).__name__} has no blocks to checkpoint (children of a "
+                      "Sequential holding two or more layers with parameters); running without", UserWarning,
+                      stacklevel=2)
     noise_generator = make_generator(seed + 1, device)
     losses = torch.zeros(iterations, dtype=engine.loss.dtype, device=device)
     bar = None
-    if progress:
+    if progress and D.is_main():
         from tqdm.auto import tqdm
         bar = tqdm(total=iterations, desc="ANP", unit="it")
+    reset_peak_memory(device)
     start = time.perf_counter()
     with tf32_enabled(tf32 and device.type == "cuda"):
+        engine.set_micro_batch(_choose_micro_batch(engine, micro_batch, local))
         run = engine.capture() if use_graph else None
         info = dict(device=str(device), grouped=grouped, cuda_graph=run is not None, channels_last=channels_last,
                     tf32=tf32 and device.type == "cuda", precision=precision, backend=FP.backend_for(engine.images),
-                    num_neurons=engine.arena.num_neurons)
+                    num_neurons=engine.arena.num_neurons, num_layers=len(engine.arena.layers),
+                    mask_layers=list(mask_layers), micro_batch=engine.micro_batch, world_size=D.world_size(),
+                    checkpointed_blocks=len(engine.checkpointed))
         done = 0
         for i in range(iterations):
-            engine.iterate(sampler, noise_generator, run)
+            engine.iterate(sampler, noise_generator, run, shard)
             losses[i] = engine.loss
             if (i + 1) % check_every == 0 or i + 1 == iterations:
                 finite = bool(engine.finite)  # the one host synchronisation per check_every iterations
@@ -206,11 +317,11 @@ def anp(model: nn.Module, clean_data: Any, *, eps: float = 0.4, steps: int = 1, 
                     if bar is not None:
                         bar.close()
                     result = ANPResult(engine.arena.masks(), losses[:bad].tolist(), time.perf_counter() - start,
-                                       settings, {**info, "stopped_at": bad + 1})
+                                       settings, {**info, "stopped_at": bad + 1, **peak_memory(device)})
                     raise ANPDiverged(bad + 1, result)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
     if bar is not None:
         bar.close()
-    return ANPResult(engine.arena.masks(), losses.tolist(), seconds, settings, info)
+    return ANPResult(engine.arena.masks(), losses.tolist(), seconds, settings, {**info, **peak_memory(device)})

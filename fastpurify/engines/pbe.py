@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .. import distributed as D
 from .. import functional as FP
 from ..data import DeviceBatchSampler, make_generator
 from ..inference import eval_mode
@@ -32,17 +33,27 @@ from ..purification import (DEFAULT_SCHEDULE, PBEPlan, PBEReport, PBEResult, PBE
                             initial_subset, measure, next_subset, plan_pbe)
 from ..ranking import rank_descending
 from ..validation import InputError, check_positive_int
+from .checkpointing import checkpoint_blocks, remove_checkpointing
 from .pgd import PGDAttack
-from .runtime import (GraphCache, check_precision, logits_in, resolve_device, tf32_enabled, to_memory_format,
-                      use_channels_last)
+from .runtime import (GraphCache, check_micro_batch, check_precision, logits_in, peak_memory, reset_peak_memory,
+                      resolve_device, tf32_enabled, to_memory_format, use_channels_last)
 
 
 class FineTuner:
     """SGD fine-tuning of ``model`` on static per-shape batch buffers; on CUDA the step of a
-    recurring batch shape is captured in a CUDA graph (self-checked against an eager step)."""
+    recurring batch shape is captured in a CUDA graph (self-checked against an eager step).
+
+    With ``micro_batch`` (or under a process group) a batch is cut into consecutive
+    micro-batches of that size, this process takes its share of them (all of them in one
+    process), and the step accumulates their gradients, each weighted by its share of the batch,
+    then sums the gradients over the ranks in one all-reduce: the update is the whole batch's.
+    BatchNorm normalises each micro-batch with its own statistics, and the running statistics
+    move by the average of the micro-batches' updates (exactly what data-parallel ranks with
+    averaged buffers do); these steps run eagerly.
+    """
 
     def __init__(self, model: nn.Module, *, lr: float, momentum: float, weight_decay: float, precision: str,
-                 cuda_graph: bool, memory_format: torch.memory_format):
+                 cuda_graph: bool, memory_format: torch.memory_format, micro_batch: int | None = None):
         self.model, self.precision, self.memory_format = model, precision, memory_format
         self.device = next(model.parameters()).device
         fused = {"fused": True} if self.device.type == "cuda" else {}
@@ -51,6 +62,10 @@ class FineTuner:
         self.graphs = GraphCache(cuda_graph)
         self._buffers: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self.steps = 0
+        self.micro_batch = micro_batch
+        norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        self._statistics = [b for m in norms for b in (m.running_mean, m.running_var) if b is not None]
+        self._counters = [m.num_batches_tracked for m in norms if m.num_batches_tracked is not None]
 
     def _static(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         key = tuple(x.shape)
@@ -74,9 +89,44 @@ class FineTuner:
                    if s.get("momentum_buffer") is not None]
         return [*self.model.parameters(), *self.model.buffers(), *momenta]
 
+    def _accumulated_step(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        n = x.shape[0]
+        parts = [slice(s, min(n, s + self.micro_batch)) for s in range(0, n, self.micro_batch)]
+        mine = parts[D.part_of(len(parts))]
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        stats = [t.detach().clone() for t in self._statistics]
+        counters = [t.clone() for t in self._counters]
+        sums = [torch.zeros_like(t) for t in stats]
+        self.optimizer.zero_grad(set_to_none=True)
+        for part in mine:
+            self._restore(stats, counters)
+            loss = F.cross_entropy(logits_in(self.model, x[part], self.device, self.precision), y[part])
+            (loss * ((part.stop - part.start) / n)).backward()
+            with torch.no_grad():
+                for total, t in zip(sums, self._statistics):
+                    total.add_(t)
+        with torch.no_grad():
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+            flat = D.all_reduce_sum_(torch.cat([t.reshape(-1) for t in grads + sums]))
+            for t, value in zip(grads + sums, flat.split([t.numel() for t in grads + sums])):
+                t.copy_(value.view_as(t))
+            for p, g in zip(params, grads):
+                p.grad = g
+            self._restore([total / len(parts) for total in sums], [c + 1 for c in counters])
+        self.optimizer.step()
+
+    @torch.no_grad()
+    def _restore(self, stats: list[torch.Tensor], counters: list[torch.Tensor]) -> None:
+        for t, value in zip(self._statistics + self._counters, stats + counters):
+            t.copy_(value)
+
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """One training step on the batch (the model in train mode)."""
         self.model.train()
+        if self.micro_batch is not None and (self.micro_batch < x.shape[0] or D.world_size() > 1):
+            self._accumulated_step(x, y)
+            self.steps += 1
+            return
         s_x, s_y = self._static(x, y)
         with torch.no_grad():
             s_x.copy_(x)
@@ -94,14 +144,17 @@ class PBEEngine:
     and its scorer: one PBE round at a time."""
 
     def __init__(self, model: nn.Module, plan: PBEPlan, *, device: torch.device, channels_last: bool,
-                 cuda_graph: bool, precision: str, pgd_batch_size: int, score_batch_size: int):
+                 cuda_graph: bool, precision: str, pgd_batch_size: int, score_batch_size: int,
+                 micro_batch: int | None = None, checkpoint: bool = False):
         memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.model = to_memory_format(copy.deepcopy(model).to(device), channels_last)  # a copy; never the caller's
+        self.checkpointed = checkpoint_blocks(self.model) if checkpoint else []
         self.plan, self.device, self.precision = plan, device, precision
         self.pgd_batch_size, self.score_batch_size = pgd_batch_size, score_batch_size
         cfg, opt = plan.cfg, plan.optimizer
         self.tuner = FineTuner(self.model, lr=opt["lr"], momentum=opt["momentum"], weight_decay=opt["weight_decay"],
-                               precision=precision, cuda_graph=cuda_graph, memory_format=memory_format)
+                               precision=precision, cuda_graph=cuda_graph, memory_format=memory_format,
+                               micro_batch=micro_batch)
         self.attack = PGDAttack(self.model, eps=cfg["eps"], alpha=cfg["alpha"], steps=cfg["pgd_steps"],
                                 precision=precision, cuda_graph=cuda_graph)
         self.generator = make_generator(plan.seed, device)
@@ -121,7 +174,7 @@ class PBEEngine:
         adversarial = None
         if per_round and cfg["adv_epochs"]:
             adversarial = self.attack.attack(images, labels, random_start=cfg["random_start"],
-                                             generator=self.generator, batch_size=self.pgd_batch_size)
+                                             generator=self.generator, batch_size=self.pgd_batch_size, shard=True)
         clean = self._sampler(images, labels)  # drawing happens per epoch, so one sampler per set serves them all
         attacked = self._sampler(adversarial, labels) if adversarial is not None else clean
         for epoch in range(cfg["adv_epochs"] + cfg["clean_epochs"]):
@@ -129,29 +182,35 @@ class PBEEngine:
             for x, y in attacked if in_adv else clean:
                 if in_adv and not per_round:
                     x = self.attack.attack(x, y, random_start=cfg["random_start"], generator=self.generator,
-                                           batch_size=x.shape[0])
+                                           batch_size=x.shape[0], shard=True)
                 self.tuner(x, y)
             if bar is not None:
                 bar.update(1)
 
     @torch.no_grad()
     def logits(self, images: torch.Tensor) -> torch.Tensor:
-        """The current model's logits, in chunks, eval mode (float32; float64 for a float64 model)."""
+        """The current model's logits on this process's share of ``images`` (all of them in one
+        process), in chunks, eval mode (float32; float64 for a float64 model)."""
+        mine = images[D.shard(images.shape[0], "images to score")]
         outs = []
         with eval_mode(self.model):
-            for s in range(0, images.shape[0], self.score_batch_size):
-                outs.append(self._forward(images[s:s + self.score_batch_size]))
+            for s in range(0, mine.shape[0], self.score_batch_size):
+                outs.append(self._forward(mine[s:s + self.score_batch_size]))
         return torch.cat(outs)
 
     @torch.no_grad()
     def scores(self, images: torch.Tensor, infected: torch.Tensor) -> torch.Tensor:
-        """cos(infected logits, current logits) per image, chunk by chunk (no full logit copy)."""
-        out = torch.empty(images.shape[0], dtype=infected.dtype, device=images.device)
+        """cos(infected logits, current logits) per image, chunk by chunk (no full logit copy);
+        ``infected`` holds this process's share (from :meth:`logits`). Under a process group
+        each rank scores its share and every rank gets all the scores."""
+        n = images.shape[0]
+        mine = images[D.shard(n, "images to score")]
+        out = torch.empty(mine.shape[0], dtype=infected.dtype, device=images.device)
         with eval_mode(self.model):
-            for s in range(0, images.shape[0], self.score_batch_size):
-                stop = min(images.shape[0], s + self.score_batch_size)
-                out[s:stop] = FP.logits_cosine(infected[s:stop], self._forward(images[s:stop]))
-        return out
+            for s in range(0, mine.shape[0], self.score_batch_size):
+                stop = min(mine.shape[0], s + self.score_batch_size)
+                out[s:stop] = FP.logits_cosine(infected[s:stop], self._forward(mine[s:stop]))
+        return D.all_gather_rows(out, n)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         return logits_in(self.model, x, self.device, self.precision)
@@ -165,7 +224,8 @@ def pbe(model: nn.Module, train_data: Any = None, clean_data: Any = None, *,
         padding: int = 4, flip: bool = True, schedule: Sequence[float] = DEFAULT_SCHEDULE, seed: int = 0,
         progress: bool = True, device: torch.device | str | None = None, cuda_graph: bool | None = None,
         channels_last: bool | None = None, tf32: bool = True, precision: str = "fp32",
-        pgd_batch_size: int | None = None, score_batch_size: int = 1024) -> PBEResult:
+        pgd_batch_size: int | None = None, score_batch_size: int = 1024, micro_batch: int | None = None,
+        checkpoint: bool = False) -> PBEResult:
     """Purify a copy of ``model`` with PBE; returns ``(purified, report)`` (a :class:`PBEResult`).
 
     With ``clean_data`` (a clean extra set): one round on it. Without: the progressive setting
@@ -180,28 +240,55 @@ def pbe(model: nn.Module, train_data: Any = None, clean_data: Any = None, *,
     ``cuda_graph``/``channels_last`` (None: on CUDA), ``tf32``, ``precision`` ("fp32"/"bf16"),
     ``pgd_batch_size`` (images per PGD chunk; None: 512 on CUDA, ``batch_size`` on the CPU, where
     large chunks only thrash the caches) and ``score_batch_size``. ``model`` is never modified.
+
+    Memory: ``micro_batch`` (a divisor of ``batch_size``) fine-tunes each batch in micro-batches
+    with accumulated gradients (BatchNorm statistics per micro-batch, a declared approximation:
+    docs/large-models.md) and caps the PGD and scoring chunks at it; ``checkpoint`` recomputes
+    each block's activations in the backward passes. Under an initialised ``torch.distributed``
+    process group (e.g. ``torchrun``) the run is data-parallel: PGD generation and scoring are
+    sharded over the ranks and gathered, and every batch is fine-tuned as micro-batches of
+    ``micro_batch`` (default ``batch_size / world_size``) shared out over the ranks, gradients
+    and BatchNorm running statistics summed in one all-reduce: the same result as one process
+    with that ``micro_batch``.
     """
     check_precision(precision)
     check_positive_int(score_batch_size, "score_batch_size")
-    device = resolve_device(device)
+    world = D.world_size()
+    if world > 1 and micro_batch is None:
+        if batch_size % world:
+            raise InputError(f"batch_size {batch_size} must be divisible by the world size {world} (each rank "
+                             "fine-tunes an equal share of every batch); or give micro_batch")
+        micro_batch = batch_size // world
+    check_micro_batch(micro_batch, batch_size)
+    device = D.local_device(device) if world > 1 else resolve_device(device)
     if pgd_batch_size is None:
         pgd_batch_size = 512 if device.type == "cuda" else batch_size
+        pgd_batch_size = min(pgd_batch_size, micro_batch or pgd_batch_size)
+    if micro_batch is not None:
+        score_batch_size = min(score_batch_size, micro_batch)
     check_positive_int(pgd_batch_size, "pgd_batch_size")
     if cuda_graph and device.type != "cuda":
         raise InputError(f"cuda_graph=True needs a CUDA device; the engine runs on {device}")
-    use_graph = device.type == "cuda" if cuda_graph is None else bool(cuda_graph)
+    use_graph = device.type == "cuda" and world == 1 if cuda_graph is None else bool(cuda_graph)
     plan = plan_pbe(model, train_data, clean_data, device=device, poison_indices=poison_indices,
                     test_data=test_data, attack=attack, eps=eps, alpha=alpha, pgd_steps=pgd_steps,
                     random_start=random_start, regenerate=regenerate, adv_epochs=adv_epochs, clean_epochs=clean_epochs,
                     lr=lr, momentum=momentum, weight_decay=weight_decay, batch_size=batch_size, augment=augment,
                     padding=padding, flip=flip, schedule=schedule, seed=seed)
+    D.check_agree({**plan.settings, "micro_batch": micro_batch, "checksum": float(plan.images.double().sum())},
+                  "the PBE settings and data")
+    if world > plan.images.shape[0]:
+        raise InputError(f"the world size {world} is larger than the {plan.images.shape[0]} images to purify on: "
+                         "every rank needs at least one; use fewer processes")
     channels_last = use_channels_last(channels_last, device, plan.images)
+    reset_peak_memory(device)
     with tf32_enabled(tf32 and device.type == "cuda"):
         engine = PBEEngine(model, plan, device=device, channels_last=channels_last, cuda_graph=use_graph,
-                           precision=precision, pgd_batch_size=pgd_batch_size, score_batch_size=score_batch_size)
+                           precision=precision, pgd_batch_size=pgd_batch_size, score_batch_size=score_batch_size,
+                           micro_batch=micro_batch, checkpoint=checkpoint)
         report = PBEReport(settings=plan.settings, before=measure(engine.model, plan), poisoned=plan.poisoned)
         bar = None
-        if progress:
+        if progress and D.is_main():
             from tqdm.auto import tqdm
             bar = tqdm(total=plan.num_rounds * (adv_epochs + clean_epochs), desc="PBE", unit="epoch")
         try:
@@ -217,8 +304,10 @@ def pbe(model: nn.Module, train_data: Any = None, clean_data: Any = None, *,
     report.engine = dict(name="fast", device=str(device), backend=FP.backend_for(plan.images),
                          cuda_graph=use_graph,
                          graphs_captured=engine.tuner.graphs.captured + engine.attack.graphs.captured,
-                         channels_last=channels_last, tf32=tf32 and device.type == "cuda", precision=precision)
-    return PBEResult(engine.model, report)
+                         channels_last=channels_last, tf32=tf32 and device.type == "cuda", precision=precision,
+                         micro_batch=micro_batch, world_size=world, checkpointed_blocks=len(engine.checkpointed),
+                         **peak_memory(device))
+    return PBEResult(remove_checkpointing(engine.model), report)
 
 
 def _progressive(engine: PBEEngine, plan: PBEPlan, clock: RoundClock, report: PBEReport, bar) -> None:

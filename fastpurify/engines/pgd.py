@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .. import distributed as D
 from .. import functional as FP
 from ..data import make_generator
 from ..inference import eval_mode, frozen, model_device
@@ -93,12 +94,22 @@ class PGDAttack:
         return s_adv.detach().clone()
 
     def attack(self, images: torch.Tensor, labels: torch.Tensor, *, random_start: bool,
-               generator: torch.Generator | None, batch_size: int, bar=None) -> torch.Tensor:
+               generator: torch.Generator | None, batch_size: int, bar=None, shard: bool = False) -> torch.Tensor:
         """Adversarial examples of all ``images`` (on the device), in chunks of ``batch_size``;
         the random start is one draw for all images, so the chunking does not change results.
-        On a CUDA out-of-memory error the chunk size is halved (with a warning) and the chunk retried."""
+        On a CUDA out-of-memory error the chunk size is halved (with a warning) and the chunk retried.
+        ``shard``: under a process group, each rank attacks its share of the images and every
+        rank gets all of them back (the same result: each image's attack is its own)."""
         start = FP.pgd_random_start(images, self.eps, self.lo, self.hi, generator, self.norm) if random_start \
             else images
+        if shard and D.world_size() > 1:
+            rows = D.shard(images.shape[0], "images to attack")
+            mine = self._chunked(images[rows], labels[rows], start[rows], batch_size, bar)
+            return D.all_gather_rows(mine, images.shape[0])
+        return self._chunked(images, labels, start, batch_size, bar)
+
+    def _chunked(self, images: torch.Tensor, labels: torch.Tensor, start: torch.Tensor, batch_size: int,
+                 bar) -> torch.Tensor:
         out = torch.empty_like(images)
         n, size, s = images.shape[0], batch_size, 0
         with self.prepared():
@@ -135,7 +146,9 @@ def pgd(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, eps: fl
     model's device; the model comes back as it was (training flags, ``requires_grad``) and its
     parameters get no ``.grad``. Speed options: ``batch_size`` (images per chunk; halved on a
     CUDA out-of-memory error), ``cuda_graph`` (None: on CUDA when there are at least
-    8 full chunks), ``tf32``, ``precision`` ("fp32" or "bf16" autocast), ``progress``.
+    8 full chunks), ``tf32``, ``precision`` ("fp32" or "bf16" autocast), ``progress``. Under an
+    initialised ``torch.distributed`` process group each rank attacks its share of the images
+    and every rank returns all of them.
     """
     check_pgd_settings(eps=eps, alpha=alpha, steps=steps, norm=norm, lo=lo, hi=hi, random_start=random_start)
     check_images(images)
@@ -159,12 +172,14 @@ def pgd(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, eps: fl
     engine = PGDAttack(model, eps=eps, alpha=alpha, steps=steps, norm=norm, lo=lo, hi=hi, precision=precision,
                        cuda_graph=use_graph, capture_after=1)
     bar = None
-    if progress:
+    if progress and D.is_main():
         from tqdm.auto import tqdm
-        bar = tqdm(total=x0.shape[0], desc=f"PGD-{steps}", unit="img")
+        rows = D.shard(x0.shape[0], "images to attack")
+        bar = tqdm(total=rows.stop - rows.start, desc=f"PGD-{steps}", unit="img")
     try:
         with tf32_enabled(tf32 and device.type == "cuda"):
-            adv = engine.attack(x0, y, random_start=random_start, generator=generator, batch_size=batch_size, bar=bar)
+            adv = engine.attack(x0, y, random_start=random_start, generator=generator, batch_size=batch_size, bar=bar,
+                                shard=True)
     finally:
         if bar is not None:
             bar.close()

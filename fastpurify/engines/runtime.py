@@ -166,3 +166,47 @@ class GraphCache:
             self.graphs[key] = GraphedStep.try_capture(step, state, check)
         graph = self.graphs[key]
         (graph or step)()
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start counting the peak memory of what follows (CUDA: the allocator's peak; the CPU
+    keeps one process-wide peak that cannot be reset)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory(device: torch.device) -> dict[str, int | str]:
+    """The peak memory since :func:`reset_peak_memory`: on CUDA the most bytes the caching
+    allocator held for tensors (``torch.cuda.max_memory_allocated``); on the CPU the process's
+    peak resident set size (since the process started: every earlier allocation counts)."""
+    if device.type == "cuda":
+        return {"peak_memory_bytes": int(torch.cuda.max_memory_allocated(device)),
+                "peak_memory_kind": "cuda max_memory_allocated"}
+    import resource
+    import sys
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return {"peak_memory_bytes": int(rss if sys.platform == "darwin" else rss * 1024),
+            "peak_memory_kind": "process peak RSS"}
+
+
+def check_micro_batch(micro_batch: int | str | None, batch: int, what: str = "batch") -> int | None:
+    """``micro_batch`` checked against the (per-rank) ``batch`` it splits: None (the whole batch),
+    "auto" (returned as None here; the engine derives it), or a positive divisor of ``batch``."""
+    if micro_batch is None or micro_batch == "auto":
+        return None
+    if not isinstance(micro_batch, int) or isinstance(micro_batch, bool) or micro_batch < 1:
+        raise InputError(f"micro_batch must be a positive integer, 'auto' or None, got {micro_batch!r}")
+    if micro_batch > batch or batch % micro_batch:
+        divisors = [d for d in range(1, batch + 1) if batch % d == 0]
+        raise InputError(f"micro_batch {micro_batch} must divide the {what} of {batch} into equal micro-batches; "
+                         f"divisors of {batch}: {', '.join(map(str, divisors))}")
+    return micro_batch
+
+
+def micro_batch_from_memory(batch: int, per_sample_bytes: float, free_bytes: int, headroom: float = 0.8) -> int:
+    """The largest divisor of ``batch`` whose micro-batch fits in ``headroom * free_bytes`` at
+    ``per_sample_bytes`` (measured); at least 1."""
+    fits = int(headroom * free_bytes // max(per_sample_bytes, 1.0))
+    return max((d for d in range(1, batch + 1) if batch % d == 0 and d <= fits), default=1)

@@ -7,11 +7,11 @@ file (:mod:`fastpurify.masks`) are shared with the fast engines.
 """
 
 from .anp import ANPResult, ANPState, anp
-from .noisy_bn import NoisyBatchNorm1d, NoisyBatchNorm2d, to_noisy
+from .noisy_layers import NoisyBatchNorm1d, NoisyBatchNorm2d, NoisyLayerNorm, NoisyLinear, to_noisy
 from .pbe import PBEResult, PBERound, pbe
 from .pgd import pgd
 
 __all__ = [
-    "ANPResult", "ANPState", "NoisyBatchNorm1d", "NoisyBatchNorm2d", "PBEResult", "PBERound", "anp", "pbe", "pgd",
+    "ANPResult", "ANPState", "NoisyBatchNorm1d", "NoisyBatchNorm2d", "NoisyLayerNorm", "NoisyLinear", "PBEResult", "PBERound", "anp", "pbe", "pgd",
     "to_noisy",
 ]

@@ -1,9 +1,11 @@
 """Reference ANP (Wu & Wang, NeurIPS 2021) with the semantics of the official
 ``optimize_mask_cifar.py``, in plain eager PyTorch.
 
-One iteration, on a copy of the model whose BatchNorms are noisy (``noisy_bn``), BN in training
-mode (so the copy's running statistics are updated, as in the script), model weights not
-frozen (they accumulate gradients that are never used, as in the script):
+One iteration, on a copy of the model whose BatchNorms (and, with ``mask_layers``, LayerNorms or
+Conv/Linear layers) are noisy (``noisy_layers``), BN in training mode (so the copy's running
+statistics are updated, as in the script; every other module in eval mode: no dropout, no
+stochastic depth, see :func:`fastpurify.inference.anp_mode`), model weights not frozen (they
+accumulate gradients that are never used, as in the script):
 
 1. noise reset: delta, xi ~ U(-eps, eps) for every neuron;
 2. ``steps`` times: forward perturbed, loss = -CE, backward, every noise gradient replaced by
@@ -32,6 +34,7 @@ from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -39,20 +42,21 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..data import DeviceBatchSampler, as_tensors, make_generator
-from ..inference import model_device
+from ..inference import anp_mode, model_device
 from ..masks import ANPResult
 from ..validation import check_anp_settings
-from .noisy_bn import NoisyBatchNorm, batchnorm_layers, set_perturbed, to_noisy
+from ..neurons import DEFAULT_KINDS, check_kinds, neuron_layers
+from .noisy_layers import NoisyLayer, set_perturbed, to_noisy
 
 
 class ANPState:
     """The noisy copy of a model and the two optimizers of the official script."""
 
     def __init__(self, model: nn.Module, *, eps: float = 0.4, steps: int = 1, alpha: float = 0.2, lr: float = 0.2,
-                 momentum: float = 0.9, clamp_noise: bool = True):
-        batchnorm_layers(model)  # a clear error before the copy
+                 momentum: float = 0.9, clamp_noise: bool = True, mask_layers: Iterable[str] = DEFAULT_KINDS):
+        neuron_layers(model, mask_layers)  # a clear error before the copy
         self.model = copy.deepcopy(model)
-        self.layers: dict[str, NoisyBatchNorm] = to_noisy(self.model)
+        self.layers: dict[str, NoisyLayer] = to_noisy(self.model, mask_layers)
         self.eps, self.steps, self.alpha, self.clamp_noise = eps, steps, alpha, clamp_noise
         self.mask_params = [layer.neuron_mask for layer in self.layers.values()]
         self.noise_params = [p for layer in self.layers.values() for p in (layer.neuron_noise, layer.neuron_noise_bias)]
@@ -62,7 +66,7 @@ class ANPState:
     def reset_noise(self, generator: torch.Generator) -> None:
         """delta then xi ~ U(-eps, eps), each drawn as one flat vector over all neurons."""
         first = next(iter(self.layers.values())).weight
-        sizes = [layer.num_features for layer in self.layers.values()]
+        sizes = [layer.neuron_mask.numel() for layer in self.layers.values()]
         with torch.no_grad():
             for attr in ("neuron_noise", "neuron_noise_bias"):
                 flat = torch.empty(sum(sizes), device=first.device, dtype=first.dtype)
@@ -72,7 +76,7 @@ class ANPState:
 
     def iteration(self, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator) -> float:
         """One ANP iteration on one batch; returns the mask loss."""
-        self.model.train()
+        anp_mode(self.model)
         self.reset_noise(generator)
         for _ in range(self.steps):
             self.noise_optimizer.zero_grad()
@@ -108,22 +112,27 @@ class ANPState:
 
 def anp(model: nn.Module, data: Any, *, eps: float = 0.4, steps: int = 1, alpha: float = 0.2, lr: float = 0.2,
         momentum: float = 0.9, iterations: int = 2000, batch_size: int = 128, clamp_noise: bool = True,
-        augment: bool = True, padding: int = 4, flip: bool = True, seed: int = 0, progress: bool = True) -> ANPResult:
+        augment: bool = True, padding: int = 4, flip: bool = True, seed: int = 0, progress: bool = True,
+        mask_layers: Iterable[str] = DEFAULT_KINDS) -> ANPResult:
     """Learn ANP masks for ``model`` on the defender's clean ``data`` (anything
     :func:`fastpurify.data.as_tensors` reads). ``model`` is not modified; prune it afterwards
-    with :func:`fastpurify.pruning.prune` or :func:`fastpurify.pruning.prune_by_clean_accuracy`."""
+    with :func:`fastpurify.pruning.prune` or :func:`fastpurify.pruning.prune_by_clean_accuracy`.
+    ``mask_layers``: which layers hold the neurons (:mod:`fastpurify.neurons`; default BatchNorm
+    and LayerNorm, ``("conv_linear",)`` for the paper's Eq. 3)."""
     check_anp_settings(eps=eps, steps=steps, alpha=alpha, lr=lr, momentum=momentum, iterations=iterations,
                        batch_size=batch_size)
-    batchnorm_layers(model)
+    mask_layers = check_kinds(mask_layers)
+    neuron_layers(model, mask_layers)
     device = model_device(model)
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     images, labels = as_tensors(data, dtype=dtype)
     settings = dict(eps=eps, steps=steps, alpha=alpha, lr=lr, momentum=momentum, iterations=iterations,
                     batch_size=batch_size, clamp_noise=clamp_noise, augment=augment, padding=padding, flip=flip,
-                    seed=seed, num_images=int(images.shape[0]))
+                    seed=seed, num_images=int(images.shape[0]), mask_layers=list(mask_layers))
     sampler = DeviceBatchSampler(images, labels, batch_size, seed=seed, augment=augment, padding=padding, flip=flip,
                                  device=device)
-    state = ANPState(model, eps=eps, steps=steps, alpha=alpha, lr=lr, momentum=momentum, clamp_noise=clamp_noise)
+    state = ANPState(model, eps=eps, steps=steps, alpha=alpha, lr=lr, momentum=momentum, clamp_noise=clamp_noise,
+                     mask_layers=mask_layers)
     noise_generator = make_generator(seed + 1, device)
     steps_iter = range(iterations)
     if progress:

@@ -194,8 +194,10 @@ def test_bad_settings_fail_before_any_work(kwargs, message):
         anp(Refuses(), (torch.rand(4, 1, 4, 4), torch.zeros(4, dtype=torch.int64)), progress=False, **kwargs)
 
 
-def test_a_model_without_batchnorm_is_refused():
+def test_a_model_without_norm_layers_is_refused_with_the_options_named():
     model = nn.Sequential(nn.Flatten(), nn.Linear(16, 2))
-    with pytest.raises(InputError, match=r"no BatchNorm layer: ANP masks the channels of nn.BatchNorm1d and "
-                                         r"nn.BatchNorm2d"):
+    with pytest.raises(InputError, match=r"no layer to mask among batchnorm, layernorm.*mask_layers=\('conv_linear',\)"):
         anp(model, (torch.rand(4, 1, 4, 4), torch.zeros(4, dtype=torch.int64)), progress=False)
+    with pytest.raises(InputError, match=r"no layer to mask among conv_linear"):  # the classifier is never masked
+        anp(model, (torch.rand(4, 1, 4, 4), torch.zeros(4, dtype=torch.int64)), progress=False,
+            mask_layers=("conv_linear",))

@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from fastpurify import InputError
 from fastpurify._torchvision import import_torchvision
 from fastpurify.models import small_cnn
-from fastpurify.reference import NoisyBatchNorm1d, NoisyBatchNorm2d, to_noisy
-from fastpurify.reference.noisy_bn import set_perturbed
+from fastpurify.reference import NoisyBatchNorm1d, NoisyBatchNorm2d, NoisyLayerNorm, to_noisy
+from fastpurify.reference.noisy_layers import set_perturbed
 
 
 class Mixed(nn.Module):
@@ -100,12 +100,58 @@ def test_torchvision_model_is_swapped_under_its_own_names():
 
 
 def test_unsupported_models_get_a_clear_error():
-    with pytest.raises(InputError, match=r"no BatchNorm layer.*nn.BatchNorm1d and nn.BatchNorm2d"):
+    with pytest.raises(InputError, match=r"no layer to mask among batchnorm, layernorm.*conv_linear"):
         to_noisy(nn.Sequential(nn.Conv2d(1, 2, 3), nn.GroupNorm(1, 2)))
-    with pytest.raises(InputError, match=r"'1' is a BatchNorm3d; ANP supports nn.BatchNorm1d and nn.BatchNorm2d"):
+    with pytest.raises(InputError, match=r"'1' is a BatchNorm3d; ANP masks nn.BatchNorm1d and nn.BatchNorm2d"):
         to_noisy(nn.Sequential(nn.Conv3d(1, 2, 3), nn.BatchNorm3d(2)))
-    with pytest.raises(InputError, match="no affine parameters"):
+    with pytest.raises(InputError, match="no scale"):
         to_noisy(nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2, affine=False)))
     model = small_cnn(num_classes=3, in_channels=1, width=4)
     to_noisy(model)  # ours work as well
     assert sum(isinstance(m, NoisyBatchNorm2d) for m in model.modules()) == 4
+
+
+def _randomise_noise(layers, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in layers.values():
+            for p in (layer.neuron_mask, layer.neuron_noise, layer.neuron_noise_bias):
+                p.copy_(torch.rand(p.shape, generator=g, dtype=p.dtype) * 0.8 - (0.0 if p is layer.neuron_mask else 0.4))
+
+
+def test_layer_norms_perturb_gamma_and_beta_per_feature():
+    ln, ln2d = nn.LayerNorm(6), import_torchvision().models.convnext.LayerNorm2d(5)
+    for m in (ln, ln2d):
+        m.weight.data.uniform_(0.5, 1.5)
+        m.bias.data.uniform_(-0.5, 0.5)
+    model = nn.ModuleDict({"ln": copy.deepcopy(ln), "ln2d": copy.deepcopy(ln2d)})
+    layers = to_noisy(model)
+    assert list(layers) == ["ln", "ln2d"] and all(isinstance(m, NoisyLayerNorm) for m in layers.values())
+    _randomise_noise(layers)
+    x, x2 = torch.randn(3, 4, 6), torch.randn(2, 5, 3, 3)
+    for perturbed in (False, True):
+        set_perturbed(layers, perturbed)
+        for name, ref, inp, axis in (("ln", ln, x, -1), ("ln2d", ln2d, x2, 1)):
+            layer = layers[name]
+            scale = ref.weight * (layer.neuron_mask + layer.neuron_noise * perturbed)
+            shift = ref.bias * (1 + layer.neuron_noise_bias * perturbed)
+            moved = inp.movedim(axis, -1)
+            mu, var = moved.mean(-1, keepdim=True), moved.var(-1, unbiased=False, keepdim=True)
+            expected = ((moved - mu) / torch.sqrt(var + ref.eps) * scale + shift).movedim(-1, axis)
+            torch.testing.assert_close(layer(inp), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_conv_and_linear_scale_the_weight_of_each_output_channel():
+    model = nn.Sequential(nn.Conv2d(2, 4, 3), nn.Flatten(), nn.Linear(16, 3), nn.Linear(3, 2))
+    reference = copy.deepcopy(model)
+    layers = to_noisy(model, ("conv_linear",))
+    assert list(layers) == ["0", "2"]  # the last Linear (the classifier) is not masked
+    _randomise_noise(layers)
+    set_perturbed(layers, True)
+    x = torch.randn(5, 2, 4, 4)
+    conv, lin = layers["0"], layers["2"]
+    w0 = reference[0].weight * (conv.neuron_mask + conv.neuron_noise).view(-1, 1, 1, 1)
+    h = F.conv2d(x, w0, reference[0].bias * (1 + conv.neuron_noise_bias)).flatten(1)
+    w2 = reference[2].weight * (lin.neuron_mask + lin.neuron_noise)[:, None]
+    expected = reference[3](F.linear(h, w2, reference[2].bias * (1 + lin.neuron_noise_bias)))
+    torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
