@@ -67,10 +67,12 @@ def _fast_step(model, images, labels, batch_size, device, *, grouped=True, graph
     return step
 
 
-def _build(name, model, images, labels, batch_size, device, large: dict) -> Callable:
+def _build(name, model, images, labels, batch_size, device, large: dict | None = None) -> Callable:
+    """The variant's step; ``large``: mask_layers (every variant), micro_batch and checkpoint (fast)."""
     if name.startswith("reference"):
         return _reference_step(model, images, labels, batch_size, device, frozen=name == "reference-frozen",
-                               compiled=name == "reference-compile", mask_layers=large["mask_layers"])
+                               compiled=name == "reference-compile",
+                               mask_layers=(large or {}).get("mask_layers", DEFAULT_KINDS))
     return _fast_step(model, images, labels, batch_size, device, grouped=name != "fast-separate",
                       graph=name in ("fast", "fast-bf16"), precision="bf16" if name == "fast-bf16" else "fp32",
                       large=large)
