@@ -177,3 +177,77 @@ def test_logits_cosine(benchmark, impl):
 
     assert benchmark(run).shape == (n,)
     record(benchmark, 2 * a.numel() * a.element_size())
+
+
+
+# (shape, channel_dim, channels_last): ViT-B/16 tokens at 224, ViT-S tokens on CIFAR (patch 4) and
+# ConvNeXt-T's first-stage LayerNorm2d in both layouts; ANP's batch of two groups of 128 (2 x 4 on CPU).
+LN_CASES = ([((256, 197, 768), -1, False), ((256, 65, 384), -1, False), ((256, 96, 56, 56), 1, False),
+             ((256, 96, 56, 56), 1, True)] if CUDA
+            else [((8, 5, 24), -1, False), ((8, 12, 4, 4), 1, False), ((8, 12, 4, 4), 1, True)])
+
+
+def ln_composition(x, weight, bias, mask, noise, noise_bias, channel_dim=-1):
+    """The plain PyTorch way: one F.layer_norm per group with the masked, perturbed affine; over
+    the channels of NCHW as torchvision's LayerNorm2d does it (features moved last and back)."""
+    outs = []
+    for g, xg in enumerate(x.chunk(2)):
+        xg = xg.permute(0, 2, 3, 1) if channel_dim == 1 else xg
+        yg = F.layer_norm(xg, (xg.shape[-1],), weight * (mask + noise[g]), bias * (1 + noise_bias[g]))
+        outs.append(yg.permute(0, 3, 1, 2) if channel_dim == 1 else yg)
+    return torch.cat(outs)
+
+
+def ln_implementation(name, channel_dim):
+    if name == "fastpurify":
+        return lambda *a: FP.perturbed_layer_norm(*a, groups=2, channel_dim=channel_dim)
+    composed = lambda *a: ln_composition(*a, channel_dim=channel_dim)  # noqa: E731
+    if name == "torch":
+        return composed
+    if not CUDA:  # a CPU compile takes seconds a shape; the BatchNorm benchmarks smoke-test it already
+        pytest.skip("torch.compile of the LayerNorm composition is benchmarked on a GPU only")
+    return _compiled.setdefault(f"ln{channel_dim}", torch.compile(composed, dynamic=False))
+
+
+def ln_inputs(shape, channel_dim, channels_last):
+    c = shape[channel_dim]
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    x = torch.randn(shape, device=DEVICE, generator=g)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    frozen = dict(weight=torch.rand(c, device=DEVICE, generator=g), bias=torch.randn(c, device=DEVICE, generator=g))
+    learned = dict(mask=torch.rand(c, device=DEVICE, generator=g),
+                   noise=torch.rand(2, c, device=DEVICE, generator=g) * 0.1,
+                   noise_bias=torch.rand(2, c, device=DEVICE, generator=g) * 0.1)
+    for t in learned.values():
+        t.requires_grad_()
+    return x.requires_grad_(), frozen, learned
+
+
+def ln_id(case):
+    shape, channel_dim, channels_last = case
+    layout = "nhwc" if channels_last else ("nchw" if channel_dim == 1 else "tokens")
+    return f"{'x'.join(map(str, shape))} {layout}"
+
+
+@pytest.mark.parametrize("case", LN_CASES, ids=ln_id)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_ln_forward_backward(benchmark, impl, case):
+    """ANP's case on a transformer or ConvNeXt: weights frozen, gradients to the input, the mask
+    and both noises."""
+    shape, channel_dim, channels_last = case
+    fn = ln_implementation(impl, channel_dim)
+    benchmark.group = f"ln-fwd+bwd {ln_id(case)}"
+    x, frozen, learned = ln_inputs(shape, channel_dim, channels_last)
+    dy = torch.randn_like(x)
+    inputs = [x, *learned.values()]
+
+    def run():
+        y = fn(x, frozen["weight"], frozen["bias"], learned["mask"], learned["noise"], learned["noise_bias"])
+        grads = torch.autograd.grad(y, inputs, dy)
+        sync()
+        return grads
+
+    grads = benchmark(run)
+    assert grads[0].shape == x.shape
+    record(benchmark, 5 * x.numel() * x.element_size())  # forward: x, y; backward: x, dy, dx

@@ -198,35 +198,42 @@ def perturbed_layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: tor
     and shift ``bias * (1 + noise_bias[g])``.
 
     ``channel_dim``: -1 for ``nn.LayerNorm((C,))`` on (N, ..., C) (ViT tokens, Swin's NHWC), or 1
-    for the LayerNorm2d of ConvNeXt-style models on NCHW (contiguous or channels_last). Statistics
-    are per position, over the C features (biased variance); there are no running statistics.
-    The batch (dim 0) is ``groups`` equal contiguous chunks, chunk g perturbed by row g of
-    ``noise``/``noise_bias`` ((groups, C), (C,) for one group, or None). ``weight``/``bias`` None
-    mean ones/zeros. Gradients flow to x, mask, noise, noise_bias, and to weight/bias when they
-    require grad. Statistics and reductions in float32 (float64 for float64); y in x's dtype and layout.
+    for the LayerNorm2d of ConvNeXt-style models on NCHW (contiguous or channels_last, neither
+    copied). Statistics are per position, over the C features (biased variance); there are no
+    running statistics. The batch (dim 0) is ``groups`` equal contiguous chunks, chunk g perturbed
+    by row g of ``noise``/``noise_bias`` ((groups, C), (C,) for one group, or None; rows may be
+    strided views into a flat arena). ``weight``/``bias`` None mean ones/zeros. Gradients flow to
+    x, mask, noise, noise_bias, and to weight/bias only when they require grad. Statistics and
+    reductions in float32 (float64 for float64); y is a new tensor in x's dtype and memory layout.
     """
     axis = _check_layer_norm(x, channel_dim)
-    weight, bias, noise, noise_bias = _check_norm_params(x, x.shape[axis], weight, bias, mask, noise, noise_bias,
-                                                         groups, eps)
-    if backend_for(x) == "triton":
+    noise, noise_bias = _check_layer_norm_params(x, x.shape[axis], weight, bias, mask, noise, noise_bias, eps, groups)
+    if backend_for(x) == "triton" and x.numel() > 0:
         return _PerturbedLayerNorm.apply(x, weight, bias, mask, noise, noise_bias, eps, groups, axis)
     return _perturbed_layer_norm_torch(x, weight, bias, mask, noise, noise_bias, eps, groups, axis)
 
 
 def _check_layer_norm(x, channel_dim) -> int:
+    """Validate x and channel_dim; the feature axis as 1 (NC...) or -1 (...C)."""
     if not isinstance(x, torch.Tensor) or x.dim() < 2:
-        raise InputError(f"x must be a tensor (N, ..., C) or (N, C, *spatial), got shape "
-                         f"{tuple(getattr(x, 'shape', ()))}")
+        raise InputError(f"x must be a tensor (N, ..., C) or (N, C, *spatial) with a batch axis, got "
+                         f"{'shape ' + str(tuple(x.shape)) if isinstance(x, torch.Tensor) else type(x).__name__}")
     _check_float("x", x)
-    if channel_dim not in (1, -1, x.dim() - 1):
-        raise InputError(f"channel_dim must be -1 (the last axis, nn.LayerNorm) or 1 (the channels of NCHW, "
-                         f"LayerNorm2d), got {channel_dim!r}")
-    return 1 if channel_dim == 1 and x.dim() > 2 else -1
+    last = x.dim() - 1
+    if isinstance(channel_dim, bool) or channel_dim not in (-1, last, 1):
+        nchw = " or 1 (the channels of NCHW, ConvNeXt's LayerNorm2d)" if last > 1 else ""
+        raise InputError(f"channel_dim must be -1 or {last} (the last axis, nn.LayerNorm((C,))){nchw}, "
+                         f"got {channel_dim!r}")
+    return 1 if channel_dim == 1 and last > 1 else -1
 
 
-def _check_norm_params(x, c, weight, bias, mask, noise, noise_bias, groups, eps):
-    n = x.shape[0]
+def _check_layer_norm_params(x, c, weight, bias, mask, noise, noise_bias, eps, groups):
+    """Validate the parameters of :func:`perturbed_layer_norm`; noise/noise_bias as (groups, C) or None."""
+    for name, t in (("weight", weight), ("bias", bias), ("mask", mask), ("noise", noise), ("noise_bias", noise_bias)):
+        if not isinstance(t, torch.Tensor) and (t is not None or name == "mask"):
+            raise InputError(f"{name} must be a tensor{'' if name == 'mask' else ' or None'}, got {type(t).__name__}")
     _check_same_device(x=x, weight=weight, bias=bias, mask=mask, noise=noise, noise_bias=noise_bias)
+    n = x.shape[0]
     if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1 or n % groups:
         raise InputError(f"groups must be a positive integer dividing the batch size {n}, got {groups!r}")
     check_positive(eps, "eps")
@@ -235,10 +242,11 @@ def _check_norm_params(x, c, weight, bias, mask, noise, noise_bias, groups, eps)
             _check_float(name, t)
             if tuple(t.shape) != (c,):
                 raise InputError(f"{name} must have shape ({c},) for {c} features, got {tuple(t.shape)}")
-    return weight, bias, _per_group(noise, "noise", groups, c), _per_group(noise_bias, "noise_bias", groups, c)
+    return _per_group(noise, "noise", groups, c), _per_group(noise_bias, "noise_bias", groups, c)
 
 
 def _perturbed_layer_norm_torch(x, weight, bias, mask, noise, noise_bias, eps, groups, axis):
+    """F.layer_norm without affine on the features moved last, then each group's scale and shift."""
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32
     c = x.shape[axis]
     scale = mask.expand(groups, c) if noise is None else mask + noise
@@ -247,37 +255,50 @@ def _perturbed_layer_norm_torch(x, weight, bias, mask, noise, noise_bias, eps, g
     shift = None if bias is None else (bias.expand(groups, c) if noise_bias is None else bias * (1 + noise_bias))
     moved = x.movedim(axis, -1).to(compute)
     xhat = F.layer_norm(moved, (c,), eps=eps)
-    lead = (groups,) + (1,) * (moved.dim() - 1) + (c,)
+    lead = (groups,) + (1,) * (moved.dim() - 1) + (c,)  # (groups, C) against (groups, N / groups, ..., C)
     y = xhat.reshape(groups, -1, *moved.shape[1:]) * scale.to(compute).view(lead)
     if shift is not None:
         y = y + shift.to(compute).view(lead)
     y = y.reshape(moved.shape).movedim(-1, axis)
-    return y.to(x.dtype) if y.stride() == x.stride() else torch.empty_like(x).copy_(y)  # x's layout
+    if y.stride() == x.stride():
+        return y.to(x.dtype)
+    return torch.empty_like(x).copy_(y)  # x's memory layout
 
 
-def _nfs(t: torch.Tensor, axis: int) -> torch.Tensor:
-    """A (N, C, S) view of ``t`` with C the feature axis: (N, ..., C) as (N, C, T) by strides,
-    NC... as (N, C, HW); copies only when the positions cannot be merged."""
+def _nfs(t: torch.Tensor, axis: int) -> torch.Tensor | None:
+    """A (N, C, S) view of ``t`` with C its feature axis ``axis`` (1 or -1) and S the positions
+    merged: NC... as (N, C, H*W); (N, ..., C) as (N, T, C) transposed. None if the positions
+    cannot be merged without a copy."""
     n, c = t.shape[0], t.shape[axis]
-    if axis == 1:
-        return _ncs(t)
     try:
-        tokens = t.view(n, -1, c)
+        return t.view(n, c, -1) if axis == 1 else t.view(n, -1, c).transpose(1, 2)
     except RuntimeError:
-        tokens = t.contiguous().view(n, -1, c)
-    return tokens.transpose(1, 2)
+        return None
+
+
+def _from_nfs(t3: torch.Tensor, shape: torch.Size, axis: int) -> torch.Tensor:
+    """Undo :func:`_nfs`: the tensor of ``shape`` whose (N, C, S) view is ``t3``."""
+    return t3.reshape(shape) if axis == 1 else t3.transpose(1, 2).reshape(shape)
 
 
 class _PerturbedLayerNorm(torch.autograd.Function):
-    """The Triton path: one fused forward kernel and one fused backward kernel."""
+    """The Triton path: one fused forward kernel; one fused backward kernel plus a small one that
+    reduces its per-program partial sums into the parameter gradients."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, mask, noise, noise_bias, eps, groups, axis):
         from .kernels.layer_norm import ln_forward
 
         x3 = _nfs(x, axis)
-        y = torch.empty_like(x)  # x's layout, returned itself (the caller may modify it in place)
+        if x3 is None:
+            x3 = _nfs(x.contiguous(), axis)
+        # y is allocated in x's memory format and returned itself, not a view of a buffer: the
+        # caller may modify it in place. A layout whose positions do not merge gets a contiguous y.
+        y = torch.empty_like(x)
         y3 = _nfs(y, axis)
+        if y3 is None:
+            y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+            y3 = _nfs(y, axis)
         stat_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         mean = torch.empty(x3.shape[0] * x3.shape[2], dtype=stat_dtype, device=x.device)
         rstd = torch.empty_like(mean)
@@ -287,46 +308,24 @@ class _PerturbedLayerNorm(torch.autograd.Function):
         return y
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
         from .kernels.layer_norm import ln_backward
 
         x3, weight, bias, mask, noise, noise_bias, mean, rstd = ctx.saved_tensors
         need_x, need_w, need_b, need_m, need_n, need_nb = ctx.needs_input_grad[:6]
         dy3 = _nfs(dy, ctx.axis)
-        dx = torch.empty_strided(x3.shape, x3.stride(), dtype=x3.dtype, device=x3.device) if need_x else None
-        sum_a, sum_b = ln_backward(x3, dy3, dx, weight, mask, noise, mean, rstd, groups=ctx.groups)
-        grads = _norm_param_grads(sum_a, sum_b, weight, bias, mask, noise, noise_bias,
-                                  (need_w, need_b, need_m, need_n, need_nb))
-        if dx is not None:
-            dx = _from_nfs(dx, ctx.shape, ctx.axis)
-        return (dx, *grads, None, None, None)
-
-
-def _from_nfs(t3: torch.Tensor, shape: torch.Size, axis: int) -> torch.Tensor:
-    """Undo :func:`_nfs` on a tensor laid out like the original input."""
-    if axis == 1:
-        return t3.view(shape)
-    return t3.transpose(1, 2).reshape(shape)
-
-
-def _norm_param_grads(sum_a, sum_b, weight, bias, mask, noise, noise_bias, needs):
-    """Parameter gradients from the per-group feature sums A = sum(dy * xhat), B = sum(dy) (G, C)."""
-    need_w, need_b, need_m, need_n, need_nb = needs
-    scale = mask if noise is None else mask + noise  # (C,) or (G, C)
-    w = weight if weight is not None else torch.ones_like(mask)
-    out = [None] * 5
-    if need_w:
-        out[0] = (scale * sum_a).sum(0).to(weight.dtype)
-    if need_b:
-        shift = 1 + noise_bias if noise_bias is not None else torch.ones_like(sum_b)
-        out[1] = (shift * sum_b).sum(0).to(bias.dtype)
-    if need_m:
-        out[2] = (w * sum_a.sum(0)).to(mask.dtype)
-    if need_n:
-        out[3] = (w * sum_a).to(noise.dtype)
-    if need_nb:
-        out[4] = ((bias if bias is not None else torch.zeros_like(mask)) * sum_b).to(noise_bias.dtype)
-    return out
+        if dy3 is None:
+            dy3 = _nfs(dy.contiguous(), ctx.axis)
+        dx3 = torch.empty_like(x3) if need_x else None  # x's layout (x3's strides when it is dense)
+        new = lambda t, need: torch.empty(t.shape, dtype=t.dtype, device=t.device) if need and t is not None \
+            else None  # noqa: E731  (contiguous, whatever the strides of t)
+        dmask, dnoise, dnoise_b = new(mask, need_m), new(noise, need_n), new(noise_bias, need_nb)
+        dweight, dbias = new(weight, need_w), new(bias, need_b)
+        ln_backward(x3, dy3, dx3, weight, bias, mask, noise, noise_bias, mean, rstd, groups=ctx.groups,
+                    dmask=dmask, dnoise=dnoise, dnoise_bias=dnoise_b, dweight=dweight, dbias=dbias)
+        dx = _from_nfs(dx3, ctx.shape, ctx.axis) if dx3 is not None else None
+        return dx, dweight, dbias, dmask, dnoise, dnoise_b, None, None, None
 
 
 # ---------------------------------------------------------------------------------------------

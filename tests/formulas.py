@@ -40,8 +40,8 @@ def batch_norm_grads(x, weight, bias, mask, noise, noise_bias, dy, **kwargs):
               if t is not None}
     y, _, _ = batch_norm(leaves["x"], leaves["weight"], leaves["bias"], leaves["mask"], leaves.get("noise"),
                          leaves.get("noise_bias"), **kwargs)
-    grads = torch.autograd.grad((y * dy.double()).sum(), list(leaves.values()))
-    return dict(zip(leaves, grads))
+    grads = torch.autograd.grad((y * dy.double()).sum(), list(leaves.values()), allow_unused=True)
+    return {k: torch.zeros_like(t) if g is None else g for (k, t), g in zip(leaves.items(), grads)}
 
 
 def random_bn_params(c, groups, seed=0):
@@ -73,3 +73,16 @@ def layer_norm(x, weight, bias, mask, noise=None, noise_bias=None, eps=1e-5, gro
         shift = 0 if bias is None else d(bias) * (1 + (0 if noise_bias is None else d(noise_bias)[g]))
         outs.append(part * scale + shift)
     return torch.cat(outs).movedim(-1, channel_dim)
+
+
+def layer_norm_grads(x, weight, bias, mask, noise, noise_bias, dy, **kwargs):
+    """Gradients of sum(y * dy) by autograd through :func:`layer_norm` in float64: a dict with
+    keys x, mask and those of weight, bias, noise, noise_bias that are not None (noise_bias
+    without a bias gets zeros)."""
+    leaves = {k: t.detach().double().requires_grad_() for k, t in
+              dict(x=x, weight=weight, bias=bias, mask=mask, noise=noise, noise_bias=noise_bias).items()
+              if t is not None}
+    y = layer_norm(leaves["x"], leaves.get("weight"), leaves.get("bias"), leaves["mask"], leaves.get("noise"),
+                   leaves.get("noise_bias"), **kwargs)
+    grads = torch.autograd.grad((y * dy.double()).sum(), list(leaves.values()), allow_unused=True)
+    return {k: torch.zeros_like(t) if g is None else g for (k, t), g in zip(leaves.items(), grads)}
