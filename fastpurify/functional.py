@@ -84,19 +84,14 @@ def _check_batch_norm(x, weight, bias, mask, noise, noise_bias, running_mean, ru
     n, c = x.shape[:2]
     _check_same_device(x=x, weight=weight, bias=bias, mask=mask, noise=noise, noise_bias=noise_bias,
                        running_mean=running_mean, running_var=running_var)
-    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1 or n % groups:
-        raise InputError(f"groups must be a positive integer dividing the batch size {n}, got {groups!r}")
+    _check_groups(n, groups)
     check_positive(eps, "eps")
     if weight is None:
         weight = torch.ones(c, dtype=mask.dtype, device=x.device)
     if bias is None:
         bias = torch.zeros(c, dtype=mask.dtype, device=x.device)
-    for name, t in (("weight", weight), ("bias", bias), ("mask", mask), ("running_mean", running_mean),
-                    ("running_var", running_var)):
-        if t is not None:
-            _check_float(name, t)
-            if tuple(t.shape) != (c,):
-                raise InputError(f"{name} must have shape ({c},) for {c} channels, got {tuple(t.shape)}")
+    _check_vectors(c, "channels", weight=weight, bias=bias, mask=mask, running_mean=running_mean,
+                   running_var=running_var)
     noise = _per_group(noise, "noise", groups, c)
     noise_bias = _per_group(noise_bias, "noise_bias", groups, c)
     if training:
@@ -107,6 +102,30 @@ def _check_batch_norm(x, weight, bias, mask, noise, noise_bias, running_mean, ru
         raise InputError("eval mode (training=False) normalises with the running statistics: give running_mean "
                          "and running_var")
     return weight, bias, noise, noise_bias
+
+
+def _check_groups(n: int, groups) -> None:
+    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1 or n % groups:
+        raise InputError(f"groups must be a positive integer dividing the batch size {n}, got {groups!r}")
+
+
+def _check_vectors(c: int, unit: str, **tensors: torch.Tensor | None) -> None:
+    """Each given tensor must be a floating (C,) vector (``unit`` names what C counts)."""
+    for name, t in tensors.items():
+        if t is not None:
+            _check_float(name, t)
+            if tuple(t.shape) != (c,):
+                raise InputError(f"{name} must have shape ({c},) for {c} {unit}, got {tuple(t.shape)}")
+
+
+def _group_affine(weight, bias, mask, noise, noise_bias, groups: int, c: int):
+    """Each group's scale ``weight * (mask + noise[g])`` (G, C) and shift ``bias * (1 + noise_bias[g])``
+    (G, C), or None without a bias; a None weight is ones, None noises are zeros."""
+    scale = mask.expand(groups, c) if noise is None else mask + noise
+    if weight is not None:
+        scale = weight * scale
+    shift = None if bias is None else (bias.expand(groups, c) if noise_bias is None else bias * (1 + noise_bias))
+    return scale, shift
 
 
 def _per_group(t: torch.Tensor | None, name: str, groups: int, c: int) -> torch.Tensor | None:
@@ -234,14 +253,9 @@ def _check_layer_norm_params(x, c, weight, bias, mask, noise, noise_bias, eps, g
             raise InputError(f"{name} must be a tensor{'' if name == 'mask' else ' or None'}, got {type(t).__name__}")
     _check_same_device(x=x, weight=weight, bias=bias, mask=mask, noise=noise, noise_bias=noise_bias)
     n = x.shape[0]
-    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1 or n % groups:
-        raise InputError(f"groups must be a positive integer dividing the batch size {n}, got {groups!r}")
+    _check_groups(n, groups)
     check_positive(eps, "eps")
-    for name, t in (("weight", weight), ("bias", bias), ("mask", mask)):
-        if t is not None:
-            _check_float(name, t)
-            if tuple(t.shape) != (c,):
-                raise InputError(f"{name} must have shape ({c},) for {c} features, got {tuple(t.shape)}")
+    _check_vectors(c, "features", weight=weight, bias=bias, mask=mask)
     return _per_group(noise, "noise", groups, c), _per_group(noise_bias, "noise_bias", groups, c)
 
 
@@ -249,10 +263,7 @@ def _perturbed_layer_norm_torch(x, weight, bias, mask, noise, noise_bias, eps, g
     """F.layer_norm without affine on the features moved last, then each group's scale and shift."""
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32
     c = x.shape[axis]
-    scale = mask.expand(groups, c) if noise is None else mask + noise
-    if weight is not None:
-        scale = weight * scale
-    shift = None if bias is None else (bias.expand(groups, c) if noise_bias is None else bias * (1 + noise_bias))
+    scale, shift = _group_affine(weight, bias, mask, noise, noise_bias, groups, c)
     moved = x.movedim(axis, -1).to(compute)
     xhat = F.layer_norm(moved, (c,), eps=eps)
     lead = (groups,) + (1,) * (moved.dim() - 1) + (c,)  # (groups, C) against (groups, N / groups, ..., C)
@@ -501,15 +512,11 @@ def perturbed_channel_affine(y: torch.Tensor, bias: torch.Tensor | None, mask: t
         raise InputError(f"channel_dim must be 1 (convolutions) or -1 (Linear), got {channel_dim!r}")
     _check_same_device(y=y, bias=bias, mask=mask, noise=noise, noise_bias=noise_bias)
     n, c = y.shape[0], y.shape[channel_dim]
-    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1 or n % groups:
-        raise InputError(f"groups must be a positive integer dividing the batch size {n}, got {groups!r}")
-    for name, t in (("bias", bias), ("mask", mask)):
-        if t is not None and tuple(t.shape) != (c,):
-            raise InputError(f"{name} must have shape ({c},) for {c} output channels, got {tuple(t.shape)}")
+    _check_groups(n, groups)
+    _check_vectors(c, "output channels", bias=bias, mask=mask)
     noise = _per_group(noise, "noise", groups, c)
     noise_bias = _per_group(noise_bias, "noise_bias", groups, c)
-    scale = mask.expand(groups, c) if noise is None else mask + noise
-    shift = None if bias is None else (bias.expand(groups, c) if noise_bias is None else bias * (1 + noise_bias))
+    scale, shift = _group_affine(None, bias, mask, noise, noise_bias, groups, c)
     # (groups, C) -> broadcastable against y viewed as (groups, N / groups, ...)
     view = (groups, 1, c) + (1,) * (y.dim() - 2) if channel_dim == 1 else (groups,) + (1,) * (y.dim() - 1) + (c,)
     yg = y.reshape(groups, n // groups, *y.shape[1:])

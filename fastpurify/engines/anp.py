@@ -214,10 +214,11 @@ def _rank_batch(batch_size: int) -> slice:
     return D.batch_shard(batch_size)
 
 
-def _choose_micro_batch(engine: ANPEngine, micro_batch: int | str | None, local: int) -> int:
-    if micro_batch != "auto" or engine.device.type != "cuda":
-        return check_micro_batch(micro_batch, local, "batch per process" if D.world_size() > 1 else "batch") \
-            or local  # on the CPU, "auto" is the whole batch
+def _choose_micro_batch(engine: ANPEngine, auto: bool, fixed: int | None, local: int) -> int:
+    """The micro-batch: the checked ``fixed`` one, the whole batch, or with ``auto`` on CUDA the
+    largest divisor of the batch that fits in free memory."""
+    if not auto or engine.device.type != "cuda":
+        return fixed or local  # on the CPU, "auto" is the whole batch
     probe = min(local, 8)
     per_sample = engine.measure_micro_batch(probe)
     free, _ = torch.cuda.mem_get_info(engine.device)
@@ -261,7 +262,7 @@ def anp(model: nn.Module, clean_data: Any, *, eps: float = 0.4, steps: int = 1, 
     mask_layers = check_kinds(mask_layers)
     shard = _rank_batch(batch_size)
     local = shard.stop - shard.start
-    check_micro_batch(micro_batch, local, "batch per process" if D.world_size() > 1 else "batch")
+    fixed = check_micro_batch(micro_batch, local, "batch per process" if D.world_size() > 1 else "batch")
     device = D.local_device(device) if D.world_size() > 1 else resolve_device(device)
     use_graph = _check_options(device, cuda_graph, check_every, precision)
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
@@ -295,7 +296,7 @@ def anp(model: nn.Module, clean_data: Any, *, eps: float = 0.4, steps: int = 1, 
     reset_peak_memory(device)
     start = time.perf_counter()
     with tf32_enabled(tf32 and device.type == "cuda"):
-        engine.set_micro_batch(_choose_micro_batch(engine, micro_batch, local))
+        engine.set_micro_batch(_choose_micro_batch(engine, micro_batch == "auto", fixed, local))
         run = engine.capture() if use_graph else None
         info = dict(device=str(device), grouped=grouped, cuda_graph=run is not None, channels_last=channels_last,
                     tf32=tf32 and device.type == "cuda", precision=precision, backend=FP.backend_for(engine.images),
