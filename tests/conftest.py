@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 
@@ -9,6 +11,31 @@ import torch
 torch.set_num_threads(1)
 
 
+def pytest_configure(config):
+    """FASTPURIFY_TEST_DEVICE (tests/devices.py): refuse a device that cannot be used rather than
+    quietly testing on the CPU, and on CUDA test the compiled kernels in true float32."""
+    try:
+        from .devices import TEST_DEVICE
+    except ValueError as e:
+        raise pytest.UsageError(str(e)) from None
+    if TEST_DEVICE.type != "cuda":
+        return
+    if not torch.cuda.is_available():
+        raise pytest.UsageError(f"FASTPURIFY_TEST_DEVICE={TEST_DEVICE} but CUDA is not available here "
+                                "(torch.cuda.is_available() is False); unset it to test on the CPU")
+    if TEST_DEVICE.index is not None and TEST_DEVICE.index >= torch.cuda.device_count():
+        raise pytest.UsageError(f"FASTPURIFY_TEST_DEVICE={TEST_DEVICE} but this machine has "
+                                f"{torch.cuda.device_count()} CUDA device(s)")
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise pytest.UsageError(f"FASTPURIFY_TEST_DEVICE={TEST_DEVICE} tests the compiled Triton kernels: "
+                                "unset TRITON_INTERPRET")
+    if TEST_DEVICE.index is not None:
+        torch.cuda.set_device(TEST_DEVICE)  # the current device, where Triton launches
+    # The float32 tolerances of the layer tests assume true float32 convolutions and matmuls.
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+
+
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)
@@ -17,7 +44,8 @@ def _deterministic():
 
 @pytest.fixture(params=["torch", "triton"])
 def backend(request, monkeypatch):
-    """Run a test on each backend of fastpurify.functional (both on CPU without a GPU)."""
+    """Run a test on each backend of fastpurify.functional, on tests/devices.py's TEST_DEVICE (on
+    the CPU, "triton" runs the kernels through Triton's interpreter; on CUDA, compiled)."""
     monkeypatch.setenv("FASTPURIFY_BACKEND", request.param)
     return request.param
 

@@ -1,6 +1,10 @@
-"""Float64 references written from the formulas of DESIGN.md §1, independent of fastpurify."""
+"""Float64 references written from the formulas of DESIGN.md §1, independent of fastpurify.
+The references compute on their inputs' device; the random parameters are drawn on the CPU and
+put on the tests' device (tests/devices.py)."""
 
 import torch
+
+from .devices import on_device
 
 
 def batch_norm(x, weight, bias, mask, noise=None, noise_bias=None, running_mean=None, running_var=None,
@@ -45,17 +49,20 @@ def batch_norm_grads(x, weight, bias, mask, noise, noise_bias, dy, **kwargs):
 
 
 def random_bn_params(c, groups, seed=0):
-    """Seeded weight, bias, mask (C,) and noise, noise_bias (groups, C) of typical ANP ranges."""
+    """Seeded weight, bias, mask (C,) and noise, noise_bias (groups, C) of typical ANP ranges, on the
+    tests' device."""
     g = torch.Generator().manual_seed(seed)
-    return dict(weight=torch.rand(c, generator=g) + 0.5, bias=torch.randn(c, generator=g),
-                mask=torch.rand(c, generator=g), noise=(torch.rand(groups, c, generator=g) - 0.5) * 0.8,
-                noise_bias=(torch.rand(groups, c, generator=g) - 0.5) * 0.8)
+    p = dict(weight=torch.rand(c, generator=g) + 0.5, bias=torch.randn(c, generator=g),
+             mask=torch.rand(c, generator=g), noise=(torch.rand(groups, c, generator=g) - 0.5) * 0.8,
+             noise_bias=(torch.rand(groups, c, generator=g) - 0.5) * 0.8)
+    return {k: on_device(v) for k, v in p.items()}
 
 
 def random_running_stats(c, seed=5):
-    """Seeded running_mean and running_var (C,)."""
+    """Seeded running_mean and running_var (C,), on the tests' device."""
     g = torch.Generator().manual_seed(seed)
-    return dict(running_mean=torch.randn(c, generator=g) * 0.1, running_var=torch.rand(c, generator=g) + 0.5)
+    return dict(running_mean=on_device(torch.randn(c, generator=g) * 0.1),
+                running_var=on_device(torch.rand(c, generator=g) + 0.5))
 
 
 def layer_norm(x, weight, bias, mask, noise=None, noise_bias=None, eps=1e-5, groups=1, channel_dim=-1):

@@ -7,6 +7,7 @@ import torch
 from fastpurify import functional as FP
 from fastpurify.validation import InputError
 
+from .devices import TEST_DEVICE, cpu_only, on_device
 from .formulas import batch_norm, batch_norm_grads, random_bn_params, random_running_stats
 
 SHAPES = [  # (shape, groups, training, channels_last)
@@ -29,7 +30,7 @@ def params(c, groups, seed=0, requires_weight_grad=False):
 
 
 def inputs(shape, channels_last, dtype=torch.float32, seed=1):
-    x = (torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * 1.5 + 0.3).to(dtype)
+    x = on_device((torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * 1.5 + 0.3).to(dtype))
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     return x.requires_grad_()
@@ -52,7 +53,7 @@ def test_forward_and_every_gradient(backend, shape, groups, training, channels_l
     if training:
         assert torch.allclose(s["running_mean"].double(), rm, atol=1e-6)
         assert torch.allclose(s["running_var"].double(), rv, atol=1e-6)
-    dy = torch.randn(shape, generator=torch.Generator().manual_seed(2))
+    dy = on_device(torch.randn(shape, generator=torch.Generator().manual_seed(2)))
     after_forward = {k: v.clone() for k, v in s.items()}
     y.backward(dy)
     assert all(torch.equal(s[k], after_forward[k]) for k in s), "the backward must not touch running stats"
@@ -94,7 +95,7 @@ def test_one_group_noise_as_a_vector_and_no_noise(backend):
     p = {k: v.detach() for k, v in params(4, 1).items()}
     assert torch.allclose(FP.perturbed_batch_norm(x, **p), FP.perturbed_batch_norm(
         x, p["weight"], p["bias"], p["mask"], p["noise"][0], p["noise_bias"][0]))
-    plain = FP.perturbed_batch_norm(x, p["weight"], p["bias"], torch.ones(4))
+    plain = FP.perturbed_batch_norm(x, p["weight"], p["bias"], torch.ones(4, device=TEST_DEVICE))
     expected = torch.nn.functional.batch_norm(x, None, None, p["weight"], p["bias"], True)
     assert torch.allclose(plain, expected, atol=1e-5)
 
@@ -105,9 +106,9 @@ def test_noise_rows_may_be_strided_views_of_an_arena(backend):
     c, groups = 5, 2
     x = inputs((6, c, 3, 4), False).detach()
     p = {k: v.detach() for k, v in params(c, groups).items()}
-    arena = torch.zeros(groups, 2, c + 7)
+    arena = torch.zeros(groups, 2, c + 7, device=TEST_DEVICE)
     arena[:, 0, 3:3 + c], arena[:, 1, 3:3 + c] = p["noise"], p["noise_bias"]
-    mask_arena = torch.zeros(c + 4)
+    mask_arena = torch.zeros(c + 4, device=TEST_DEVICE)
     mask_arena[2:2 + c] = p["mask"]
     noise, noise_bias, mask = arena[:, 0, 3:3 + c], arena[:, 1, 3:3 + c], mask_arena[2:2 + c]
     for t in (noise, noise_bias, mask):
@@ -118,7 +119,7 @@ def test_noise_rows_may_be_strided_views_of_an_arena(backend):
                                                                (p["mask"], p["noise"], p["noise_bias"])],
                                   groups=groups)
     assert torch.equal(y, ref)
-    dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(3))
+    dy = on_device(torch.randn(x.shape, generator=torch.Generator().manual_seed(3)))
     grads = torch.autograd.grad((y * dy).sum(), [mask, noise, noise_bias])
     expected = batch_norm_grads(x, p["weight"], p["bias"], p["mask"], p["noise"], p["noise_bias"], dy,
                                 training=True, groups=groups)
@@ -148,23 +149,24 @@ def test_bitwise_deterministic(backend):
         for t in (x, *p.values()):
             t.grad = None
         y = FP.perturbed_batch_norm(x, **p, groups=2)
-        y.backward(torch.ones_like(y) * torch.linspace(-1, 1, y.numel()).view_as(y))
+        y.backward(torch.ones_like(y) * torch.linspace(-1, 1, y.numel(), device=TEST_DEVICE).view_as(y))
         runs.append([y.detach().clone(), x.grad.clone(), p["mask"].grad.clone(), p["noise"].grad.clone()])
     for a, b in zip(*runs):
         assert torch.equal(a, b)
 
 
 def test_gradcheck_float64(backend):
-    x = torch.randn(4, 3, 2, 3, dtype=torch.float64, requires_grad=True)
+    x = on_device(torch.randn(4, 3, 2, 3, dtype=torch.float64)).requires_grad_()
     g = torch.Generator().manual_seed(0)
-    w = (torch.rand(3, generator=g, dtype=torch.float64) + 0.5).requires_grad_()
-    b = torch.randn(3, generator=g, dtype=torch.float64).requires_grad_()
-    m = torch.rand(3, generator=g, dtype=torch.float64).requires_grad_()
-    n = (torch.rand(2, 3, generator=g, dtype=torch.float64) * 0.4).requires_grad_()
-    nb = (torch.rand(2, 3, generator=g, dtype=torch.float64) * 0.4).requires_grad_()
+    w = on_device(torch.rand(3, generator=g, dtype=torch.float64) + 0.5).requires_grad_()
+    b = on_device(torch.randn(3, generator=g, dtype=torch.float64)).requires_grad_()
+    m = on_device(torch.rand(3, generator=g, dtype=torch.float64)).requires_grad_()
+    n = on_device(torch.rand(2, 3, generator=g, dtype=torch.float64) * 0.4).requires_grad_()
+    nb = on_device(torch.rand(2, 3, generator=g, dtype=torch.float64) * 0.4).requires_grad_()
     assert torch.autograd.gradcheck(lambda *a: FP.perturbed_batch_norm(*a, groups=2), (x, w, b, m, n, nb),
                                     fast_mode=True)
-    rm, rv = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
+    rm = torch.zeros(3, dtype=torch.float64, device=TEST_DEVICE)
+    rv = torch.ones(3, dtype=torch.float64, device=TEST_DEVICE)
     assert torch.autograd.gradcheck(
         lambda *a: FP.perturbed_batch_norm(*a, running_mean=rm, running_var=rv, training=False, groups=2),
         (x, w, b, m, n, nb), fast_mode=True)
@@ -174,7 +176,7 @@ def test_dy_in_another_layout(backend):
     x = inputs((4, 6, 5, 5), True)
     p = params(6, 2)
     y = FP.perturbed_batch_norm(x, **p, groups=2)
-    dy = torch.randn(4, 6, 5, 5)  # contiguous while x is channels_last
+    dy = on_device(torch.randn(4, 6, 5, 5))  # contiguous while x is channels_last
     y.backward(dy)
     ref = batch_norm_grads(x, p["weight"], p["bias"], p["mask"], p["noise"], p["noise_bias"], dy, groups=2)
     assert torch.allclose(x.grad.double(), ref["x"], atol=1e-4)
@@ -194,10 +196,12 @@ def test_clear_errors(backend, kwargs, message):
     args = dict(x=torch.randn(6, 3, 4, 4), weight=torch.ones(3), bias=torch.zeros(3), mask=torch.ones(3),
                 noise=torch.zeros(2, 3), groups=2)
     args.update(kwargs)
+    args = {k: on_device(v) if isinstance(v, torch.Tensor) and not v.is_meta else v for k, v in args.items()}
     with pytest.raises(InputError, match=message):
         FP.perturbed_batch_norm(**args)
 
 
+@cpu_only
 def test_backend_choice(monkeypatch):
     x = torch.zeros(1)
     monkeypatch.setenv("FASTPURIFY_BACKEND", "torch")

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from fastpurify import functional as FP
 from fastpurify.validation import InputError
 
+from .devices import TEST_DEVICE, on_device
 from .formulas import layer_norm, layer_norm_grads, random_bn_params
 
 CASES = [  # (shape, channel_dim, groups, channels_last)
@@ -46,7 +47,7 @@ def params(c, groups, noisy=True, affine=True, weight_grad=False, seed=0, dtype=
 
 
 def inputs(shape, channels_last=False, dtype=torch.float32, seed=1):
-    x = (torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * 1.5 + 0.3).to(dtype)
+    x = on_device((torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * 1.5 + 0.3).to(dtype))
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     return x.requires_grad_()
@@ -65,7 +66,7 @@ def test_forward_and_every_gradient(backend, shape, channel_dim, groups, channel
     assert y.shape == x.shape and y.dtype == x.dtype
     assert y.stride() == x.stride()  # x's memory layout, channels_last included
     assert torch.allclose(y.double(), layer_norm(x.detach(), **detached(p), **kw), atol=2e-5, rtol=1e-5)
-    dy = torch.randn(shape, generator=torch.Generator().manual_seed(2))
+    dy = on_device(torch.randn(shape, generator=torch.Generator().manual_seed(2)))
     y.backward(dy)
     ref = layer_norm_grads(x, p["weight"], p["bias"], p["mask"], p["noise"], p["noise_bias"], dy, **kw)
     for k, t in dict(x=x, **p).items():
@@ -92,18 +93,18 @@ def test_mask_one_without_noise_is_layer_norm(backend, channels_last):
     """nn.LayerNorm over the last axis; LayerNorm2d as torchvision's ConvNeXt computes it (features
     moved last, F.layer_norm, moved back). Values and input gradients."""
     p = detached(params(6, 1))
-    ones = torch.ones(6)
+    ones = torch.ones(6, device=TEST_DEVICE)
     x = inputs((3, 4, 6))
     y = FP.perturbed_layer_norm(x, p["weight"], p["bias"], ones)
     expected = F.layer_norm(x, (6,), p["weight"], p["bias"])
     assert torch.allclose(y, expected, atol=1e-5)
-    dy = torch.randn(y.shape)
+    dy = on_device(torch.randn(y.shape))
     assert torch.allclose(torch.autograd.grad(y, x, dy)[0], torch.autograd.grad(expected, x, dy)[0], atol=1e-5)
     x = inputs((3, 6, 4, 5), channels_last)
     y = FP.perturbed_layer_norm(x, p["weight"], p["bias"], ones, channel_dim=1)
     expected = F.layer_norm(x.permute(0, 2, 3, 1), (6,), p["weight"], p["bias"]).permute(0, 3, 1, 2)
     assert torch.allclose(y, expected, atol=1e-5)
-    dy = torch.randn(y.shape)
+    dy = on_device(torch.randn(y.shape))
     assert torch.allclose(torch.autograd.grad(y, x, dy)[0], torch.autograd.grad(expected, x, dy)[0], atol=1e-5)
 
 
@@ -123,9 +124,9 @@ def test_noise_rows_may_be_strided_views_of_an_arena(backend):
     c, groups = 5, 2
     x = inputs((4, c, 3, 2)).detach()
     p = detached(params(c, groups))
-    arena = torch.zeros(groups, 2, c + 7)
+    arena = torch.zeros(groups, 2, c + 7, device=TEST_DEVICE)
     arena[:, 0, 3:3 + c], arena[:, 1, 3:3 + c] = p["noise"], p["noise_bias"]
-    mask_arena = torch.zeros(c + 4)
+    mask_arena = torch.zeros(c + 4, device=TEST_DEVICE)
     mask_arena[2:2 + c] = p["mask"]
     noise, noise_bias, mask = arena[:, 0, 3:3 + c], arena[:, 1, 3:3 + c], mask_arena[2:2 + c]
     for t in (noise, noise_bias, mask):
@@ -135,7 +136,7 @@ def test_noise_rows_may_be_strided_views_of_an_arena(backend):
     ref = FP.perturbed_layer_norm(x, p["weight"], p["bias"], p["mask"], p["noise"], p["noise_bias"], groups=groups,
                                   channel_dim=1)
     assert torch.equal(y, ref)
-    dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(3))
+    dy = on_device(torch.randn(x.shape, generator=torch.Generator().manual_seed(3)))
     grads = torch.autograd.grad((y * dy).sum(), [mask, noise, noise_bias])
     expected = layer_norm_grads(x, p["weight"], p["bias"], p["mask"], p["noise"], p["noise_bias"], dy, groups=groups,
                                 channel_dim=1)
@@ -175,11 +176,12 @@ def test_output_may_be_modified_in_place(backend, channel_dim, channels_last):
         assert torch.allclose(a, b, atol=1e-6)
 
 
-@pytest.mark.parametrize("make_x, channel_dim", [
-    (lambda: torch.randn(4, 5, 6, 7).contiguous(memory_format=torch.channels_last), -1),  # positions don't merge
-    (lambda: torch.randn(4, 9, 6)[:, ::2], -1),                                         # a strided slice
-    (lambda: torch.randn(4, 10, 3, 3)[:, ::2], 1),
-    (lambda: torch.randn(4, 3, 5).transpose(1, 2), 1),                                  # NCL with C contiguous
+@pytest.mark.parametrize("make_x, channel_dim", [  # on the device first: moving a strided view makes it contiguous
+    # positions don't merge
+    (lambda: on_device(torch.randn(4, 5, 6, 7)).contiguous(memory_format=torch.channels_last), -1),
+    (lambda: on_device(torch.randn(4, 9, 6))[:, ::2], -1),                       # a strided slice
+    (lambda: on_device(torch.randn(4, 10, 3, 3))[:, ::2], 1),
+    (lambda: on_device(torch.randn(4, 3, 5)).transpose(1, 2), 1),                # NCL with C contiguous
 ])
 def test_any_layout_of_x_and_dy(backend, make_x, channel_dim):
     x = make_x().requires_grad_()
@@ -187,7 +189,7 @@ def test_any_layout_of_x_and_dy(backend, make_x, channel_dim):
     y = FP.perturbed_layer_norm(x, **p, groups=2, channel_dim=channel_dim)
     kw = dict(groups=2, channel_dim=channel_dim)
     assert torch.allclose(y.double(), layer_norm(x.detach(), **detached(p), **kw), atol=2e-5, rtol=1e-5)
-    dy = torch.randn(x.shape[::-1]).permute(*reversed(range(x.dim())))  # another layout again
+    dy = on_device(torch.randn(x.shape[::-1])).permute(*reversed(range(x.dim())))  # another layout again
     y.backward(dy)
     ref = layer_norm_grads(x, p["weight"], p["bias"], p["mask"], p["noise"], p["noise_bias"], dy, **kw)
     for k, t in dict(x=x, mask=p["mask"], noise=p["noise"], noise_bias=p["noise_bias"]).items():
@@ -202,7 +204,7 @@ def test_bitwise_deterministic(backend):
         for t in (x, *p.values()):
             t.grad = None
         y = FP.perturbed_layer_norm(x, **p, groups=2, channel_dim=1)
-        y.backward(torch.linspace(-1, 1, y.numel()).view_as(y))
+        y.backward(torch.linspace(-1, 1, y.numel(), device=TEST_DEVICE).view_as(y))
         runs.append([y.detach().clone(), x.grad.clone(), p["mask"].grad.clone(), p["noise"].grad.clone(),
                      p["noise_bias"].grad.clone()])
     for a, b in zip(*runs):
@@ -210,7 +212,8 @@ def test_bitwise_deterministic(backend):
 
 
 def test_empty_batch(backend):
-    y = FP.perturbed_layer_norm(torch.empty(0, 3, 4), None, None, torch.ones(4))
+    y = FP.perturbed_layer_norm(torch.empty(0, 3, 4, device=TEST_DEVICE), None, None,
+                                torch.ones(4, device=TEST_DEVICE))
     assert y.shape == (0, 3, 4)
 
 
@@ -240,6 +243,7 @@ def test_clear_errors(backend, kwargs, message):
     args = dict(x=torch.randn(6, 4, 3), weight=torch.ones(3), bias=torch.zeros(3), mask=torch.ones(3),
                 noise=torch.zeros(2, 3), groups=2)
     args.update(kwargs)
+    args = {k: on_device(v) if isinstance(v, torch.Tensor) and not v.is_meta else v for k, v in args.items()}
     with pytest.raises(InputError, match=message):
         FP.perturbed_layer_norm(**args)
 

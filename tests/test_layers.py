@@ -6,6 +6,8 @@ from fastpurify.layers import PerturbedBatchNorm1d, PerturbedBatchNorm2d, conver
 from fastpurify.models import build_model
 from fastpurify.validation import InputError
 
+from .devices import TEST_DEVICE, on_device
+
 
 def randomise_bn(model):
     g = torch.Generator().manual_seed(0)
@@ -21,12 +23,13 @@ def randomise_bn(model):
 def check_identical(name, backend_name, monkeypatch, size=16, channels_last=False):
     monkeypatch.setenv("FASTPURIFY_BACKEND", backend_name)
     in_channels = 3
-    model = randomise_bn(build_model(name, num_classes=10, in_channels=in_channels))
+    model = randomise_bn(build_model(name, num_classes=10, in_channels=in_channels)).to(TEST_DEVICE)
     converted = convert(model)
     # In float64: train-mode BatchNorm over the 2 values per channel of the deepest layers amplifies
     # rounding (float32 differs by 1e-3 after 50 such layers, float64 by 1e-6); a real error is O(1).
     model, converted = model.double(), converted.double()
-    x = torch.rand(2, in_channels, size, size, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    x = on_device(torch.rand(2, in_channels, size, size, generator=torch.Generator().manual_seed(1),
+                             dtype=torch.float64))
     if channels_last:
         model, converted = model.to(memory_format=torch.channels_last), converted.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
@@ -61,7 +64,7 @@ def test_torchvision_models_unchanged(name, backend, monkeypatch):
 
 
 def test_conversion_keeps_the_model_and_adds_only_the_mask():
-    model = randomise_bn(build_model("cifar_resnet18"))
+    model = randomise_bn(build_model("cifar_resnet18")).to(TEST_DEVICE)
     model.layer1[0].bn1.weight.requires_grad_(False)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     converted = convert(model)
@@ -74,17 +77,17 @@ def test_conversion_keeps_the_model_and_adds_only_the_mask():
     assert list(layers)[:3] == ["bn1", "layer1.0.bn1", "layer1.0.bn2"]
     assert sum(m.num_features for m in layers.values()) == 4800
     assert not converted.layer1[0].bn1.weight.requires_grad and converted.layer1[0].bn2.weight.requires_grad
-    assert all(torch.equal(m.neuron_mask, torch.ones(m.num_features)) for m in layers.values())
+    assert all(torch.equal(m.neuron_mask, torch.ones(m.num_features, device=TEST_DEVICE)) for m in layers.values())
 
 
 def test_batchnorm1d_and_two_group_forward(backend):
-    model = nn.Sequential(nn.Linear(6, 5), nn.BatchNorm1d(5), nn.ReLU(), nn.Linear(5, 2))
+    model = nn.Sequential(nn.Linear(6, 5), nn.BatchNorm1d(5), nn.ReLU(), nn.Linear(5, 2)).to(TEST_DEVICE)
     converted = convert(model)
     bn = converted[1]
     assert isinstance(bn, PerturbedBatchNorm1d)
-    x = torch.randn(8, 6)
+    x = on_device(torch.randn(8, 6))
     clean = converted(x[:4]).detach()
-    noise, noise_bias = torch.zeros(2, 5), torch.zeros(2, 5)
+    noise, noise_bias = torch.zeros(2, 5, device=TEST_DEVICE), torch.zeros(2, 5, device=TEST_DEVICE)
     noise[1], noise_bias[1] = 0.3, -0.2
     bn.noise, bn.noise_bias, bn.batch_groups, bn.perturbed = noise, noise_bias, 2, True
     both = converted(torch.cat([x[:4], x[:4]]))
@@ -96,10 +99,10 @@ def test_batchnorm1d_and_two_group_forward(backend):
 
 
 def test_momentum_none_is_a_cumulative_average(backend):
-    bn = nn.BatchNorm2d(3, momentum=None)
+    bn = nn.BatchNorm2d(3, momentum=None).to(TEST_DEVICE)
     converted = convert(nn.Sequential(bn))
     for seed in range(3):
-        x = torch.randn(4, 3, 2, 2, generator=torch.Generator().manual_seed(seed))
+        x = on_device(torch.randn(4, 3, 2, 2, generator=torch.Generator().manual_seed(seed)))
         bn(x)
         converted(x)
     assert torch.allclose(converted[0].running_mean, bn.running_mean, atol=1e-6)
@@ -107,6 +110,7 @@ def test_momentum_none_is_a_cumulative_average(backend):
 
 
 def test_models_with_nothing_to_mask_name_the_options():
+    # Conversion errors from the model's structure alone: CPU modules on every TEST_DEVICE.
     with pytest.raises(InputError, match=r"no layer to mask among batchnorm, layernorm.*mask_layers=\('conv_linear',\)"
                                          r".*--mask-layers conv_linear.*present in this model: conv_linear"):
         convert(nn.Sequential(nn.Conv2d(3, 4, 3), nn.GroupNorm(2, 4)))

@@ -6,6 +6,7 @@ import torch
 
 from fastpurify.kernels.batch_norm import bn_backward, bn_forward, tile_shape
 
+from ..devices import TEST_DEVICE, on_device
 from ..formulas import batch_norm, batch_norm_grads, random_bn_params, random_running_stats
 
 CASES = [  # (shape, groups, training, channels_last)
@@ -21,7 +22,7 @@ CASES = [  # (shape, groups, training, channels_last)
 
 
 def make(shape, groups, channels_last, seed=0):
-    x = torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * 2 + 0.5
+    x = on_device(torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * 2 + 0.5)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     return x, random_bn_params(shape[1], groups, seed), random_running_stats(shape[1], seed + 5)
@@ -31,8 +32,8 @@ def launch_forward(x, p, stats, groups, training, update):
     c = x.shape[1]
     x3 = x.view(x.shape[0], c, -1)
     y3 = torch.full_like(x3, float("nan"))
-    mean = torch.full((groups, c), float("nan"))
-    rstd = torch.full((groups, c), float("nan"))
+    mean = torch.full((groups, c), float("nan"), device=TEST_DEVICE)
+    rstd = torch.full((groups, c), float("nan"), device=TEST_DEVICE)
     bn_forward(x3, y3, p["weight"], p["bias"], p["mask"], p["noise"], p["noise_bias"], stats["running_mean"],
                stats["running_var"], mean, rstd, groups=groups, training=training, update_running=update,
                momentum=0.1, eps=1e-5)
@@ -58,7 +59,7 @@ def test_forward_writes_every_output(shape, groups, training, channels_last):
 def test_backward_writes_every_output(shape, groups, training, channels_last):
     x, p, stats = make(shape, groups, channels_last)
     x3, _, mean, rstd = launch_forward(x, p, stats, groups, training, update=False)
-    dy = torch.randn(shape, generator=torch.Generator().manual_seed(9))
+    dy = on_device(torch.randn(shape, generator=torch.Generator().manual_seed(9)))
     nan = lambda t: torch.full_like(t, float("nan"))  # noqa: E731
     out = dict(dx=nan(x3), dmask=nan(p["mask"]), dnoise=nan(p["noise"]), dnoise_bias=nan(p["noise_bias"]),
                dweight=nan(p["weight"]), dbias=nan(p["bias"]))
@@ -80,13 +81,14 @@ def test_backward_skips_what_is_not_asked():
     x3, _, mean, rstd = launch_forward(x, p, stats, 2, True, update=False)
     dx = torch.full_like(x3, float("nan"))
     dmask = torch.full_like(p["mask"], float("nan"))
-    bn_backward(x3, torch.randn_like(x3), dx, p["weight"], p["bias"], p["mask"], p["noise"], p["noise_bias"], mean,
-                rstd, groups=2, training=True, dmask=dmask)
+    dy3 = on_device(torch.randn(x3.shape))
+    bn_backward(x3, dy3, dx, p["weight"], p["bias"], p["mask"], p["noise"], p["noise_bias"], mean, rstd, groups=2,
+                training=True, dmask=dmask)
     assert not torch.isnan(dx).any() and not torch.isnan(dmask).any()
 
 
 def test_tiles_follow_the_memory_layout():
-    nchw = torch.empty(4, 64, 8, 8).view(4, 64, -1)
-    nhwc = torch.empty(4, 64, 8, 8).contiguous(memory_format=torch.channels_last).view(4, 64, -1)
+    nchw = torch.empty(4, 64, 8, 8, device=TEST_DEVICE).view(4, 64, -1)
+    nhwc = torch.empty(4, 64, 8, 8, device=TEST_DEVICE).contiguous(memory_format=torch.channels_last).view(4, 64, -1)
     assert tile_shape(nchw, 64, 256)[1] == 1  # one channel a program, reading along the spatial axis
     assert tile_shape(nhwc, 64, 256)[1] == 64  # many channels a program, reading rows of channels

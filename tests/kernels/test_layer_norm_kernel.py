@@ -13,6 +13,7 @@ import torch
 from fastpurify.kernels import layer_norm as LN
 from fastpurify.kernels.layer_norm import ln_backward, ln_forward, tile_shape
 
+from ..devices import TEST_DEVICE, cpu_only, on_device
 from ..formulas import layer_norm, layer_norm_grads, random_bn_params
 
 CASES = [  # (shape, channel_dim, groups, channels_last)
@@ -39,7 +40,7 @@ def as_ncs(t, channel_dim):
 
 
 def make(shape, channel_dim, groups, channels_last, noisy=True, affine=True, seed=0):
-    x = torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * 2 + 0.5
+    x = on_device(torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * 2 + 0.5)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     p = random_bn_params(shape[channel_dim], groups, seed)
@@ -53,8 +54,9 @@ def make(shape, channel_dim, groups, channels_last, noisy=True, affine=True, see
 def launch_forward(x, p, channel_dim, groups, tile):
     x3 = as_ncs(x, channel_dim)
     y3 = torch.full_like(x3, float("nan"))
-    mean, rstd = torch.full((x3.shape[0] * x3.shape[2],), float("nan")), torch.full((x3.shape[0] * x3.shape[2],),
-                                                                                    float("nan"))
+    rows = x3.shape[0] * x3.shape[2]
+    mean = torch.full((rows,), float("nan"), device=TEST_DEVICE)
+    rstd = torch.full((rows,), float("nan"), device=TEST_DEVICE)
     ln_forward(x3, y3, p["weight"], p["bias"], p["mask"], p["noise"], p["noise_bias"], mean, rstd, groups=groups,
                eps=1e-5, tile=tile)
     return x3, y3, mean, rstd
@@ -80,7 +82,7 @@ def test_forward_writes_every_output(shape, channel_dim, groups, channels_last, 
 def test_backward_writes_every_output(shape, channel_dim, groups, channels_last, noisy, affine, tile):
     x, p = make(shape, channel_dim, groups, channels_last, noisy, affine)
     x3, _, mean, rstd = launch_forward(x, p, channel_dim, groups, tile)
-    dy = torch.randn(shape, generator=torch.Generator().manual_seed(9))
+    dy = on_device(torch.randn(shape, generator=torch.Generator().manual_seed(9)))
     nan = lambda t: None if t is None else torch.full_like(t, float("nan"))  # noqa: E731
     out = dict(x=nan(x3), mask=nan(p["mask"]), noise=nan(p["noise"]), noise_bias=nan(p["noise_bias"]),
                weight=nan(p["weight"]), bias=nan(p["bias"]))
@@ -102,7 +104,7 @@ def test_backward_writes_every_output(shape, channel_dim, groups, channels_last,
 def test_backward_skips_what_is_not_asked(tile):
     x, p = make((4, 6, 3, 2), 1, 2, False)
     x3, _, mean, rstd = launch_forward(x, p, 1, 2, tile)
-    dy3 = torch.randn_like(x3)
+    dy3 = on_device(torch.randn(x3.shape))
     args = (p["weight"], p["bias"], p["mask"], p["noise"], p["noise_bias"], mean, rstd)
     dx_only = torch.full_like(x3, float("nan"))
     ln_backward(x3, dy3, dx_only, *args, groups=2, tile=tile)  # input gradient only (PGD through a frozen model)
@@ -123,9 +125,9 @@ def test_float64_is_reduced_in_float64():
 
 def test_tiles_follow_the_memory_layout(monkeypatch):
     monkeypatch.setattr(LN, "interpreting", lambda: False)  # the GPU configs
-    tokens = as_ncs(torch.empty(2, 197, 768), -1)
-    nchw = as_ncs(torch.empty(2, 768, 7, 7), 1)
-    nhwc = as_ncs(torch.empty(2, 96, 56, 56).contiguous(memory_format=torch.channels_last), 1)
+    tokens = as_ncs(torch.empty(2, 197, 768, device=TEST_DEVICE), -1)
+    nchw = as_ncs(torch.empty(2, 768, 7, 7, device=TEST_DEVICE), 1)
+    nhwc = as_ncs(torch.empty(2, 96, 56, 56, device=TEST_DEVICE).contiguous(memory_format=torch.channels_last), 1)
     assert tile_shape(tokens, 197, 768)[:2] == (4, 1024)  # a whole row of features, read along them
     assert tile_shape(nhwc, 56 * 56, 96)[:2] == (32, 128)
     assert tile_shape(nchw, 49, 768)[:2] == (32, 256)  # 32 contiguous positions; the features in chunks
@@ -166,6 +168,7 @@ print("compiled")
 """
 
 
+@cpu_only
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests compile and run the kernels for real")
 def test_kernels_compile_for_a_gpu():
     """The interpreter runs code that the compiler rejects (a loop-carried variable whose type
