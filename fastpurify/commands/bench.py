@@ -1,4 +1,4 @@
-"""``fastpurify bench anp|pgd|pbe``: fastpurify against the reference and the reference under
+"""``fastpurify bench anp|pgd|pbe|bn``: fastpurify against the reference and the reference under
 torch.compile, in one process on one device and the same data; prints a table, writes JSON
 (default: bench/results/<what>-<device>-<date>.json, with the device, library versions and date).
 
@@ -9,6 +9,10 @@ torch.compile, in one process on one device and the same data; prints a table, w
     fastpurify bench pgd --smoke     # small CPU sizes (CI); likewise for anp and pbe
     fastpurify bench anp --model vit_b_16 --image-size 224 --batch-size 64 --micro-batch 16
                                      # large models: ViT-B/16 (LayerNorm neurons), ResNet-50, ...
+    fastpurify bench bn              # the fused BatchNorm vs the PyTorch composition, torch.compile,
+                                     # PyTorch's BatchNorm and a copy, at CIFAR ResNet-18's shapes
+    fastpurify bench bn --shapes resnet50 --layouts nhwc --budget 120
+                                     # other shapes (presets or 128x64x112x112,...), a time budget
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ DEFAULTS = {
     "pgd": dict(arch="preact_resnet18", batch_size=512, images=2048, warmup=3, iterations=4, repeats=5, steps=10),
     "pbe": dict(arch="preact_resnet18", batch_size=128, images=2500, warmup=1, iterations=1, repeats=3,
                 adv_epochs=3, clean_epochs=17, full_images=50000),
+    "bn": dict(shapes="cifar_resnet18", warmup=5, repeats=30),
 }
 OURS = ("cifar_resnet18", "preact_resnet18", "small_cnn")
 SMOKE = {
@@ -30,6 +35,7 @@ SMOKE = {
                 steps=3),
     "pbe": dict(arch="small_cnn", batch_size=16, images=32, image_size=16, warmup=1, iterations=1, repeats=2,
                 adv_epochs=1, clean_epochs=1, score_images=64, full_images=64),
+    "bn": dict(shapes="smoke", warmup=1, repeats=3),
 }
 
 
@@ -51,9 +57,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
     p.add_argument("--variants", default=None, help="comma-separated subset of the variants (default: all that "
                    "apply to the device)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (anp 3, pgd 3, pbe 1)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (anp 3, pgd 3, pbe 1, bn 5)")
     p.add_argument("--iterations", type=int, default=None, help="steps per timed block (anp 10, pgd 4; pbe: 1)")
-    p.add_argument("--repeats", type=int, default=None, help="timed blocks, the median is reported (5; pbe 3)")
+    p.add_argument("--repeats", type=int, default=None, help="timed blocks, the median is reported (5; pbe 3; bn: 30 "
+                   "single calls)")
     p.add_argument("--end-to-end", type=int, default=None,
                    help="anp: also time one fastpurify.anp call of N iterations (default: 2000 on CUDA, 0 on CPU); "
                         "pgd: also time fastpurify.pgd vs the reference on N images (default: 10000 on CUDA, 0 on "
@@ -81,6 +88,19 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="also run the full progressive PBE, reference vs fast end to end (default: on CUDA "
                         "without --smoke; on CPU it takes hours)")
     g.add_argument("--full-images", type=int, default=None, help="training images of the full run (default: 50000)")
+    g = p.add_argument_group("bn (variants: fused, composition, compile, cudnn, copy)")
+    g.add_argument("--shapes", default=None,
+                   help="N x C x H x W shapes, comma-separated (256x64x32x32,...), or a preset: cifar_resnet18 "
+                        "(default), resnet50 (224px, batch 128), smoke")
+    g.add_argument("--groups", type=int, default=2, help="groups of the batch, each with its own statistics "
+                   "(default: 2, ANP's clean and perturbed halves)")
+    g.add_argument("--layouts", default="nchw,nhwc",
+                   help="nchw (contiguous), nhwc (channels_last) (default: %(default)s)")
+    g.add_argument("--modes", default="forward,forward+backward", help="default: %(default)s")
+    g.add_argument("--compile-dynamic", action="store_true",
+                   help="one dynamic torch.compile per layout and mode instead of one per shape (less compile time)")
+    g.add_argument("--budget", type=float, default=None,
+                   help="seconds: start no measurement after this; the rest is listed as skipped (default: none)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's own)")
     p.add_argument("--smoke", action="store_true", help="small sizes for a quick CPU check")
     p.add_argument("--out", default=None, help="JSON path (default: bench/results/<what>-<device>-<date>.json)")
@@ -113,6 +133,8 @@ def run(args: argparse.Namespace) -> int:
     if args.threads is not None:
         check_positive_int(args.threads, "--threads")
         torch.set_num_threads(args.threads)
+    if args.what == "bn":
+        return _run_bn(args, device)
     s = _settings(args)
     full_size = device.type == "cuda" and not args.smoke
     variants = tuple(v.strip() for v in args.variants.split(",")) if args.variants else None
@@ -141,6 +163,39 @@ def run(args: argparse.Namespace) -> int:
                                        full_images=s["full_images"] if full else 0, **kw)
     print(module.format_table(result))
     out = Path(args.out) if args.out else result_path(args.what, result["environment"])
+    write_json(out, result)
+    print(f"wrote {out}")
+    return 0
+
+
+def _run_bn(args: argparse.Namespace, device) -> int:
+    """``fastpurify bench bn``: the JSON is rewritten after every row, so a run cut short keeps
+    what it measured. On a CPU one thread unless --threads says otherwise."""
+    import time
+
+    from ..benchmarks import batch_norm
+    from ..benchmarks.common import result_path
+    from ..files import write_json
+    from ..validation import InputError
+
+    s = dict(DEFAULTS["bn"], **(SMOKE["bn"] if args.smoke else {}))
+    s.update((k, getattr(args, k)) for k in ("shapes", "warmup", "repeats") if getattr(args, k) is not None)
+    if args.budget is not None and not args.budget > 0:
+        raise InputError(f"--budget must be a positive number of seconds, got {args.budget}")
+    deadline = None if args.budget is None else time.monotonic() + args.budget
+    out = Path(args.out) if args.out else None
+
+    def save(row, result):
+        write_json(out or result_path("bn", result["environment"]), result)
+
+    print(f"fastpurify bench bn on {device}:")
+    result = batch_norm.run_bn_benchmark(
+        shapes=s["shapes"], groups=args.groups, layouts=args.layouts, modes=args.modes,
+        variants=tuple(v.strip() for v in args.variants.split(",")) if args.variants else None, device=device,
+        warmup=s["warmup"], repeats=s["repeats"], compile_dynamic=args.compile_dynamic, deadline=deadline,
+        threads=args.threads or (1 if device.type != "cuda" else None), on_row=save)
+    print(batch_norm.format_table(result))
+    out = out or result_path("bn", result["environment"])
     write_json(out, result)
     print(f"wrote {out}")
     return 0
