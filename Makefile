@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.fastpurify-installed
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench gpu-check clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,15 @@ test: $(STAMP)
 bench: $(STAMP)
 	mkdir -p bench/results
 	$(BIN)/python -m pytest bench --benchmark-enable --benchmark-columns=median,min,max,rounds --benchmark-json=bench/results/latest.json
+
+# The GPU proof (bench/README.md): on a CUDA machine with torch, triton and pytest already in its
+# Python (no venv, no network), `make gpu-check OUT=DIR [BUDGET=480] [CIFAR=path] [STAGES=a,b]`;
+# `make gpu-check DRY_RUN=1` rehearses the same plan on CPU with smoke sizes (PYTHON=.venv/bin/python).
+OUT ?= gpucheck-out
+BUDGET ?= 480
+gpu-check:
+	$(PYTHON) -m fastpurify.gpucheck --out $(OUT) --budget $(BUDGET) $(if $(DRY_RUN),--dry-run) \
+		$(if $(CIFAR),--cifar $(CIFAR)) $(if $(STAGES),--stages $(STAGES)) $(if $(COMMIT),--commit $(COMMIT))
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .benchmarks

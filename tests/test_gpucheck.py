@@ -1,0 +1,145 @@
+"""The GPU check (``make gpu-check``): its dry run on CPU writes every file with the expected
+fields, the budget is shared and kept, a stage past its time is cut off with what it wrote, and
+bad input gets a clear message."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fastpurify.gpucheck import main
+from fastpurify.gpucheck.plan import STAGE_NAMES, STAGES, allotments, cannot_run, run_stage
+from fastpurify.gpucheck.summary import TARGETS, evaluate
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def dry_run(tmp_path_factory):
+    """One whole dry run (every stage, CPU smoke sizes), shared by the tests that read it."""
+    out = tmp_path_factory.mktemp("gpucheck")
+    results = tmp_path_factory.mktemp("results")
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "fastpurify.gpucheck", "--dry-run", "--out", str(out), "--budget",
+                           "240", "--results-dir", str(results), "--commit", "test-commit"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=400)
+    return out, results, proc, time.monotonic() - start
+
+
+def test_dry_run_writes_every_file(dry_run):
+    out, results, proc, seconds = dry_run
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert seconds < 240 + 15
+    for name in ("summary.md", "gpucheck.json"):
+        assert (out / name).is_file()
+    ran = [n for n in STAGE_NAMES if n not in ("sanitizer", "cifar")]
+    for name in ran:
+        assert (out / f"{name}.json").is_file(), name
+        assert (out / "logs" / f"{name}.log").is_file(), name
+    [combined] = results.glob("gpucheck-cpu-*threads-*.json")
+    assert json.loads(combined.read_text()) == json.loads((out / "gpucheck.json").read_text())
+
+
+def test_dry_run_records_what_each_stage_measured(dry_run):
+    out = dry_run[0]
+    result = json.loads((out / "gpucheck.json").read_text())
+    assert result["gpucheck"]["dry_run"] is True and result["gpucheck"]["commit"] == "test-commit"
+    stages = result["stages"]
+    assert set(stages) == set(STAGE_NAMES)
+    for name in ("environment", "tests", "bn", "anp", "pgd", "pbe", "large"):
+        assert stages[name]["status"] == "ok", (name, stages[name].get("reason"), stages[name].get("steps"))
+    assert "compute-sanitizer" in stages["sanitizer"]["reason"]
+    assert "--cifar" in stages["cifar"]["reason"]
+    env = result["environment"]
+    for key in ("device", "torch", "triton", "python", "date"):
+        assert env[key], key
+    parts = stages["tests"]["parts"]
+    assert parts["compiled"]["counts"].get("passed", 0) > 0 and not parts["compiled"]["failures"]
+    assert parts["gpu-marked"]["counts"].get("skipped", 0) > 0  # no CUDA: collected, then skipped
+    names = {v["name"] for v in stages["anp"]["anp"]["variants"]}
+    assert {"reference", "fast"} <= names
+    assert stages["anp"]["anp_end_to_end"]["iterations"] == 20
+    assert {v["name"] for v in stages["pgd"]["pgd"]["variants"]} == {"reference", "fast"}
+    assert len(stages["large"]["large"]) == 2
+    assert stages["bn"]["bn"]["rows"]
+    rows = {r["target"]: r for r in result["targets"]}
+    assert set(rows) == {t.name for t in TARGETS} | {"whole command"}
+    assert rows["ANP it/s vs reference"]["result"] == "dry run (CPU smoke figure)"
+    summary = (out / "summary.md").read_text()
+    assert "DRY RUN" in summary and "| ANP it/s vs reference |" in summary and "## Stages" in summary
+
+
+def test_budget_shares_pass_unused_time_on():
+    first, rest = STAGES[0], list(STAGES[1:])
+    total = sum(s.share for s in STAGES)
+    assert allotments(100.0, list(STAGES)) == pytest.approx(100.0 * first.share / total)
+    # With fewer stages pending, each gets a larger part of what is left.
+    assert allotments(100.0, rest[-2:]) > allotments(100.0, rest)
+
+
+def test_stages_that_would_only_skip_get_no_time(tmp_path):
+    assert "dry run" in cannot_run("sanitizer", dry_run=True, cifar=None)
+    assert "--cifar" in cannot_run("cifar", dry_run=False, cifar=None)
+    assert "no such file" in cannot_run("cifar", dry_run=False, cifar=str(tmp_path / "missing.tar.xz"))
+    tarball = tmp_path / "cifar10-jpeg.tar.xz"
+    tarball.write_bytes(b"")
+    assert "load_image_folder" in cannot_run("cifar", dry_run=False, cifar=str(tarball))
+    assert cannot_run("anp", dry_run=True, cifar=None) is None
+
+
+def test_a_stage_past_its_time_is_killed_with_its_children_and_keeps_its_record(tmp_path, monkeypatch):
+    """The stage is told it has 30 s more than the plan gives it, so it overruns: the plan kills
+    it and the pytest it started at its deadline, and keeps the record it had written."""
+    import os
+
+    import fastpurify.gpucheck.plan as plan
+
+    monkeypatch.setattr(plan, "KILL_GRACE_S", -30.0)
+    (tmp_path / "logs").mkdir()
+    stage = next(s for s in STAGES if s.name == "tests")
+    start = time.monotonic()
+    rec = run_stage(stage, 8.0, tmp_path, ["--dry-run"], env=dict(os.environ), root=ROOT)
+    assert time.monotonic() - start < 8.0 + 12
+    assert rec["status"] == "timed out" and "killed after" in rec["reason"]
+    assert rec["stage"] == "tests" and rec["allotted_seconds"] == 8.0
+    time.sleep(0.5)
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    assert str(tmp_path) not in ps  # neither the stage nor its pytest is left running
+
+
+def test_targets_are_judged_from_the_records():
+    stages = {"anp": {"anp": {"variants": [
+        {"name": "reference", "median_ms": 50.0, "peak_memory_mb": 1000.0, "ratio_vs_reference": 1.0,
+         "ratio_vs_compile": 0.5},
+        {"name": "fast", "median_ms": 5.0, "peak_memory_mb": 1600.0, "ratio_vs_reference": 10.0,
+         "ratio_vs_compile": 1.5}]},
+        "anp_end_to_end": {"iterations": 300, "asked_iterations": 2000, "shortened": True, "seconds": 3.0,
+                           "projected_seconds_for_asked": 20.0}}}
+    rows = {r["target"]: r for r in evaluate(stages, seconds=100, budget=480)}
+    assert rows["ANP it/s vs reference"]["result"] == "met"
+    assert rows["ANP it/s vs reference + torch.compile"]["result"] == "not met"
+    assert rows["ANP peak memory vs reference"]["result"] == "not met"  # 1.6x > 1.5x
+    assert rows["ANP 2,000 iterations end to end"]["result"] == "not met"
+    assert "projected" in rows["ANP 2,000 iterations end to end"]["measured"]
+    assert rows["PGD-10 images/s vs reference"]["result"] == "not measured"
+    assert rows["whole command"]["result"] == "met"
+
+
+def test_bad_input_gets_a_clear_message(tmp_path, capsys):
+    assert main(["--out", str(tmp_path), "--dry-run", "--stages", "anp,nope"]) == 2
+    err = capsys.readouterr().err
+    assert "nope" in err and "environment" in err
+    assert main(["--out", str(tmp_path), "--dry-run", "--budget", "0"]) == 2
+    assert "--budget" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the message shown without CUDA")
+def test_without_cuda_only_the_dry_run_runs(tmp_path, capsys):
+    assert main(["--out", str(tmp_path)]) == 2
+    assert "--dry-run" in capsys.readouterr().err
+    assert not (tmp_path / "summary.md").exists()
