@@ -4,6 +4,11 @@ One dispatch rule for the whole package (:func:`backend_for`): the Triton kernel
 tensors, the same kernels through Triton's interpreter on CPU tensors when ``TRITON_INTERPRET=1``,
 otherwise a pure-PyTorch path with identical semantics. ``FASTPURIFY_BACKEND=torch|triton``
 forces one. Kernels are imported lazily, so importing fastpurify never imports triton.
+
+Precision: float64 tensors are loaded, reduced and stored in float64, but compiled Triton passes
+the Python-float hyperparameters (eps, momentum, step sizes, bounds) as float32 scalars, so a
+float64 result on a GPU carries their float32 rounding (relative ~1e-8); the interpreter and the
+PyTorch path keep them float64.
 """
 
 from __future__ import annotations

@@ -165,7 +165,9 @@ def test_pgd_l2_step(backend, shape, dtype, eps):
     expected = pgd_l2_formula(x, x0, grad, 0.1, eps, 0.0, 1.0)
     out = FP.pgd_l2_step_(x, x0, grad, 0.1, eps)
     assert out.data_ptr() == x.data_ptr()
-    tol = 1e-12 if dtype == torch.float64 else 2e-6
+    # Compiled, Triton passes the Python floats alpha and eps as float32 scalars (the interpreter
+    # keeps them float64): a float64 step then carries their float32 rounding, ~1e-9 here.
+    tol = 2e-6 if dtype == torch.float32 else (1e-8 if x.is_cuda and backend == "triton" else 1e-12)
     torch.testing.assert_close(x.double(), expected, rtol=tol, atol=tol)
     d_norm = (x.double() - x0.double()).flatten(1).norm(dim=1)
     assert float(d_norm.max()) <= eps + 1e-5

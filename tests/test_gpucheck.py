@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from fastpurify.gpucheck import main
-from fastpurify.gpucheck.plan import STAGE_NAMES, STAGES, allotments, cannot_run, run_stage
+from fastpurify.gpucheck.plan import MIN_STAGE_S, STAGE_NAMES, STAGES, allotments, cannot_run, run_stage
 from fastpurify.gpucheck.summary import TARGETS, evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,11 +75,16 @@ def test_dry_run_records_what_each_stage_measured(dry_run):
 
 
 def test_budget_shares_pass_unused_time_on():
-    first, rest = STAGES[0], list(STAGES[1:])
-    total = sum(s.share for s in STAGES)
-    assert allotments(100.0, list(STAGES)) == pytest.approx(100.0 * first.share / total)
+    env, rest = STAGES[0], list(STAGES[1:])
+    total = sum(s.share for s in rest)
+    assert allotments(400.0, rest) == pytest.approx(400.0 * rest[0].share / total)
     # With fewer stages pending, each gets a larger part of what is left.
     assert allotments(100.0, rest[-2:]) > allotments(100.0, rest)
+    # A stage's floor (the install takes its time) is kept when it leaves the others theirs.
+    assert env.min_seconds > 400.0 * env.share / sum(s.share for s in STAGES)
+    assert allotments(400.0, list(STAGES)) == env.min_seconds
+    squeezed = allotments(60.0, list(STAGES))
+    assert squeezed < env.min_seconds and 60.0 - squeezed >= MIN_STAGE_S * (len(STAGES) - 1) - 1e-9
 
 
 def test_stages_that_would_only_skip_get_no_time(tmp_path):

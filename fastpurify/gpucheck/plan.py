@@ -29,14 +29,15 @@ class Stage:
     name: str
     share: float
     what: str
+    min_seconds: float = MIN_STAGE_S  # its share is raised to this when the time left allows
 
 
 STAGES = (
     Stage("environment", 0.03, "install the checkout (pip --no-deps -e), record device, driver and versions, "
-                               "measure the copy bandwidth"),
+                               "measure the copy bandwidth", min_seconds=40),  # an H100 took 8 s to install
     Stage("tests", 0.18, "the gpu-marked tests and the kernel / functional / layer suites on CUDA tensors, "
                          "compiled kernels, per-test timeout"),
-    Stage("sanitizer", 0.07, "compute-sanitizer memcheck and racecheck over the kernel tests"),
+    Stage("sanitizer", 0.09, "compute-sanitizer memcheck and racecheck over the kernel tests"),
     Stage("bn", 0.08, "fused BatchNorm vs PyTorch composition vs torch.compile vs cuDNN, CIFAR ResNet-18 shapes, "
                       "both layouts"),
     Stage("anp", 0.25, "bench anp on CIFAR ResNet-18 (batch 128, 500 images), 2,000 iterations end to end, "
@@ -61,9 +62,12 @@ def choose_stages(names: str | None) -> tuple[str, ...]:
 
 
 def allotments(left: float, pending: list[Stage]) -> float:
-    """Seconds for the first of ``pending`` stages: its share of what is left."""
+    """Seconds for the first of ``pending`` stages: its share of what is left, raised to its
+    ``min_seconds`` where that leaves the others at least their shares' worth of MIN_STAGE_S."""
     total = sum(s.share for s in pending)
-    return left * pending[0].share / total if total > 0 else 0.0
+    seconds = left * pending[0].share / total if total > 0 else 0.0
+    floor = min(pending[0].min_seconds, left - MIN_STAGE_S * (len(pending) - 1))
+    return max(seconds, floor, 0.0)
 
 
 def cannot_run(name: str, *, dry_run: bool, cifar: str | None) -> str | None:

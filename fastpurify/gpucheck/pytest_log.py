@@ -1,7 +1,7 @@
 """A pytest plugin (``-p fastpurify.gpucheck.pytest_log``) that appends one JSON line per test
 outcome to the file named by ``FASTPURIFY_GPUCHECK_LOG`` as soon as it is known, so a test run
 killed at its deadline still says which tests passed, failed or were skipped (with pytest-xdist
-the reports reach the controller, which writes them)."""
+the reports reach the controller, which alone writes them)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ LOG_ENV = "FASTPURIFY_GPUCHECK_LOG"
 
 def pytest_runtest_logreport(report):
     path = os.environ.get(LOG_ENV)
-    if not path:
-        return
+    if not path or os.environ.get("PYTEST_XDIST_WORKER"):
+        return  # under xdist the controller writes every worker's reports once
     if report.when == "call" or (report.when == "setup" and report.outcome != "passed") or \
             (report.when == "teardown" and report.outcome == "failed"):
         outcome = report.outcome

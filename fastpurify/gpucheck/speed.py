@@ -103,8 +103,8 @@ def run_bn(record, opts) -> None:
     with device_setup(opts.dry_run):
         result = record.run_step("bn kernels", lambda: batch_norm.run_bn_benchmark(
             **s, deadline=record.deadline - 2, on_row=lambda row, partial: record.put(bn=partial)), optional=False)
-    record.put(bn=result)
-    print(batch_norm.format_table(result))
+    record.put(bn=result, table=batch_norm.format_table(result))
+    print(record.data["table"])
 
 
 def run_anp(record, opts) -> None:
@@ -135,7 +135,8 @@ def run_anp(record, opts) -> None:
             if record.run_step(f"anp {v}", lambda v=v: run_one(v), need=_need(v, 10)) is not None:
                 record.put(anp=merged(runs))
     if runs:
-        print(anp.format_table(merged(runs)))
+        record.put(table=anp.format_table(merged(runs)))
+        print(record.data["table"])
 
 
 def end_to_end(record, s: dict, fast_ms: float) -> dict:
@@ -184,7 +185,8 @@ def run_pgd(record, opts) -> None:
         result = per_variant(record, "pgd", s["variants"],
                              lambda v: pgd.run_pgd_benchmark(variants=(v,), **kw, progress=print))
     if result:
-        print(pgd.format_table(result))
+        record.put(table=pgd.format_table(result))
+        print(record.data["table"])
 
 
 def run_pbe(record, opts) -> None:
@@ -197,14 +199,15 @@ def run_pbe(record, opts) -> None:
         result = per_variant(record, "pbe", s["variants"], lambda v: pbe.run_pbe_benchmark(variants=(v,), **kw,
                                                                                            progress=print), need=20)
     if result:
-        print(pbe.format_table(result))
+        record.put(table=pbe.format_table(result))
+        print(record.data["table"])
 
 
 def run_large(record, opts) -> None:
     from ..benchmarks import anp
 
     s = sizes("large", opts.dry_run)
-    out = {}
+    out, tables = {}, []
     with device_setup(opts.dry_run):
         for arch, size in s["models"]:
             kw = dict(arch=arch, image_size=size, batch_size=s["batch_size"], num_images=s["num_images"],
@@ -217,4 +220,6 @@ def run_large(record, opts) -> None:
             result = per_variant(record, key, s["variants"], lambda v, kw=kw: anp.run_anp_benchmark(variants=(v,), **kw),
                                  need=20, store=store)
             if result:
-                print(anp.format_table(result))
+                tables.append(anp.format_table(result))
+                record.put(table="\n\n".join(tables))
+                print(tables[-1])

@@ -162,22 +162,13 @@ def evaluate(stages: dict, seconds: float, budget: float, dry_run: bool = False)
 
 
 def _tables(stages: dict) -> list[str]:
-    """The benchmark tables, as ``fastpurify bench`` prints them."""
-    from ..benchmarks import anp, pbe, pgd
+    """The benchmark tables each stage drew (as ``fastpurify bench`` prints them), in plan order."""
+    return [rec["table"] for rec in stages.values() if rec.get("table")]
 
-    out = []
-    for stage, key, fmt in (("anp", "anp", anp.format_table), ("pgd", "pgd", pgd.format_table),
-                            ("pbe", "pbe", pbe.format_table)):
-        result = stages.get(stage, {}).get(key)
-        if result:
-            out.append(fmt(result))
-    for result in (stages.get("large", {}).get("large") or {}).values():
-        out.append(anp.format_table(result))
-    bn = stages.get("bn", {}).get("bn")
-    if bn:
-        from ..benchmarks import batch_norm
-        out.append(batch_norm.format_table(bn))
-    return out
+
+def _first_line(text: str, limit: int = 240) -> str:
+    line = next((x.strip() for x in str(text).splitlines() if x.strip()), "")
+    return line[:limit] + ("…" if len(line) > limit else "")
 
 
 def markdown(result: dict) -> str:
@@ -198,10 +189,10 @@ def markdown(result: dict) -> str:
                      f"{rec.get('allotted_seconds', 0):.0f} | {rec.get('reason', '')} |")
     failures = []
     for name, rec in result["stages"].items():
-        failures += [f"- {name} / {s['name']}: {s['status']} — {s['reason']}" for s in rec.get("steps", [])
+        failures += [f"- {name} / {s['name']}: {s['status']} — {_first_line(s['reason'])}" for s in rec.get("steps", [])
                      if s["status"] != "ok"]
         for part, p in (rec.get("parts") or {}).items():
-            failures += [f"- {name} / {part}: `{f['test']}` — {f['message']}" for f in p["failures"]]
+            failures += [f"- {name} / {part}: `{f['test']}` — {_first_line(f['message'])}" for f in p["failures"]]
         for tool, p in (rec.get("sanitizer") or {}).items():
             failures += [f"- sanitizer / {tool}: {line}" for line in p.get("findings", [])]
     if failures:
@@ -223,10 +214,7 @@ def write_outputs(out_dir: Path, records: list[dict], *, budget: float, dry_run:
     result = {"gpucheck": {"budget": budget, "dry_run": dry_run, "commit": commit, "seconds": round(seconds, 1),
                            "date": date},
               "environment": env, "targets": evaluate(stages, seconds, budget, dry_run), "stages": stages}
-    try:
-        result["tables"] = _tables(stages)
-    except Exception as err:  # noqa: BLE001 - a table that cannot be drawn must not lose the evidence
-        result["tables"] = [f"(tables could not be drawn: {type(err).__name__}: {err})"]
+    result["tables"] = _tables(stages)
     write_json(out_dir / "gpucheck.json", result)
     write_text(out_dir / "summary.md", markdown(result))
     if results_dir is not None:

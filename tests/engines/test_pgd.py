@@ -194,11 +194,15 @@ def test_a_step_larger_than_the_ball_without_random_start_is_warned(fitted):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("norm", ["linf", "l2"])
-def test_cuda_graph_equals_eager_and_the_reference(norm):
+def test_cuda_graph_equals_eager_and_the_reference(norm, exact_cuda):
+    """In float64 with deterministic cuDNN (in float32 the fast engine's channels_last
+    convolutions and the reference's sum in other orders, and sign steps flip on near-zero
+    gradients: 92 % of pixels agreed on an H100)."""
     from fastpurify.models import build_model
     torch.manual_seed(0)
-    model = build_model("preact_resnet18", num_classes=10, in_channels=3).cuda().eval()
-    x, y = torch.rand(96, 3, 32, 32, device="cuda"), torch.randint(0, 10, (96,), device="cuda")
+    model = build_model("preact_resnet18", num_classes=10, in_channels=3).cuda().double().eval()
+    x = torch.rand(96, 3, 32, 32, device="cuda", dtype=torch.float64)
+    y = torch.randint(0, 10, (96,), device="cuda")
     kw = dict(SETTINGS[norm], steps=5, norm=norm, seed=3, tf32=False, batch_size=32)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a failed or mismatching capture would warn
