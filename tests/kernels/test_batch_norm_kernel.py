@@ -262,3 +262,34 @@ def test_sm_count(monkeypatch):
         assert [sm_count(torch.device("cuda", 1)) for _ in range(3)] == [114] * 3 and asked == [1]
     finally:
         runtime._cuda_sm_count.cache_clear()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("n, c, side, groups", [(256, 64, 32, 2), (128, 512, 4, 1), (128, 2048, 7, 2)])
+def test_cuda_at_real_shapes(n, c, side, groups, channels_last):
+    """On a GPU, with the device's own plan (hundreds of programs, many splits a group): every
+    output written, forward, running statistics and every gradient against the float64
+    formulas, and bitwise equal over two runs (what the interpreter cannot show: programs that
+    really run at once)."""
+    x, p, stats = make((n, c, side, side), groups, channels_last)
+    x, p, stats = x.cuda(), {k: v.cuda() for k, v in p.items()}, {k: v.cuda() for k, v in stats.items()}
+    x3 = ncs(x)
+    plan = launch_plan(tuple(x3.shape), x3.stride(), groups, sm_count(x.device), 4)
+    assert plan.splits > 1 and plan.programs >= sm_count(x.device)
+    before = {k: v.clone() for k, v in stats.items()}
+    dy3 = ncs(torch.randn(x.shape, generator=torch.Generator().manual_seed(9)).cuda())
+    runs = []
+    for _ in range(2):
+        run_stats = {k: v.clone() for k, v in before.items()}
+        _, y3, mean, rstd = launch_forward(x, p, run_stats, groups, True, update=True)
+        out = launch_backward(x3, dy3, p, mean, rstd, groups, True)
+        runs.append([y3, mean, rstd, *run_stats.values(), *out.values()])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+    ref, rm, rv = batch_norm(x, **p, **before, training=True, groups=groups)
+    assert not torch.isnan(y3).any()
+    assert torch.allclose(y3.view(x.shape).double(), ref, atol=5e-5, rtol=1e-5)
+    assert torch.allclose(run_stats["running_mean"].double(), rm, atol=1e-6)
+    assert torch.allclose(run_stats["running_var"].double(), rv, atol=1e-5)
+    assert_gradients(out, x, p, dy3.view(x.shape), before, groups, True)
