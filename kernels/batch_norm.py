@@ -44,7 +44,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .runtime import accumulator_dtype, sm_count
+from .runtime import accumulator_dtype, interpreting, sm_count
 
 # ---------------------------------------------------------------------------------------------
 # Kernels
@@ -409,6 +409,8 @@ MIN_ROW_BYTES = 64  # ... or fewer (two 32-byte sectors), when that is what fill
 MAX_POSITIONS = 1024  # positions a positions-inner tile spans at most
 MERGE_TILE = 1024  # partials a program merges per step
 PREFERRED_SPLITS = 64  # narrower channel blocks rather than more splits beyond this (shorter merges)
+INTERPRET_TILE = 16384  # values a tile holds under Triton's interpreter (programs run one by one, so
+INTERPRET_ROW = 256  # few large ones are fastest), channels a channels-inner row spans there
 
 
 @dataclasses.dataclass(frozen=True)
@@ -444,7 +446,8 @@ def _pow2(n: int) -> int:
 
 @functools.lru_cache(maxsize=4096)
 def launch_plan(shape: tuple[int, int, int], strides: tuple[int, int, int], groups: int, sms: int,
-                itemsize: int, *, splits: int | None = None, tile: tuple[int, int] | None = None) -> LaunchPlan:
+                itemsize: int, *, splits: int | None = None, tile: tuple[int, int] | None = None,
+                interpret: bool = False) -> LaunchPlan:
     """The launch plan of a BatchNorm on an (N, C, S) view with these (sample, channel, spatial)
     strides, ``groups`` groups, on a GPU with ``sms`` SMs, for ``itemsize``-byte values. Pure
     (cached): runs on every call.
@@ -463,6 +466,9 @@ def launch_plan(shape: tuple[int, int, int], strides: tuple[int, int, int], grou
       reach the programs wanted.
     - ``splits`` / ``tile`` (tests): force about that many splits per group and channel block
       (rounded so that none is empty) and a (BLOCK_R, BLOCK_C) tile.
+    - ``interpret`` (Triton's interpreter on CPU, which runs programs one after another): tiles
+      of ``INTERPRET_TILE`` values, rows of up to ``INTERPRET_ROW`` channels, one split unless
+      forced. The code paths are the same; only the sizes differ.
 
     The grid is 1-D, so no shape exceeds a grid dimension."""
     n, c, s = shape
@@ -471,18 +477,21 @@ def launch_plan(shape: tuple[int, int, int], strides: tuple[int, int, int], grou
     m = ng * s
     channels_inner = not (ss == 1 and s > 1 and sc != 1)
     tile_values = max(256, TILE_BYTES // itemsize)
+    row_values = max(1, ROW_BYTES // itemsize)
     if not channels_inner and s % 16:  # Triton knows rows of positions aligned only when S % 16 == 0: other
         tile_values //= 2  # rows are read value by value, each with its own address (registers)
+    want = max(1, min(PROGRAMS_PER_SM * sms, n * c * s // MIN_PROGRAM_VALUES))
+    if interpret:
+        tile_values, row_values, want = INTERPRET_TILE, INTERPRET_ROW, 1
     if tile is not None:
         block_r, block_c = tile
     elif channels_inner:
-        block_c = min(_pow2(c), max(1, ROW_BYTES // itemsize))
+        block_c = min(_pow2(c), row_values)
         min_c = min(block_c, max(1, MIN_ROW_BYTES // itemsize))
     else:
         block_r = min(_pow2(s), MAX_POSITIONS, tile_values)
         block_c = min(_pow2(c), max(1, tile_values // block_r))
         min_c = 1
-    want = max(1, min(PROGRAMS_PER_SM * sms, n * c * s // MIN_PROGRAM_VALUES))
     merge_cap = max(1, math.isqrt(m * itemsize // 16))
     while True:
         if tile is None and channels_inner:
@@ -547,7 +556,7 @@ def _geometry(x3: torch.Tensor, others, groups: int, splits, tile):
     tensors = [x3, *others]
     strides = [_strides(t) for t in tensors]
     plan = launch_plan((n, c, s), strides[0], groups, sm_count(x3.device), x3.element_size(), splits=splits,
-                       tile=tile)
+                       tile=tile, interpret=interpreting() and not x3.is_cuda)
     assert 2 * groups * plan.splits * c < 2**31, "the partial statistics are indexed in int32"
     ng = n // groups
     if plan.channels_inner and s > 1 and all(sn == s * ss for sn, _, ss in strides):
