@@ -23,10 +23,11 @@ Both are one formula: split ``sp`` covers ``[a0, a1) x [b0, b1)`` of a ``U0 x U1
 (rows x 1, or samples x positions), ``a0 = (sp // splits_s) * Q``, ``b0 = (sp % splits_s) * T``,
 so every kernel knows each split's exact count ``(a1 - a0) * (b1 - b0)`` without storing it.
 
-**Forward** (training): ``bn_stats_kernel`` reduces each split to its count-weighted mean and
-M2 (sums shifted by the split's first value) into a small ``(2, G, splits, C)`` fp32 buffer;
-``bn_normalize_kernel``, on the same grid, merges its group's partials in split order (Chan et
-al.'s parallel formula, shifted by split 0's mean) and normalises its own split's rows. Eval mode
+**Forward** (training): ``bn_stats_kernel`` reduces each split to its mean and M2, from sums
+shifted by the group's first value x0 (as the one-kernel version did over the whole group), and
+stores mean - x0 and M2 into a small ``(2, G, splits, C)`` fp32 buffer; ``bn_normalize_kernel``,
+on the same grid, merges its group's partials in split order (Chan et al.'s parallel formula,
+shifted by split 0's) and normalises its own split's rows. Eval mode
 runs only ``bn_normalize_kernel`` with the running statistics. **Backward**:
 ``bn_grad_sums_kernel`` writes per-split sum(dy * xhat) and sum(dy); ``bn_grad_apply_kernel``
 merges them and writes dx for its rows, and one program per channel block writes the per-channel
@@ -91,12 +92,10 @@ def _tile(u, v, a1, b1, base_n, S, cmask, IDX: tl.constexpr, CHANNELS_INNER: tl.
 
 
 @triton.jit
-def _first(a0, b0, base_n, S, IDX: tl.constexpr, CHANNELS_INNER: tl.constexpr):
-    """Sample and position (IDX scalars) of the first value of a split starting at ``(a0, b0)``."""
-    if CHANNELS_INNER:
-        return (base_n + a0 // S).to(IDX), (a0 % S).to(IDX)
-    else:
-        return (base_n + a0).to(IDX), b0.to(IDX)
+def _pivot(X, g, Ng, cs, cmask, sxn, sxc, IDX: tl.constexpr, ACC: tl.constexpr):
+    """Group g's first value of each channel ``cs``: the shift of its sums (row 0 of the group in
+    either layout)."""
+    return tl.load(X + (g * Ng).to(IDX) * sxn + cs.to(IDX) * sxc, mask=cmask, other=0.0).to(ACC)
 
 
 @triton.jit
@@ -161,10 +160,11 @@ def _group_affine(W, B, MASK, NOISE, NOISE_B, g, cs, cmask, s_noise, s_noise_b, 
 @triton.jit
 def _merge_stats(PART, plane, g, cs, cmask, C, splits, U0, U1, Q, T, splits_s, M, ACC: tl.constexpr,
                  BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Mean and biased variance of group g's channels ``cs`` from its splits' (mean, M2) in
-    ``PART`` (planes ``plane`` apart): with k = split 0's mean and d_i = mean_i - k,
-    mean = k + sum(n_i d_i) / M and M2 = sum(M2_i + n_i d_i^2) - (sum n_i d_i)^2 / M, summed
-    BLOCK_P splits at a time in a fixed order."""
+    """Mean minus the group's pivot x0, and biased variance, of group g's channels ``cs`` from its
+    splits' (mean_i - x0, M2_i) in ``PART`` (planes ``plane`` apart): with k = split 0's and
+    d_i = (mean_i - x0) - k, mean - x0 = k + sum(n_i d_i) / M and
+    M2 = sum(M2_i + n_i d_i^2) - (sum n_i d_i)^2 / M (Chan et al.), summed BLOCK_P splits at a
+    time in a fixed order."""
     row = g * splits
     k = tl.load(PART + row * C + cs, mask=cmask, other=0.0).to(ACC)
     acc1 = tl.zeros((BLOCK_P, BLOCK_C), dtype=ACC)
@@ -204,15 +204,15 @@ def bn_stats_kernel(X, PART, C, S, Ng, sxn, sxc, sxs, C_BLOCKS, splits, U0, U1, 
                     ACC: tl.constexpr, IDX: tl.constexpr, CHANNELS_INNER: tl.constexpr, BLOCK_R: tl.constexpr,
                     BLOCK_C: tl.constexpr):
     """Grid ``(G * splits * C_BLOCKS,)``. Each program reduces its split of its group for its
-    BLOCK_C channels, tile by tile, to sums of x - x0 and (x - x0)^2 (x0: the split's first
-    value, per channel; per-lane accumulators in ACC) and stores the split's mean and M2 into
-    ``PART[0, g, sp, :]`` and ``PART[1, g, sp, :]``."""
+    BLOCK_C channels, tile by tile, to sums of x - x0 and (x - x0)^2 (x0: the group's first
+    value, per channel, as in a one-pass shifted variance; per-lane accumulators in ACC) and
+    stores the split's mean - x0 and M2 into ``PART[0, g, sp, :]`` and ``PART[1, g, sp, :]``:
+    both small, exact-ish numbers, whatever the mean's magnitude."""
     g, sp, cb = _decode(C_BLOCKS, splits)
     cs, cmask = _channels(cb, C, BLOCK_C)
     base_n = g * Ng
     a0, a1, b0, b1 = _split_bounds(sp, U0, U1, Q, T, splits_s)
-    n0, s0 = _first(a0, b0, base_n, S, IDX, CHANNELS_INNER)
-    pivot = tl.load(X + n0 * sxn + s0 * sxs + cs.to(IDX) * sxc, mask=cmask, other=0.0).to(ACC)
+    pivot = _pivot(X, g, Ng, cs, cmask, sxn, sxc, IDX, ACC)
     acc1 = _tile_zeros(ACC, CHANNELS_INNER, BLOCK_R, BLOCK_C)
     acc2 = _tile_zeros(ACC, CHANNELS_INNER, BLOCK_R, BLOCK_C)
     for u in range(a0, a1, BLOCK_R if CHANNELS_INNER else 1):
@@ -226,7 +226,7 @@ def bn_stats_kernel(X, PART, C, S, Ng, sxn, sxc, sxs, C_BLOCKS, splits, U0, U1, 
     s1 = _reduce(acc1, CHANNELS_INNER)
     s2 = _reduce(acc2, CHANNELS_INNER)
     slot = (g * splits + sp) * C + cs
-    tl.store(PART + slot, pivot + s1 / count, mask=cmask)
+    tl.store(PART + slot, s1 / count, mask=cmask)
     tl.store(PART + plane + slot, tl.maximum(s2 - s1 * s1 / count, 0.0), mask=cmask)
 
 
@@ -251,6 +251,7 @@ def bn_normalize_kernel(X, Y, W, B, MASK, NOISE, NOISE_B, RUN_MEAN, RUN_VAR, MEA
     if TRAINING:
         mean, var = _merge_stats(PART, plane, g, cs, cmask, C, splits, U0, U1, Q, T, splits_s, M, ACC, BLOCK_P,
                                  BLOCK_C)
+        mean += _pivot(X, g, Ng, cs, cmask, sxn, sxc, IDX, ACC)
         if UPDATE_RUNNING:
             if (g == 0) & (sp == 0):
                 run_mean = tl.load(RUN_MEAN + cs, mask=cmask, other=0.0).to(ACC)
@@ -258,6 +259,7 @@ def bn_normalize_kernel(X, Y, W, B, MASK, NOISE, NOISE_B, RUN_MEAN, RUN_VAR, MEA
                 for gg in range(0, G):
                     mu, va = _merge_stats(PART, plane, gg, cs, cmask, C, splits, U0, U1, Q, T, splits_s, M, ACC,
                                           BLOCK_P, BLOCK_C)
+                    mu += _pivot(X, gg, Ng, cs, cmask, sxn, sxc, IDX, ACC)
                     run_mean = (1.0 - momentum) * run_mean + momentum * mu
                     run_var = (1.0 - momentum) * run_var + momentum * va * M / (M - 1)
                 tl.store(RUN_MEAN + cs, run_mean.to(RUN_MEAN.dtype.element_ty), mask=cmask)
