@@ -27,11 +27,10 @@ so every kernel knows each split's exact count ``(a1 - a0) * (b1 - b0)`` without
 shifted by the group's first value x0 (as the one-kernel version did over the whole group), and
 stores mean - x0 and M2 into a small ``(2, G, splits, C)`` fp32 buffer; ``bn_normalize_kernel``,
 on the same grid, merges its group's partials in split order (Chan et al.'s parallel formula,
-shifted by split 0's) and normalises its own split's rows. Eval mode
-runs only ``bn_normalize_kernel`` with the running statistics. **Backward**:
-``bn_grad_sums_kernel`` writes per-split sum(dy * xhat) and sum(dy); ``bn_grad_apply_kernel``
-merges them and writes dx for its rows, and one program per channel block writes the per-channel
-gradients. Every merge is a fixed-order sum over the same partials (no atomics), so results are
+shifted by split 0's) and normalises its own split's rows. Eval mode runs only
+``bn_normalize_kernel`` with the running statistics. **Backward**: ``bn_grad_sums_kernel``
+writes per-split sum(dy * xhat) and sum(dy); ``bn_grad_apply_kernel`` merges them and writes dx
+for its rows, and one program per channel block writes the per-channel gradients. Every merge is a fixed-order sum over the same partials (no atomics), so results are
 bitwise reproducible, and every program of a group computes the same statistics.
 """
 
