@@ -6,8 +6,11 @@ used; this module reads it without importing triton.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
+
+SM_COUNT_WITHOUT_GPU = 132  # an H100's (and an H200's): plans made on CPU, meta or the interpreter
 
 
 def triton_available() -> bool:
@@ -26,3 +29,20 @@ def accumulator_dtype(dtype):
     import triton.language as tl
 
     return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_sm_count(index: int) -> int:
+    import torch
+
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sm_count(device) -> int:
+    """Streaming multiprocessors of ``device`` (a torch.device): read once per CUDA device;
+    ``SM_COUNT_WITHOUT_GPU`` for any other device (launch plans made without a GPU)."""
+    if device.type != "cuda":
+        return SM_COUNT_WITHOUT_GPU
+    import torch
+
+    return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())

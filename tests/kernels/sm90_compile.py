@@ -1,0 +1,179 @@
+"""Compile fastpurify's Triton kernels for an H100 (sm_90) without a GPU, through the real launchers.
+
+Run as a script (``python -m tests.kernels.sm90_compile [--all-modes] [--layout contiguous|channels_last]``)
+in a process where TRITON_INTERPRET is unset: Triton's active driver is replaced by one that
+reports the target ``("cuda", 90, 32)``, every ``JITFunction.run`` becomes a compile-only warmup
+(nothing is launched), and the launchers are called on ``meta`` tensors (no memory). Each launch
+is recorded with its kernel, grid and the compiled binary's registers, spills and stack, read
+from the cubin with the cuobjdump that Triton ships. Prints one JSON line:
+``{"cases": [...], "launches": [...], "kernels": {hash: {...}}, "seconds": ...}``. Exits with 3
+when this Triton lacks the API (another version).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from .resnet_shapes import BN_SHAPES
+
+
+def install_sm90_driver():
+    """Make Triton compile for sm_90 and record instead of launching: returns the list that
+    receives (kernel name, grid, compiled kernel, constexpr keyword arguments) per launch."""
+    import triton
+    try:
+        from triton.backends.compiler import GPUTarget
+        from triton.backends.driver import DriverBase
+        from triton.runtime import jit
+        jit.JITFunction.run  # noqa: B018
+    except (ImportError, AttributeError):
+        sys.exit(3)
+
+    class SM90(DriverBase):
+        """Reports an H100 and launches nothing."""
+
+        @classmethod
+        def is_active(cls):
+            return False
+
+        def get_current_target(self):
+            return GPUTarget("cuda", 90, 32)
+
+        def get_current_device(self):
+            return 0
+
+        def get_current_stream(self, device=None):
+            return 0
+
+        def get_active_torch_device(self):
+            import torch
+            return torch.device("meta")
+
+        def map_python_to_cpp_type(self, ty):
+            raise NotImplementedError
+
+        def get_benchmarker(self):
+            raise NotImplementedError
+
+    triton.runtime.driver.set_active(SM90())
+    launches = []
+    original = jit.JITFunction.run
+
+    def compile_only(self, *args, grid, warmup, **kwargs):
+        kernel = original(self, *args, grid=grid, warmup=True, **kwargs)
+        launches.append((self.fn.__name__, tuple(grid), kernel, kwargs))
+        return kernel
+
+    jit.JITFunction.run = compile_only
+    return launches
+
+
+def resources(kernel) -> dict:
+    """Registers, spills and stack of a compiled kernel, from its cubin (cuobjdump -res-usage).
+    ``n_spills`` is what Triton's ``kernel.n_spills`` reads from the driver on a GPU (local
+    memory / 4); ptxas also puts spills in a stack frame (``ptxas -v``: "16 bytes stack frame,
+    16 bytes spill stores"), so a kernel that spills has ``n_spills`` or ``stack`` nonzero."""
+    import triton
+
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(kernel.asm["cubin"])
+        cubin.flush()
+        text = subprocess.run([str(tool), "-res-usage", cubin.name], capture_output=True, text=True,
+                              check=True).stdout
+    found = {k: int(v) for k, v in re.findall(r"\b(REG|STACK|LOCAL):(\d+)", text)}
+    return dict(registers=found["REG"], n_spills=found.get("LOCAL", 0) // 4, stack=found.get("STACK", 0),
+                warps=kernel.metadata.num_warps, shared=kernel.metadata.shared)
+
+
+def batch_norm_launches(shapes, layouts=(False, True), dtype_name="float32"):
+    """The launches of one ANP step's BatchNorm (two groups: clean and perturbed, or one) per shape
+    and layout (channels_last or not): training forward, then the backward that needs dx and the
+    mask and noise gradients."""
+    import torch
+
+    from fastpurify import functional as FP
+
+    FP.backend_for = lambda *tensors: "triton"  # the meta tensors stand for CUDA ones
+    dtype = getattr(torch, dtype_name)
+    cases = []
+    for n, c, side, groups in shapes:
+        for channels_last in layouts:
+            x = torch.empty(n, c, side, side, device="meta", dtype=dtype)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            x.requires_grad_()
+            vec = lambda grad=False: torch.empty(c, device="meta").requires_grad_(grad)  # noqa: E731
+            noise = torch.empty(groups, c, device="meta").requires_grad_()
+            y = FP.perturbed_batch_norm(x, vec(), vec(), vec(True), noise, torch.empty_like(noise).requires_grad_(),
+                                        groups=groups)
+            y.backward(torch.empty_like(y))
+            cases.append(dict(shape=[n, c, side, side], groups=groups, channels_last=channels_last))
+    return cases
+
+
+def other_modes(layouts=(False, True)):
+    """The branches the ANP step does not take, once per layout: eval forward and a dx-only
+    backward (PGD through a frozen model), running statistics updated, weight and bias
+    gradients, a mask-only backward (x needs no gradient), float16 and bfloat16, and a tensor
+    of 2**31 values (int64 offsets)."""
+    import torch
+
+    from fastpurify import functional as FP
+
+    FP.backend_for = lambda *tensors: "triton"
+    for channels_last in layouts:
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            x = torch.empty(64, 256, 14, 14, device="meta", dtype=dtype)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            p = [torch.empty(256, device="meta").requires_grad_() for _ in range(3)]
+            stats = [torch.empty(256, device="meta") for _ in range(2)]
+            y = FP.perturbed_batch_norm(x.requires_grad_(), *p, *stats, training=True)  # running stats, dw, db
+            y.backward(torch.empty_like(y))
+            x = x.detach().requires_grad_()
+            y = FP.perturbed_batch_norm(x, p[0].detach(), p[1].detach(), p[2].detach(), *[None, None], *stats,
+                                        training=False)
+            y.backward(torch.empty_like(y))  # eval, dx only
+            y = FP.perturbed_batch_norm(x.detach(), p[0].detach(), p[1].detach(), p[2], *[None, None], *stats,
+                                        training=False)
+            y.backward(torch.empty_like(y))  # eval, mask only
+            y = FP.perturbed_batch_norm(x.detach(), p[0].detach(), p[1].detach(), p[2], groups=2)
+            y.backward(torch.empty_like(y))  # training, mask only
+        x = torch.empty(512, 64, 256, 256, device="meta")  # 2**31 values: int64 offsets
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        p = [torch.empty(64, device="meta").requires_grad_() for _ in range(3)]
+        y = FP.perturbed_batch_norm(x.requires_grad_(), p[0].detach(), p[1].detach(), p[2], groups=2)
+        y.backward(torch.empty_like(y))
+
+
+def main() -> None:
+    start = time.perf_counter()
+    layout = sys.argv[sys.argv.index("--layout") + 1] if "--layout" in sys.argv else None
+    layouts = {None: (False, True), "contiguous": (False,), "channels_last": (True,)}[layout]
+    launches = install_sm90_driver()
+    cases = batch_norm_launches(BN_SHAPES, layouts)
+    anp_launches = len(launches)
+    if "--all-modes" in sys.argv:
+        other_modes(layouts)
+    kernels = {}
+    records = []
+    for i, (name, grid, kernel, kwargs) in enumerate(launches):
+        if kernel.hash not in kernels:
+            kernels[kernel.hash] = dict(name=name, **resources(kernel))
+        # every launch reads or writes the activations, except the per-channel gradients alone
+        touches = name != "bn_grad_apply_kernel" or bool(kwargs.get("NEED_DX"))
+        records.append(dict(kernel=name, hash=kernel.hash, grid=list(grid), anp=i < anp_launches,
+                            touches_activations=touches))
+    print(json.dumps(dict(cases=cases, launches=records, kernels=kernels, seconds=time.perf_counter() - start)))
+
+
+if __name__ == "__main__":
+    main()
