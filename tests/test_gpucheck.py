@@ -108,10 +108,10 @@ def test_a_stage_past_its_time_is_killed_with_its_children_and_keeps_its_record(
     (tmp_path / "logs").mkdir()
     stage = next(s for s in STAGES if s.name == "tests")
     start = time.monotonic()
-    rec = run_stage(stage, 8.0, tmp_path, ["--dry-run"], env=dict(os.environ), root=ROOT)
-    assert time.monotonic() - start < 8.0 + 12
+    rec = run_stage(stage, 4.0, tmp_path, ["--dry-run"], env=dict(os.environ), root=ROOT)  # its pytest needs ~8 s
+    assert time.monotonic() - start < 4.0 + 12
     assert rec["status"] == "timed out" and "killed after" in rec["reason"]
-    assert rec["stage"] == "tests" and rec["allotted_seconds"] == 8.0
+    assert rec["stage"] == "tests" and rec["allotted_seconds"] == 4.0
     time.sleep(0.5)
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
     assert str(tmp_path) not in ps  # neither the stage nor its pytest is left running
@@ -148,3 +148,33 @@ def test_without_cuda_only_the_dry_run_runs(tmp_path, capsys):
     assert main(["--out", str(tmp_path)]) == 2
     assert "--dry-run" in capsys.readouterr().err
     assert not (tmp_path / "summary.md").exists()
+
+
+def test_summary_can_be_written_again_from_the_records(dry_run, tmp_path, capsys):
+    """A run cut off before its summary (the machine given back, say) still has its stage
+    records: ``--summarize DIR`` writes summary.md and gpucheck.json from them."""
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(dry_run[0], out)
+    before = json.loads((out / "gpucheck.json").read_text())
+    (out / "summary.md").unlink()
+    (out / "gpucheck.json").unlink()
+    assert main(["--summarize", str(out)]) == 0
+    after = json.loads((out / "gpucheck.json").read_text())
+    assert [r["result"] for r in after["targets"]] == [r["result"] for r in before["targets"]]
+    assert after["stages"]["tests"]["parts"]["compiled"]["counts"] == \
+        before["stages"]["tests"]["parts"]["compiled"]["counts"]
+    assert "## Targets" in (out / "summary.md").read_text()
+    assert main(["--summarize", str(tmp_path / "empty")]) == 2
+    assert "no GPU-check records" in capsys.readouterr().err
+
+
+def test_the_committed_table_of_gpu_checks_is_generated_from_their_json():
+    from fastpurify.gpucheck.results_table import render, runs
+
+    results = ROOT / "bench" / "results"
+    assert (results / "README.md").read_text() == render(Path("bench/results")), \
+        "bench/results/README.md is stale: run python -m fastpurify.gpucheck.results_table bench/results"
+    for _, r in runs(results):  # every committed run names its device and commit
+        assert r["environment"].get("device") and r["gpucheck"]["commit"] != "unknown"

@@ -29,7 +29,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     p = argparse.ArgumentParser(prog="python -m fastpurify.gpucheck", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True, help="folder for the evidence (created)")
+    p.add_argument("--out", help="folder for the evidence (created)")
+    p.add_argument("--summarize", metavar="DIR", default=None,
+                   help="run nothing: write DIR's summary.md and gpucheck.json again from its records (a run cut "
+                        "off before its summary, or written by an older version)")
     p.add_argument("--budget", type=float, default=DEFAULT_BUDGET_S,
                    help="seconds for the whole command (default: %(default)s)")
     p.add_argument("--stages", default=None, help=f"comma-separated subset of: {', '.join(STAGE_NAMES)} (default: all)")
@@ -48,7 +51,20 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parse_args(argv)
     root = Path(__file__).resolve().parents[2]
+    if args.summarize:
+        from .summary import rebuild
+
+        if not (Path(args.summarize) / "logs").is_dir() and not any(Path(args.summarize).glob("*.json")):
+            print(f"fastpurify gpu-check: error: {args.summarize} holds no GPU-check records", file=sys.stderr)
+            return 2
+        result = rebuild(Path(args.summarize), Path(args.results_dir) if args.results_dir else None)
+        print((Path(args.summarize) / "summary.md").read_text())
+        if "results_path" in result:
+            print(f"wrote {result['results_path']}")
+        return 0
     try:
+        if not args.out:
+            raise InputError("--out DIR is required (the folder for the evidence)")
         if not args.budget > 0:
             raise InputError(f"--budget must be a positive number of seconds, got {args.budget}")
         stages = choose_stages(args.stages)

@@ -32,9 +32,29 @@ def pytest_runtest_logreport(report):
 
 
 def read(path) -> list[dict]:
-    """The outcomes written so far (one per test; a failed teardown adds an entry)."""
+    """The outcomes written so far, one per (test, phase) (a failed teardown adds an entry; a
+    repeated line, as older runs under xdist wrote, counts once)."""
     try:
         with open(path) as f:
-            return [json.loads(line) for line in f if line.strip()]
+            lines = [json.loads(line) for line in f if line.strip()]
     except OSError:
         return []
+    seen, out = set(), []
+    for o in lines:
+        if (o["test"], o["when"]) not in seen:
+            seen.add((o["test"], o["when"]))
+            out.append(o)
+    return out
+
+
+def summarize(path) -> dict:
+    """Counts by outcome, how many ran, the failures and the five slowest tests of a log."""
+    outcomes = read(path)
+    counts: dict[str, int] = {}
+    for o in outcomes:
+        counts[o["outcome"]] = counts.get(o["outcome"], 0) + 1
+    return {"counts": counts, "ran": len(outcomes),
+            "failures": [{"test": o["test"], "when": o["when"], "message": o["message"]} for o in outcomes
+                         if o["outcome"] == "failed"],
+            "slowest": sorted(({"test": o["test"], "seconds": o["seconds"]} for o in outcomes),
+                              key=lambda o: -o["seconds"])[:5]}

@@ -5,6 +5,7 @@ the output folder and, when asked, to ``bench/results/gpucheck-<device>-<date>.j
 from __future__ import annotations
 
 import datetime as dt
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,7 +79,10 @@ def _sanitizer(tool: str):
         r = (stages.get("sanitizer", {}).get("sanitizer") or {}).get(tool)
         if not r:
             return None
-        return "; ".join(r["summary"]) or "no summary", bool(r["clean"])
+        text = f"{len(r['findings'])} finding(s) in {r['ran']} test(s)"
+        text += f"; {'; '.join(r['summary'])}" if r["summary"] else ""
+        text += "; cut off at its deadline, before the tool's summary" if r["timed_out"] else ""
+        return text, bool(r["clean"])
     return measure
 
 
@@ -205,11 +209,54 @@ def markdown(result: dict) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
+def environment_of(stages: dict) -> dict:
+    """The environment stage's record of the machine; where that stage was cut off, the device
+    and versions a benchmark stage recorded beside its figures (marked with its source)."""
+    env = dict((stages.get("environment") or {}).get("environment") or {})
+    if not env.get("device"):
+        for rec in stages.values():
+            found = next((v["environment"] for v in rec.values() if isinstance(v, dict)
+                          and isinstance(v.get("environment"), dict) and v["environment"].get("device")), None)
+            if found:
+                env = {**found, **env, "source": f"the {rec['stage']} stage's benchmark record"}
+                break
+    env["copy_bandwidth"] = (stages.get("environment") or {}).get("copy_bandwidth")
+    return env
+
+
+def rebuild(out_dir: Path, results_dir: Path | None = None) -> dict:
+    """The summary and combined JSON again from the records in ``out_dir`` (the combined JSON's
+    stages where it exists, else each ``<stage>.json``), the test counts recomputed from the
+    pytest logs: for a run cut off before its summary, or written by an older version."""
+    from . import pytest_log
+    from .plan import STAGE_NAMES
+
+    out_dir = Path(out_dir)
+    combined = out_dir / "gpucheck.json"
+    old = json.loads(combined.read_text()) if combined.exists() else {}
+    records = []
+    for name in STAGE_NAMES:
+        path = out_dir / f"{name}.json"
+        rec = (old.get("stages") or {}).get(name) or (json.loads(path.read_text()) if path.exists() else
+                                                       {"stage": name, "status": "missing", "steps": [],
+                                                        "reason": "no record in this folder"})
+        for part, p in (rec.get("parts") or {}).items():
+            log = out_dir / "logs" / f"pytest-{part}.jsonl"
+            if log.exists():
+                p.update(pytest_log.summarize(log))
+        records.append(rec)
+    g = old.get("gpucheck") or {}
+    seconds = g.get("seconds") or sum(r.get("wall_seconds", r.get("seconds", 0)) for r in records)
+    commit = g.get("commit") or next((r["commit"] for r in records if r.get("commit")), "unknown")
+    dry_run = g.get("dry_run", any(r.get("dry_run") for r in records))
+    return write_outputs(out_dir, records, budget=g.get("budget", seconds), dry_run=dry_run,
+                         commit=commit, seconds=seconds, results_dir=results_dir)
+
+
 def write_outputs(out_dir: Path, records: list[dict], *, budget: float, dry_run: bool, commit: str, seconds: float,
                   results_dir: Path | None) -> dict:
     stages = {r["stage"]: r for r in records}
-    env = dict((stages.get("environment") or {}).get("environment") or {})
-    env["copy_bandwidth"] = (stages.get("environment") or {}).get("copy_bandwidth")
+    env = environment_of(stages)
     date = env.get("date") or dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     result = {"gpucheck": {"budget": budget, "dry_run": dry_run, "commit": commit, "seconds": round(seconds, 1),
                            "date": date},
