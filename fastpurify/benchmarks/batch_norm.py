@@ -127,7 +127,7 @@ def composition(x, weight, bias, mask, noise, noise_bias, groups: int):
     return torch.cat(outs)
 
 
-def _bound(groups: int) -> Callable:
+def grouped_composition(groups: int) -> Callable:
     """The composition with ``groups`` fixed (a constant to torch.compile, not a guarded input)."""
     def composed(x, weight, bias, mask, noise, noise_bias):
         return composition(x, weight, bias, mask, noise, noise_bias, groups)
@@ -260,7 +260,7 @@ class _Runner:
             for name in ("recompile_limit", "cache_size_limit"):
                 if hasattr(torch._dynamo.config, name):
                     setattr(torch._dynamo.config, name, max(256, getattr(torch._dynamo.config, name)))
-            self.compiled[layout] = torch.compile(_bound(self.groups), dynamic=self.compile_dynamic)
+            self.compiled[layout] = torch.compile(grouped_composition(self.groups), dynamic=self.compile_dynamic)
         return self.compiled[layout]
 
     def compile_first_call(self, layout: str, mode: str, t: dict) -> tuple[Callable, float]:

@@ -46,22 +46,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def report(out_dir: Path, result: dict) -> int:
+    """Print the summary and where the combined JSON went; the command's exit status."""
+    print((out_dir / "summary.md").read_text())
+    if "results_path" in result:
+        print(f"wrote {result['results_path']}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    from .environment import ROOT
     from .plan import check_can_run, choose_stages, run_plan
 
     args = parse_args(argv)
-    root = Path(__file__).resolve().parents[2]
     if args.summarize:
         from .summary import rebuild
 
-        if not (Path(args.summarize) / "logs").is_dir() and not any(Path(args.summarize).glob("*.json")):
-            print(f"fastpurify gpu-check: error: {args.summarize} holds no GPU-check records", file=sys.stderr)
+        folder = Path(args.summarize)
+        if not (folder / "logs").is_dir() and not any(folder.glob("*.json")):
+            print(f"fastpurify gpu-check: error: {folder} holds no GPU-check records", file=sys.stderr)
             return 2
-        result = rebuild(Path(args.summarize), Path(args.results_dir) if args.results_dir else None)
-        print((Path(args.summarize) / "summary.md").read_text())
-        if "results_path" in result:
-            print(f"wrote {result['results_path']}")
-        return 0
+        return report(folder, rebuild(folder, Path(args.results_dir) if args.results_dir else None))
     try:
         if not args.out:
             raise InputError("--out DIR is required (the folder for the evidence)")
@@ -72,11 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as err:
         print(f"fastpurify gpu-check: error: {err}", file=sys.stderr)
         return 2
-    results_dir = Path(args.results_dir) if args.results_dir else (None if args.dry_run else root / "bench/results")
+    results_dir = Path(args.results_dir) if args.results_dir else (None if args.dry_run else ROOT / "bench/results")
     result = run_plan(Path(args.out), budget=args.budget, stages=stages, dry_run=args.dry_run, cifar=args.cifar,
-                      commit=args.commit, results_dir=results_dir, root=root)
+                      commit=args.commit, results_dir=results_dir, root=ROOT)
     print()
-    print((Path(args.out) / "summary.md").read_text())
-    if "results_path" in result:
-        print(f"wrote {result['results_path']}")
-    return 0
+    return report(Path(args.out), result)

@@ -86,10 +86,12 @@ class PytestRun:
                 **pytest_log.summarize(self.log_path)}
 
 
-def check_part(r: dict) -> None:
+def part_problem(r: dict) -> str | None:
+    """What went wrong in a test run (failures, a timeout, pytest's own error), or None."""
     if r["failures"] or r["timed_out"] or r["exit_code"] not in (0, 5):
-        raise RuntimeError(f"{len(r['failures'])} failed of {r['ran']} run"
-                           f"{', timed out' if r['timed_out'] else ''} (exit {r['exit_code']})")
+        return (f"{len(r['failures'])} failed of {r['ran']} run{', timed out' if r['timed_out'] else ''} "
+                f"(exit {r['exit_code']})")
+    return None
 
 
 def run_tests(record, opts) -> None:
@@ -110,11 +112,8 @@ def run_tests(record, opts) -> None:
     for name, run in runs.items():
         parts[name] = run.finish(record.deadline - 1)
         record.put(parts=parts, kernels_compiled=compiled_kernels())
-        try:
-            check_part(parts[name])
-            record.step(f"{name} tests", "ok", started)
-        except RuntimeError as err:
-            record.step(f"{name} tests", "failed", started, str(err))
+        problem = part_problem(parts[name])
+        record.step(f"{name} tests", "failed" if problem else "ok", started, problem or "")
 
 
 SUMMARY_LINE = re.compile(r"(ERROR SUMMARY|RACECHECK SUMMARY|LEAK SUMMARY)[^\n]*")
@@ -123,11 +122,13 @@ SUMMARY_LINE = re.compile(r"(ERROR SUMMARY|RACECHECK SUMMARY|LEAK SUMMARY)[^\n]*
 def run_sanitizer(record, opts) -> None:
     """memcheck and racecheck at once, each over the same small selection; a run cut off at the
     deadline keeps the findings printed so far (the tool prints each as it happens)."""
-    tool = sanitizer_path()
-    if opts.dry_run or tool is None:  # the plan gives such a stage no time; kept for a direct call
-        record.finish("skipped", "dry run: compute-sanitizer needs a CUDA device" if opts.dry_run else
-                      "compute-sanitizer not found on PATH or in /usr/local/cuda/bin")
+    from .plan import cannot_run
+
+    why = cannot_run("sanitizer", dry_run=opts.dry_run, cifar=None)
+    if why:  # the plan gives such a stage no time; kept for a direct call
+        record.finish("skipped", why)
         return
+    tool = sanitizer_path()
     out_dir = Path(opts.out)
     env = dict(os.environ, FASTPURIFY_TEST_DEVICE="cuda", PYTORCH_NO_CUDA_MEMORY_CACHING="1")
     started = time.monotonic()

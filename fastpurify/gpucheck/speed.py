@@ -69,18 +69,19 @@ def merged(results: list[dict]) -> dict:
     add_ratios(timings)
     out["variants"] = [t.as_dict() for t in timings]
     out["skipped"] = [s for r in results for s in r.get("skipped", [])]
-    for r in results[1:]:
-        for key in ("equivalence",):
-            if key in r:
-                out.setdefault(key, {"variants": {}})["variants"].update(r[key]["variants"])
+    checks = [r["equivalence"] for r in results if "equivalence" in r]  # PGD: each fast variant vs the reference
+    if checks:
+        out["equivalence"] = dict(checks[0], variants={k: v for c in checks for k, v in c["variants"].items()})
     return out
 
 
-def per_variant(record, label: str, variants, run_one, *, need: float = 10.0, store=None) -> dict | None:
+def per_variant(record, label: str, variants, run_one, *, need: float = 10.0, store=None,
+                results: list | None = None) -> dict | None:
     """``run_one(variant)`` for each variant as its own step (``label variant``); after each, the
-    merged result goes to ``store`` (default: the record, under ``label``)."""
+    variants so far (``results``, which a later call may go on filling) merged into one go to
+    ``store`` (default: the record, under ``label``); returns that merged result."""
     store = store or (lambda merged_result: record.put(**{label: merged_result}))
-    results = []
+    results = [] if results is None else results
     for name in variants:
         r = record.run_step(f"{label} {name}", lambda name=name: run_one(name), need=_need(name, need))
         if r is not None:
@@ -113,16 +114,15 @@ def run_anp(record, opts) -> None:
     s = sizes("anp", opts.dry_run)
     kw = dict(arch=s["arch"], batch_size=s["batch_size"], num_images=s["num_images"], image_size=s["image_size"],
               warmup=s["warmup"], iterations=s["iterations"], repeats=s["repeats"], progress=print)
-    runs = []  # per-variant results, merged into one after every variant
+    runs = []  # every variant's result, in the order they ran
 
     def run_one(v):
-        runs.append(anp.run_anp_benchmark(variants=(v,), **kw))
-        return runs[-1]
+        return anp.run_anp_benchmark(variants=(v,), **kw)
 
     with device_setup(opts.dry_run):
         # The targets first: reference, fast, the end-to-end run and the bf16 check; then the
         # variants whose time is least predictable (torch.compile) or only informative.
-        result = per_variant(record, "anp", s["variants"], run_one)
+        result = per_variant(record, "anp", s["variants"], run_one, results=runs)
         fast_ms = _median(result, "fast")
         if s["end_to_end"] and fast_ms is not None:
             record.run_step("anp end to end", lambda: record.put(anp_end_to_end=end_to_end(record, s, fast_ms)),
@@ -131,11 +131,9 @@ def run_anp(record, opts) -> None:
             iters = s["bf16_check"]
             record.run_step("anp bf16 pruned set", lambda: record.put(anp_bf16_pruned_set=bf16_check(s, iters)),
                             need=2.5 * iters * fast_ms / 1e3 + 15)
-        for v in s["after"]:
-            if record.run_step(f"anp {v}", lambda v=v: run_one(v), need=_need(v, 10)) is not None:
-                record.put(anp=merged(runs))
-    if runs:
-        record.put(table=anp.format_table(merged(runs)))
+        result = per_variant(record, "anp", s["after"], run_one, results=runs) or result
+    if result:
+        record.put(table=anp.format_table(result))
         print(record.data["table"])
 
 
@@ -143,35 +141,37 @@ def end_to_end(record, s: dict, fast_ms: float) -> dict:
     """One ``fastpurify.anp`` call of ``end_to_end`` iterations (graph capture and checks
     included), shortened to what fits the stage's time when the timed iterations say it would
     not; the peak memory and the engine's report."""
-    import torch
-
-    from ..benchmarks.common import reset_memory, synthetic_subject
+    from ..benchmarks.common import peak_memory_mb, reset_memory
     from ..engines.anp import anp as fast_anp
-    from ..engines.runtime import resolve_device
 
-    device = resolve_device(None)
     fits = int((record.left() - 12) / (fast_ms / 1e3) / 1.3)
     iterations = max(1, min(s["end_to_end"], fits))
-    model, images, labels = synthetic_subject(s["arch"], s["num_images"], device, image_size=s["image_size"])
+    device, model, images, labels = _subject(s)
     reset_memory(device)
     start = time.perf_counter()
     run = fast_anp(model, (images, labels), iterations=iterations, batch_size=s["batch_size"], device=device,
                    progress=False)
     wall = time.perf_counter() - start
-    peak = round(torch.cuda.max_memory_allocated(device) / 2 ** 20, 1) if device.type == "cuda" else None
+    peak = peak_memory_mb(device)
     return {"iterations": iterations, "asked_iterations": s["end_to_end"], "shortened": iterations < s["end_to_end"],
             "seconds": round(run.seconds, 3), "wall_seconds": round(wall, 3), "peak_memory_mb": peak,
             "projected_seconds_for_asked": round(run.seconds * s["end_to_end"] / iterations, 2),
             "engine": run.engine}
 
 
-def bf16_check(s: dict, iterations: int) -> dict:
-    from ..benchmarks.anp import pruned_set_change
+def _subject(s: dict):
+    """The device and the benchmark's subject (model, images, labels), as ``bench anp`` builds it."""
     from ..benchmarks.common import synthetic_subject
     from ..engines.runtime import resolve_device
 
     device = resolve_device(None)
-    model, images, labels = synthetic_subject(s["arch"], s["num_images"], device, image_size=s["image_size"])
+    return (device, *synthetic_subject(s["arch"], s["num_images"], device, image_size=s["image_size"]))
+
+
+def bf16_check(s: dict, iterations: int) -> dict:
+    from ..benchmarks.anp import pruned_set_change
+
+    device, model, images, labels = _subject(s)
     return pruned_set_change(model, images, labels, batch_size=s["batch_size"], device=device, iterations=iterations)
 
 
@@ -213,6 +213,7 @@ def run_large(record, opts) -> None:
             kw = dict(arch=arch, image_size=size, batch_size=s["batch_size"], num_images=s["num_images"],
                       warmup=s["warmup"], iterations=s["iterations"], repeats=s["repeats"], progress=print)
             key = arch.split(":")[-1]
+
             def store(result, key=key):
                 out[key] = result
                 record.put(large=out)
