@@ -265,17 +265,15 @@ def _check_layer_norm_params(x, c, weight, bias, mask, noise, noise_bias, eps, g
 
 
 def _perturbed_layer_norm_torch(x, weight, bias, mask, noise, noise_bias, eps, groups, axis):
-    """F.layer_norm without affine on the features moved last, then each group's scale and shift."""
+    """F.layer_norm on the features moved last, each group with its own scale and shift (so that
+    with mask 1 and no noise it is bitwise ``F.layer_norm(x, (C,), weight, bias, eps)``)."""
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32
     c = x.shape[axis]
     scale, shift = _group_affine(weight, bias, mask, noise, noise_bias, groups, c)
-    moved = x.movedim(axis, -1).to(compute)
-    xhat = F.layer_norm(moved, (c,), eps=eps)
-    lead = (groups,) + (1,) * (moved.dim() - 1) + (c,)  # (groups, C) against (groups, N / groups, ..., C)
-    y = xhat.reshape(groups, -1, *moved.shape[1:]) * scale.to(compute).view(lead)
-    if shift is not None:
-        y = y + shift.to(compute).view(lead)
-    y = y.reshape(moved.shape).movedim(-1, axis)
+    moved = x.movedim(axis, -1)
+    outs = [F.layer_norm(part.to(compute), (c,), scale[g].to(compute), None if shift is None else shift[g].to(compute),
+                         eps) for g, part in enumerate(moved.chunk(groups))]
+    y = (outs[0] if groups == 1 else torch.cat(outs)).movedim(-1, axis)
     if y.stride() == x.stride():
         return y.to(x.dtype)
     return torch.empty_like(x).copy_(y)  # x's memory layout
@@ -529,3 +527,19 @@ def perturbed_channel_affine(y: torch.Tensor, bias: torch.Tensor | None, mask: t
     if shift is not None:
         out = out + shift.view(view).to(y.dtype)
     return out.reshape(y.shape)
+
+
+# TEMP (replaced by the groupnorm branch): the PyTorch path only.
+def perturbed_group_norm(x, weight, bias, mask, noise=None, noise_bias=None, num_groups=1, eps=1e-5, groups=1):
+    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    c = x.shape[1]
+    noise = None if noise is None else noise.reshape(groups, c)
+    noise_bias = None if noise_bias is None else noise_bias.reshape(groups, c)
+    outs = []
+    for g, xg in enumerate(x.chunk(groups)):
+        scale = mask if noise is None else mask + noise[g]
+        shift = bias if noise_bias is None or bias is None else bias * (1 + noise_bias[g])
+        w = scale if weight is None else weight * scale
+        outs.append(F.group_norm(xg.to(compute), num_groups, w.to(compute), None if shift is None else shift.to(compute),
+                                 eps).to(x.dtype))
+    return outs[0] if groups == 1 else torch.cat(outs)

@@ -26,7 +26,7 @@ def anp_mode(model: nn.Module) -> nn.Module:
     model.eval()
     for m in model.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.train()
+            m.training = True  # the norm only: a norm-act layer's drop and act stay in eval mode
     return model
 
 

@@ -11,8 +11,22 @@ original layer computes.
   batch or running statistics as ``nn.BatchNorm``;
 - ``PerturbedLayerNorm``: the same per feature, statistics per position (``nn.LayerNorm`` over
   the last axis, or ConvNeXt's ``LayerNorm2d`` over the channels of NCHW);
+- ``PerturbedGroupNorm``: the same per channel of a GroupNorm's affine (statistics per sample
+  and group of channels, as ``nn.GroupNorm``);
+- ``PerturbedBatchNormAct2d``, ``PerturbedGroupNormAct``, ``PerturbedLayerNormAct``: timm's
+  norm-plus-activation layers (``BatchNormAct2d``, ``GroupNormAct``, ``GroupNorm1Act``,
+  ``LayerNormAct``, ``LayerNormAct2d``): the fused norm, then the layer's own ``drop`` and ``act``;
 - ``PerturbedConv1d/2d/3d`` and ``PerturbedLinear`` (the paper's Eq. 3): output channel k is
   computed with weight ``W_k * (m_k + delta_k)`` and bias ``b_k * (1 + xi_k)``.
+
+Two paths (``layer.path``). The **fused** classes above serve only the exact types whose forward
+they reproduce: ``nn.BatchNorm1d/2d``, ``nn.LayerNorm``, ``nn.GroupNorm``, torchvision's and
+timm's ``LayerNorm2d``, timm's ``LayerNorm``, ``GroupNorm``, ``GroupNorm1`` and the norm-act layers
+(timm's only where its ``_fast_norm`` is off). Every other norm layer ANP masks (a subclass with
+its own forward, ``BatchNorm3d``, ``SyncBatchNorm``, ``LayerNormFp32``, RMS norms, ...) takes the
+**generic** path: its own forward runs unchanged, once per batch group, with ``weight * (m +
+delta_g)`` and ``bias * (1 + xi_g)`` in place of its parameters (:mod:`fastpurify.substitution`),
+so it is exact by construction. Conv/Linear layers take ``"conv_linear"``.
 
 Which layers are converted is :func:`fastpurify.neurons.neuron_layers`' rule (``mask_layers``).
 """
@@ -20,6 +34,7 @@ Which layers are converted is :func:`fastpurify.neurons.neuron_layers`' rule (``
 from __future__ import annotations
 
 import copy
+from collections import Counter
 from collections.abc import Iterable
 
 import torch
@@ -27,12 +42,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import functional as FP
-from .neurons import DEFAULT_KINDS, layer_kind, layer_norm_axis, neuron_layers, num_neurons
+from .neurons import DEFAULT_KINDS, layer_kind, neuron_layers, num_neurons
+from .substitution import call_with_affine, per_group_affine
 from .validation import InputError
 
 
 class _Neurons:
     """Mixed into a layer: the mask parameter and the perturbation an engine sets."""
+
+    path = "fused"
 
     def _init_neurons(self, count: int, like: torch.Tensor | None) -> None:
         kw = {} if like is None else dict(device=like.device, dtype=like.dtype)
@@ -83,6 +101,17 @@ class PerturbedBatchNorm2d(_PerturbedBatchNorm):
     _check_input_dim = nn.BatchNorm2d._check_input_dim
 
 
+class _ThenDropAndAct:
+    """timm's norm-act layers: the (fused) norm, then the layer's own ``drop`` and ``act``, as their forward."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.drop(super().forward(x)))
+
+
+class PerturbedBatchNormAct2d(_ThenDropAndAct, PerturbedBatchNorm2d):
+    pass
+
+
 class PerturbedLayerNorm(_Neurons, nn.LayerNorm):
     """``nn.LayerNorm((C,))`` (``channel_dim=-1``) or ConvNeXt's LayerNorm2d (``channel_dim=1``)."""
 
@@ -94,10 +123,56 @@ class PerturbedLayerNorm(_Neurons, nn.LayerNorm):
                                        groups=self.batch_groups, channel_dim=self.channel_dim)
 
 
+class PerturbedLayerNormAct(_ThenDropAndAct, PerturbedLayerNorm):
+    pass
+
+
+class PerturbedGroupNorm(_Neurons, nn.GroupNorm):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        noise, noise_bias = self._perturbation()
+        return FP.perturbed_group_norm(x, self.weight, self.bias, self.neuron_mask, noise, noise_bias,
+                                       num_groups=self.num_groups, eps=self.eps, groups=self.batch_groups)
+
+
+class PerturbedGroupNormAct(_ThenDropAndAct, PerturbedGroupNorm):
+    pass
+
+
+class _GenericNeurons(_Neurons):
+    """Any other norm layer: its own forward (``_own_forward``) with the perturbed scale and shift
+    in place of its weight and bias, once per batch group (each group its own statistics, as in
+    the fused ops)."""
+
+    path = "generic"
+    _own_forward = None  # the original class's forward, set per generated class
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        noise, noise_bias = self._perturbation()
+        weight, bias = self.weight, getattr(self, "bias", None)
+        parts = [x] if self.batch_groups == 1 else x.chunk(self.batch_groups)
+        outs = [call_with_affine(self, self._own_forward, part,
+                                 *per_group_affine(weight, bias, self.neuron_mask, noise, noise_bias, g))
+                for g, part in enumerate(parts)]
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+
+_GENERIC: dict[type, type] = {}
+
+
+def _generic_class(cls: type) -> type:
+    """``Perturbed<Name>``: ``cls`` with the generic path's forward (one class per original class)."""
+    if cls not in _GENERIC:
+        _GENERIC[cls] = type(f"Perturbed{cls.__name__}", (_GenericNeurons, cls),
+                             {"_own_forward": staticmethod(cls.forward), "__module__": __name__,
+                              "__qualname__": f"Perturbed{cls.__name__}"})
+    return _GENERIC[cls]
+
+
 class _PerturbedOutputs(_Neurons):
     """Eq. 3 on a Conv/Linear layer: the bias-free output, each channel scaled and shifted."""
 
     channel_dim = 1
+    path = "conv_linear"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         noise, noise_bias = self._perturbation()
@@ -131,39 +206,65 @@ _OUTPUTS = ((nn.Conv1d, PerturbedConv1d), (nn.Conv2d, PerturbedConv2d), (nn.Conv
             (nn.Linear, PerturbedLinear))
 
 
-def _swap_batch_norm(bn: nn.modules.batchnorm._BatchNorm) -> _PerturbedBatchNorm:
-    cls = PerturbedBatchNorm2d if isinstance(bn, nn.BatchNorm2d) else PerturbedBatchNorm1d
-    ref = bn.weight if bn.weight is not None else bn.running_mean
-    new = cls(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats,
-              device=ref.device if ref is not None else None, dtype=ref.dtype if ref is not None else None)
-    new.load_state_dict(bn.state_dict(), strict=False)
-    if bn.affine:
-        new.weight.requires_grad_(bn.weight.requires_grad)
-        new.bias.requires_grad_(bn.bias.requires_grad)
-    new.train(bn.training)
-    return new
+# The exact types whose forward a fused class reproduces: (module, class name) -> (fused class,
+# LayerNorm channel axis). timm's and torchvision's classes are matched by name, so fastpurify
+# never imports them; a subclass of any of these (its own forward or not) takes the generic path.
+_FUSED = {
+    ("torch.nn.modules.batchnorm", "BatchNorm1d"): (PerturbedBatchNorm1d, None),
+    ("torch.nn.modules.batchnorm", "BatchNorm2d"): (PerturbedBatchNorm2d, None),
+    ("torch.nn.modules.normalization", "LayerNorm"): (PerturbedLayerNorm, -1),
+    ("torch.nn.modules.normalization", "GroupNorm"): (PerturbedGroupNorm, None),
+    ("torchvision.models.convnext", "LayerNorm2d"): (PerturbedLayerNorm, 1),
+    ("timm.layers.norm", "LayerNorm"): (PerturbedLayerNorm, -1),
+    ("timm.layers.norm", "LayerNorm2d"): (PerturbedLayerNorm, 1),
+    ("timm.layers.norm", "GroupNorm"): (PerturbedGroupNorm, None),
+    ("timm.layers.norm", "GroupNorm1"): (PerturbedGroupNorm, None),
+    ("timm.layers.norm_act", "BatchNormAct2d"): (PerturbedBatchNormAct2d, None),
+    ("timm.layers.norm_act", "GroupNormAct"): (PerturbedGroupNormAct, None),
+    ("timm.layers.norm_act", "GroupNorm1Act"): (PerturbedGroupNormAct, None),
+    ("timm.layers.norm_act", "LayerNormAct"): (PerturbedLayerNormAct, -1),
+    ("timm.layers.norm_act", "LayerNormAct2d"): (PerturbedLayerNormAct, 1),
+}
+
+
+def _fused_twin(module: nn.Module) -> tuple[type, int | None] | None:
+    """The fused class (and LayerNorm axis) for a layer of an exact known type, else None.
+    timm's layers qualify only with ``_fast_norm`` off (on, their forward is another op)."""
+    cls = type(module)
+    twin = _FUSED.get((cls.__module__, cls.__name__))
+    if twin is None or getattr(module, "_fast_norm", False):
+        return None
+    return twin
+
+
+def layer_path(module: nn.Module) -> str:
+    """How :func:`convert` perturbs a layer that ANP masks: ``"fused"``, ``"generic"`` or ``"conv_linear"``."""
+    if layer_kind(module) == "conv_linear":
+        return "conv_linear"
+    return "fused" if _fused_twin(module) is not None else "generic"
 
 
 def _perturbed(module: nn.Module) -> nn.Module:
-    """The perturbed twin of a layer of the (already copied) model. LayerNorm and Conv/Linear
-    layers become it in place (their class changes; parameters, hooks and flags stay)."""
-    kind = layer_kind(module)
-    if kind == "batchnorm":
-        return _swap_batch_norm(module)
-    if kind == "layernorm":
-        axis = layer_norm_axis(module)
-        module.__class__ = PerturbedLayerNorm
-        module.channel_dim = axis
-    else:
+    """The perturbed twin of a layer of the (already copied) model: the layer itself with its
+    class changed (parameters, buffers, submodules, hooks and flags stay)."""
+    twin = _fused_twin(module)
+    if layer_kind(module) == "conv_linear":
         module.__class__ = next(new for base, new in _OUTPUTS if isinstance(module, base))
+    elif twin is not None:
+        module.__class__, axis = twin
+        if axis is not None:
+            module.channel_dim = axis
+    else:
+        module.__class__ = _generic_class(type(module))
     module._init_neurons(num_neurons(module), module.weight)
     return module
 
 
 def convert(model: nn.Module, mask_layers: Iterable[str] | str = DEFAULT_KINDS) -> nn.Module:
     """A copy of ``model`` with every layer that :func:`fastpurify.neurons.neuron_layers` picks
-    (by default every BatchNorm1d/2d and LayerNorm) replaced by its perturbed twin, weights,
-    buffers and train/eval flags kept. The given model is not modified."""
+    (by default every BatchNorm, LayerNorm and GroupNorm) turned into its perturbed twin, weights,
+    buffers, submodules and train/eval flags kept: with mask 1 and no noise it computes what
+    ``model`` computes. The given model is not modified."""
     if perturbed_layers(model):
         raise InputError("the model is already converted (it holds perturbed layers); convert the original model")
     names = list(neuron_layers(model, mask_layers))  # checks, with a clear error, before the copy
@@ -178,3 +279,8 @@ def convert(model: nn.Module, mask_layers: Iterable[str] | str = DEFAULT_KINDS) 
 def perturbed_layers(model: nn.Module) -> dict[str, _Neurons]:
     """The perturbed layers of a converted model, by module name, in model order."""
     return {name: m for name, m in model.named_modules() if isinstance(m, _Neurons)}
+
+
+def layer_paths(model: nn.Module) -> dict[str, int]:
+    """How many perturbed layers of a converted model take each path (``fused``, ``generic``, ``conv_linear``)."""
+    return dict(Counter(layer.path for layer in perturbed_layers(model).values()))

@@ -1,19 +1,27 @@
 """Which layers of a model hold ANP neurons: one rule for the fast engine, the reference and pruning.
 
 A neuron is one output feature of a layer with a scale to mask, and its mask multiplies that
-scale (DESIGN.md §1). Three kinds of layer, chosen with ``mask_layers``:
+scale (DESIGN.md §1). Four kinds of layer, chosen with ``mask_layers``:
 
-- ``"batchnorm"``: ``nn.BatchNorm1d/2d`` with affine parameters; one neuron per channel;
-- ``"layernorm"``: ``nn.LayerNorm`` over one feature axis (the last: ViT, Swin) and the
-  ``LayerNorm2d`` of ConvNeXt-style models (the channel axis of NCHW); one neuron per feature;
+- ``"batchnorm"``: every ``nn.BatchNorm*`` and subclass with affine parameters (timm's
+  ``BatchNormAct2d`` and ``SyncBatchNormAct`` included); one neuron per channel;
+- ``"layernorm"``: every ``nn.LayerNorm`` and subclass over one feature axis (ViT, Swin; ConvNeXt's
+  ``LayerNorm2d`` over the channel axis of NCHW; timm's ``LayerNorm``, ``LayerNorm2d``,
+  ``LayerNormFp32``, ``LayerNormAct`` ...), and the RMS-style norms whose scale is a per-feature
+  weight (``nn.RMSNorm``; timm's ``RmsNorm``, ``RmsNorm2d``, ``SimpleNorm`` and their Fp32 forms);
+  one neuron per feature;
+- ``"groupnorm"``: every ``nn.GroupNorm`` and subclass (timm's ``GroupNorm``, ``GroupNorm1``,
+  ``GroupNormAct``, ``GroupNorm1Act``); one neuron per channel of its affine;
 - ``"conv_linear"``: the paper's Eq. 3 for networks without normalisation:
   ``nn.Conv1d/2d/3d`` and ``nn.Linear``, one neuron per output channel, the mask on the weight
   (``W_k * (m_k + delta_k)``, ``b_k * (1 + xi_k)``). Two kinds of such layer are left out: the
   last one in model order (the classifier, whose outputs are the logits) and the projections
   inside ``nn.MultiheadAttention`` (it reads their weights directly, never calls them).
 
-The default masks both norm kinds. Layers come in ``model.named_modules()`` order; every
-layer's neurons are its weight's first axis, so a pruned neuron is a zero row of ``weight``.
+The default masks the three norm kinds. Layers come in ``model.named_modules()`` order; every
+layer's neurons are its weight's first (only) axis, so a pruned neuron is a zero in ``weight``.
+How a layer is perturbed (a fused op, or its own forward with a perturbed weight) is
+:mod:`fastpurify.layers`' choice; which layers count is this module's.
 """
 
 from __future__ import annotations
@@ -25,10 +33,16 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .validation import InputError
 
-KINDS = ("batchnorm", "layernorm", "conv_linear")
-DEFAULT_KINDS = ("batchnorm", "layernorm")
-BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
+KINDS = ("batchnorm", "layernorm", "groupnorm", "conv_linear")
+DEFAULT_KINDS = ("batchnorm", "layernorm", "groupnorm")
 CONV_LINEAR = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+# Norms that are no nn.LayerNorm but scale each feature of a position by a weight: the ANP rule
+# applies to that weight (they have no shift). timm's classes are matched by module and name, so
+# fastpurify never imports timm.
+RMS_NORMS = ("RmsNorm", "RmsNorm2d", "RmsNormFp32", "RmsNorm2dFp32", "SimpleNorm", "SimpleNorm2d",
+             "SimpleNormFp32", "SimpleNorm2dFp32")
+KIND_OPTIONS = ("mask_layers options: 'batchnorm', 'layernorm', 'groupnorm' (the default masks all three) and "
+                "'conv_linear' (CLI: --mask-layers batchnorm,layernorm,groupnorm,conv_linear)")
 
 
 def check_kinds(mask_layers: Iterable[str] | str) -> tuple[str, ...]:
@@ -46,40 +60,56 @@ def check_kinds(mask_layers: Iterable[str] | str) -> tuple[str, ...]:
     return tuple(k for k in KINDS if k in chosen)
 
 
-def layer_norm_axis(module: nn.LayerNorm) -> int:
-    """The feature axis a LayerNorm normalises: -1 (``nn.LayerNorm((C,))``) or 1 (``LayerNorm2d`` on NCHW)."""
-    return 1 if type(module).__name__ == "LayerNorm2d" else -1
+def layer_norm_axis(module: nn.Module) -> int:
+    """The feature axis a LayerNorm normalises: -1 (``nn.LayerNorm((C,))``) or 1 (``LayerNorm2d``,
+    ``LayerNormAct2d`` on NCHW)."""
+    return 1 if type(module).__name__ in ("LayerNorm2d", "LayerNormAct2d") else -1
+
+
+def _is_rms_norm(module: nn.Module) -> bool:
+    rms = getattr(nn, "RMSNorm", None)
+    if rms is not None and isinstance(module, rms):
+        return True
+    return any(c.__module__.startswith("timm.") and c.__name__ in RMS_NORMS for c in type(module).__mro__)
 
 
 def _kind(module: nn.Module) -> str | None:
     if isinstance(module, _BatchNorm):
         return "batchnorm"
-    if isinstance(module, nn.LayerNorm):
+    if isinstance(module, nn.LayerNorm) or _is_rms_norm(module):
         return "layernorm"
+    if isinstance(module, nn.GroupNorm):
+        return "groupnorm"
     if isinstance(module, CONV_LINEAR):
         return "conv_linear"
     return None
 
 
 def _check_layer(name: str, module: nn.Module, kind: str) -> None:
-    cls = type(module).__name__
+    cls = f"{type(module).__module__}.{type(module).__qualname__}"
     if not name:
-        raise InputError(f"the model itself is a {cls}; wrap it in a network")
-    if kind == "batchnorm" and not isinstance(module, BATCH_NORMS):
-        raise InputError(f"layer {name!r} is a {cls}; ANP masks nn.BatchNorm1d and nn.BatchNorm2d")
-    if kind == "layernorm":
-        if type(module) is not nn.LayerNorm and cls != "LayerNorm2d":
-            raise InputError(f"layer {name!r} is a {cls}, a LayerNorm subclass with its own forward; fastpurify "
-                             "masks nn.LayerNorm and LayerNorm2d (NCHW, as torchvision's ConvNeXt)")
-        if len(module.normalized_shape) != 1:
-            raise InputError(f"layer {name!r} normalises over {tuple(module.normalized_shape)}; fastpurify masks "
-                             "LayerNorms over one feature axis")
-    if kind == "conv_linear" and type(module).forward not in {c.forward for c in CONV_LINEAR}:
-        raise InputError(f"layer {name!r} is a {cls} with its own forward; the conv_linear option masks plain "
-                         "nn.Conv1d/2d/3d and nn.Linear")
-    if getattr(module, "weight", None) is None:
+        raise InputError(f"the model itself is a {type(module).__name__}; wrap it in a network")
+    if kind == "conv_linear":
+        if type(module).forward not in {c.forward for c in CONV_LINEAR}:
+            raise InputError(f"layer {name!r} is a {cls} with its own forward; the conv_linear option masks plain "
+                             "nn.Conv1d/2d/3d and nn.Linear")
+        return
+    weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
+    if weight is None:
         raise InputError(f"layer {name!r} ({cls}) has no scale (affine=False / elementwise_affine=False): ANP masks "
-                         "and prunes the scale, so every masked layer needs one; leave its kind out of mask_layers")
+                         f"and prunes the scale, so every masked layer needs one; leave {kind!r} out of mask_layers "
+                         f"({KIND_OPTIONS})")
+    if isinstance(module, nn.LayerNorm) and len(module.normalized_shape) != 1:
+        raise InputError(f"layer {name!r} ({cls}) normalises over {tuple(module.normalized_shape)}; fastpurify masks "
+                         f"LayerNorms over one feature axis; leave 'layernorm' out of mask_layers ({KIND_OPTIONS})")
+    if not isinstance(weight, nn.Parameter) or weight.dim() != 1:
+        shape = tuple(weight.shape) if hasattr(weight, "shape") else type(weight).__name__
+        raise InputError(f"layer {name!r} ({cls}) cannot be perturbed: ANP needs its scale as a parameter of one "
+                         f"value per feature, but its weight is a {'buffer' if not isinstance(weight, nn.Parameter) else 'parameter'} "
+                         f"of shape {shape}; leave {kind!r} out of mask_layers ({KIND_OPTIONS})")
+    if bias is not None and (not isinstance(bias, nn.Parameter) or tuple(bias.shape) != tuple(weight.shape)):
+        raise InputError(f"layer {name!r} ({cls}) cannot be perturbed: its bias is not a parameter shaped like its "
+                         f"weight {tuple(weight.shape)}; leave {kind!r} out of mask_layers ({KIND_OPTIONS})")
 
 
 def _attention_parts(model: nn.Module) -> set[int]:
@@ -106,7 +136,7 @@ def neuron_layers(model: nn.Module, mask_layers: Iterable[str] | str = DEFAULT_K
     if not found:
         present = sorted({k for m in model.modules() if (k := _kind(m)) is not None})
         raise InputError(f"{type(model).__name__} has no layer to mask among {', '.join(kinds)}: ANP masks "
-                         f"BatchNorm and LayerNorm scales by default (mask_layers={DEFAULT_KINDS}); for a network "
+                         f"BatchNorm, LayerNorm and GroupNorm scales by default (mask_layers={DEFAULT_KINDS}); for a network "
                          "without normalisation pass mask_layers=('conv_linear',) (CLI: --mask-layers conv_linear), "
                          f"the paper's Eq. 3 on Conv/Linear weights. Kinds present in this model: "
                          f"{', '.join(present) if present else 'none'}")
@@ -116,7 +146,7 @@ def neuron_layers(model: nn.Module, mask_layers: Iterable[str] | str = DEFAULT_K
 
 
 def layer_kind(module: nn.Module) -> str | None:
-    """``"batchnorm"``, ``"layernorm"``, ``"conv_linear"`` or None."""
+    """``"batchnorm"``, ``"layernorm"``, ``"groupnorm"``, ``"conv_linear"`` or None."""
     return _kind(module)
 
 

@@ -1,8 +1,8 @@
 """Prune neurons by their ANP masks; shared by the reference and the fast engines.
 
 Pruning a neuron sets its scale to 0 and keeps its shift, as the official
-``prune_neuron_cifar.py`` does and as the paper says ("we always keep the bias"): the BatchNorm
-or LayerNorm gamma of that channel or feature, or, for a Conv/Linear neuron (Eq. 3), the
+``prune_neuron_cifar.py`` does and as the paper says ("we always keep the bias"): the BatchNorm,
+LayerNorm or GroupNorm gamma of that channel or feature, or, for a Conv/Linear neuron (Eq. 3), the
 weight row of that output channel (its bias stays).
 Neurons are ranked globally, across layers, by ascending mask (a stable sort over the masks in
 layer order, as the official script sorts the rows of ``mask_values.txt``), so every rule
@@ -75,7 +75,7 @@ def _check_layers(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
     for name, values in masks.items():
         layer = modules.get(name)
         if layer is None or layer_kind(layer) is None or getattr(layer, "weight", None) is None:
-            raise InputError(f"the masks name layer {name!r}, which is not a BatchNorm, LayerNorm, Conv or Linear "
+            raise InputError(f"the masks name layer {name!r}, which is not a BatchNorm, LayerNorm, GroupNorm, Conv or Linear "
                              "layer with a weight in this model; masks must come from this model's architecture")
         if num_neurons(layer) != values.numel():
             raise InputError(f"layer {name!r} has {num_neurons(layer)} neurons but its masks hold "

@@ -116,15 +116,16 @@ def test_momentum_none_is_a_cumulative_average(backend):
 
 def test_models_with_nothing_to_mask_name_the_options():
     # Conversion errors from the model's structure alone: CPU modules on every TEST_DEVICE.
-    with pytest.raises(InputError, match=r"no layer to mask among batchnorm, layernorm.*mask_layers=\('conv_linear',\)"
-                                         r".*--mask-layers conv_linear.*present in this model: conv_linear"):
-        convert(nn.Sequential(nn.Conv2d(3, 4, 3), nn.GroupNorm(2, 4)))
+    with pytest.raises(InputError, match=r"no layer to mask among batchnorm, layernorm, groupnorm.*"
+                                         r"mask_layers=\('conv_linear',\).*--mask-layers conv_linear.*present in this "
+                                         r"model: conv_linear"):
+        convert(nn.Sequential(nn.Conv2d(3, 4, 3), nn.InstanceNorm2d(4, affine=True)))
     with pytest.raises(InputError, match=r"normalises over \(4, 2, 2\); fastpurify masks LayerNorms over one"):
         convert(nn.Sequential(nn.Conv2d(3, 4, 3), nn.LayerNorm([4, 2, 2])))
     with pytest.raises(InputError, match="elementwise_affine=False"):
         convert(nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4, elementwise_affine=False)))
-    with pytest.raises(InputError, match="mask_layers must name one or more of batchnorm, layernorm, conv_linear; "
-                                         "got groupnorm"):
-        convert(nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4)), mask_layers=("groupnorm",))
+    with pytest.raises(InputError, match="mask_layers must name one or more of batchnorm, layernorm, groupnorm, "
+                                         "conv_linear; got instancenorm"):
+        convert(nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4)), mask_layers=("instancenorm",))
     with pytest.raises(InputError, match="already converted"):
         convert(convert(nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4))))

@@ -80,7 +80,7 @@ def test_bad_rules_are_refused(rule, message):
 
 def test_masks_must_fit_the_model():
     model, masks = _model_and_masks()
-    with pytest.raises(InputError, match="not a BatchNorm, LayerNorm, Conv or Linear layer with a weight"):
+    with pytest.raises(InputError, match="not a BatchNorm, LayerNorm, GroupNorm, Conv or Linear layer with a weight"):
         prune(model, {"features.2": torch.rand(4)}, number=1)
     with pytest.raises(InputError, match="has 4 neurons but its masks hold 3"):
         prune(model, {"features.1": torch.rand(3)}, number=1)

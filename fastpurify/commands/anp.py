@@ -168,6 +168,7 @@ def _run(args: argparse.Namespace) -> int:
     print(f"ANP: {args.iterations} iterations in {result.seconds:.1f} s "
           f"({args.iterations / result.seconds:.1f} it/s) on {result.engine.get('device', args.device or 'cpu')}"
           + peak_text(result.engine))
+    print(f"masked {result.num_neurons} neurons in {len(result.masks)} layers" + _paths_text(result.engine))
 
     rule, value = _rule(args)
     if rule == "max_drop":
@@ -225,3 +226,12 @@ def _figures(args, result, points, rule, value, by, out: Path) -> list[str]:
              pruning_curve(xs, [p.acc for p in swept], [p.asr for p in swept], out / "pruning_curve.png",
                            xlabel="pruning threshold (mask <= t)" if by == "threshold" else "neurons pruned")]
     return [str(f) for f in files]
+
+
+def _paths_text(engine: dict) -> str:
+    """How the fast engine perturbed the layers (fused ops, the layers' own forward, Eq. 3), if it says."""
+    paths = engine.get("layer_paths")
+    if not paths:
+        return ""
+    names = {"fused": "fused", "generic": "own forward (generic path)", "conv_linear": "Conv/Linear (Eq. 3)"}
+    return " (" + ", ".join(f"{count} {names.get(path, path)}" for path, count in paths.items()) + ")"

@@ -69,8 +69,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--precision-check", type=int, default=None,
                    help="also count neurons bf16 moves across threshold 0.2 after N iterations (default: 200 on "
                         "CUDA, 0 on CPU)")
-    g.add_argument("--mask-layers", default="batchnorm,layernorm",
-                   help="layer kinds whose neurons are masked: batchnorm, layernorm, conv_linear (default: %(default)s)")
+    g.add_argument("--mask-layers", default="batchnorm,layernorm,groupnorm",
+                   help="layer kinds whose neurons are masked: batchnorm, layernorm, groupnorm, conv_linear "
+                        "(default: %(default)s)")
     g.add_argument("--micro-batch", type=int, default=None, help="fast variants: micro-batches of N images")
     g.add_argument("--checkpoint", action="store_true", help="fast variants: activation checkpointing")
     g = p.add_argument_group("pgd")

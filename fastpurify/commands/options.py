@@ -55,9 +55,9 @@ def add_large_model_options(p: argparse.ArgumentParser, masks: bool) -> None:
     """Which neurons ANP masks, memory-bounded runs, and the process group under torchrun."""
     g = p.add_argument_group("large models (fast engine)")
     if masks:
-        g.add_argument("--mask-layers", default="batchnorm,layernorm",
-                       help="comma-separated layer kinds whose neurons are masked: batchnorm, layernorm, conv_linear "
-                            "(the paper's Eq. 3 for networks without normalisation) (default: %(default)s)")
+        g.add_argument("--mask-layers", default="batchnorm,layernorm,groupnorm",
+                       help="comma-separated layer kinds whose neurons are masked: batchnorm, layernorm, groupnorm, "
+                            "conv_linear (the paper's Eq. 3 for networks without normalisation) (default: %(default)s)")
     g.add_argument("--micro-batch", default=None,
                    help="process every batch as micro-batches of N images with accumulated gradients (N divides "
                         "the batch; 'auto': the largest that fits in free GPU memory)")

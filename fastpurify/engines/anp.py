@@ -34,7 +34,7 @@ from .. import functional as FP
 from ..arena import NeuronArena
 from ..data import DeviceBatchSampler, as_tensors, make_generator
 from ..inference import anp_mode
-from ..layers import convert
+from ..layers import convert, layer_paths
 from ..masks import ANPResult
 from ..neurons import DEFAULT_KINDS, check_kinds
 from ..validation import InputError, check_anp_settings, check_positive_int
@@ -239,7 +239,7 @@ def anp(model: nn.Module, clean_data: Any, *, eps: float = 0.4, steps: int = 1, 
     :func:`fastpurify.data.as_tensors` reads). The keywords up to ``seed`` mean what they mean
     in :func:`fastpurify.reference.anp`, with the same defaults and, for one seed, the same
     batches, augmentations and noise. ``mask_layers``: the layers whose neurons are masked
-    (:mod:`fastpurify.neurons`: "batchnorm" and "layernorm" by default; "conv_linear" for the
+    (:mod:`fastpurify.neurons`: "batchnorm", "layernorm", "groupnorm" by default; "conv_linear" for the
     paper's Eq. 3 on networks without normalisation). Speed options: ``device`` (default: CUDA
     if available), ``grouped`` (clean and perturbed passes as one two-group batch),
     ``cuda_graph`` (None: on CUDA), ``channels_last`` (None: on CUDA), ``tf32`` (CUDA
@@ -301,7 +301,7 @@ def anp(model: nn.Module, clean_data: Any, *, eps: float = 0.4, steps: int = 1, 
         info = dict(device=str(device), grouped=grouped, cuda_graph=run is not None, channels_last=channels_last,
                     tf32=tf32 and device.type == "cuda", precision=precision, backend=FP.backend_for(engine.images),
                     num_neurons=engine.arena.num_neurons, num_layers=len(engine.arena.layers),
-                    mask_layers=list(mask_layers), micro_batch=engine.micro_batch, world_size=D.world_size(),
+                    layer_paths=layer_paths(engine.model), mask_layers=list(mask_layers), micro_batch=engine.micro_batch, world_size=D.world_size(),
                     checkpointed_blocks=len(engine.checkpointed))
         done = 0
         for i in range(iterations):

@@ -1,8 +1,8 @@
 """Reference ANP (Wu & Wang, NeurIPS 2021) with the semantics of the official
 ``optimize_mask_cifar.py``, in plain eager PyTorch.
 
-One iteration, on a copy of the model whose BatchNorms (and, with ``mask_layers``, LayerNorms or
-Conv/Linear layers) are noisy (``noisy_layers``), BN in training mode (so the copy's running
+One iteration, on a copy of the model whose norm layers (BatchNorm, LayerNorm, GroupNorm; with
+``mask_layers``, Conv/Linear layers instead or as well) are noisy (``noisy_layers``), BN in training mode (so the copy's running
 statistics are updated, as in the script; every other module in eval mode: no dropout, no
 stochastic depth, see :func:`fastpurify.inference.anp_mode`), model weights not frozen (they
 accumulate gradients that are never used, as in the script):
@@ -117,8 +117,8 @@ def anp(model: nn.Module, data: Any, *, eps: float = 0.4, steps: int = 1, alpha:
     """Learn ANP masks for ``model`` on the defender's clean ``data`` (anything
     :func:`fastpurify.data.as_tensors` reads). ``model`` is not modified; prune it afterwards
     with :func:`fastpurify.pruning.prune` or :func:`fastpurify.pruning.prune_by_clean_accuracy`.
-    ``mask_layers``: which layers hold the neurons (:mod:`fastpurify.neurons`; default BatchNorm
-    and LayerNorm, ``("conv_linear",)`` for the paper's Eq. 3)."""
+    ``mask_layers``: which layers hold the neurons (:mod:`fastpurify.neurons`; default BatchNorm,
+    LayerNorm and GroupNorm, ``("conv_linear",)`` for the paper's Eq. 3)."""
     check_anp_settings(eps=eps, steps=steps, alpha=alpha, lr=lr, momentum=momentum, iterations=iterations,
                        batch_size=batch_size)
     mask_layers = check_kinds(mask_layers)

@@ -9,7 +9,10 @@ xi (init 0), as parameters. Perturbed, a layer computes its own function with sc
 - LayerNorm: ``F.layer_norm`` over the last axis, or over the channels of NCHW for ConvNeXt's
   LayerNorm2d (moved last and back, as torchvision does);
 - Conv/Linear (the paper's Eq. 3): the layer's own convolution or matmul with the weight
-  ``W_k * (m_k + delta_k)`` and bias ``b_k * (1 + xi_k)`` of each output channel k.
+  ``W_k * (m_k + delta_k)`` and bias ``b_k * (1 + xi_k)`` of each output channel k;
+- every other norm layer ANP masks (GroupNorm, timm's norm-act layers and LayerNorms, RMS norms,
+  any subclass with its own forward): the layer's own forward, called with
+  ``weight * (m + delta)`` and ``bias * (1 + xi)`` in place of its parameters.
 
 Which layers are swapped is :func:`fastpurify.neurons.neuron_layers`' rule, shared with the fast
 engine so that both mask the same neurons in the same order.
@@ -24,6 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..neurons import DEFAULT_KINDS, layer_kind, layer_norm_axis, neuron_layers
+from ..substitution import call_with_affine
 
 
 class _Noisy:
@@ -39,9 +43,10 @@ class _Noisy:
     def _scale_and_shift(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self.perturbed:
             scale = self.neuron_mask + self.neuron_noise
-            shift = None if self.bias is None else self.bias * (1.0 + self.neuron_noise_bias)
+            bias = getattr(self, "bias", None)
+            shift = None if bias is None else bias * (1.0 + self.neuron_noise_bias)
         else:
-            scale, shift = self.neuron_mask, self.bias
+            scale, shift = self.neuron_mask, getattr(self, "bias", None)
         return scale, shift
 
 
@@ -101,26 +106,50 @@ class NoisyLinear(_NoisyOutputs, nn.Linear):
         return F.linear(x, *self._weight_and_bias())
 
 
+class NoisyOwnForward(_Noisy):
+    """Mixed into any other norm class: its own forward (``_own_forward``) with the noisy scale and shift."""
+
+    _own_forward = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale, bias = self._scale_and_shift()
+        return call_with_affine(self, self._own_forward, x, self.weight * scale, bias)
+
+
+_OWN_FORWARD: dict[type, type] = {}
+
+
+def _own_forward_class(cls: type) -> type:
+    if cls not in _OWN_FORWARD:
+        _OWN_FORWARD[cls] = type(f"Noisy{cls.__name__}", (NoisyOwnForward, cls),
+                                 {"_own_forward": staticmethod(cls.forward), "__module__": __name__})
+    return _OWN_FORWARD[cls]
+
+
 NOISY_BATCH_NORMS = {nn.BatchNorm1d: NoisyBatchNorm1d, nn.BatchNorm2d: NoisyBatchNorm2d}
+PLAIN_LAYER_NORMS = {("torch.nn.modules.normalization", "LayerNorm"), ("torchvision.models.convnext", "LayerNorm2d")}
 NOISY_CONVS = {base: type(f"Noisy{base.__name__}", (NoisyConv, base), {})
                for base in (nn.Conv1d, nn.Conv2d, nn.Conv3d)}
 NoisyLayer = _Noisy
 
 
 def _noisy(module: nn.Module) -> _Noisy:
-    """The noisy twin of one layer: a new BatchNorm module, or the LayerNorm/Conv/Linear itself with its class changed."""
+    """The noisy twin of one layer: a new BatchNorm module for ``nn.BatchNorm1d/2d``, otherwise the
+    layer itself with its class changed."""
     kind = layer_kind(module)
-    if kind == "batchnorm":
-        cls = next(c for base, c in NOISY_BATCH_NORMS.items() if isinstance(module, base))
+    if type(module) in NOISY_BATCH_NORMS:
+        cls = NOISY_BATCH_NORMS[type(module)]
         layer = cls(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats,
                     device=module.weight.device, dtype=module.weight.dtype)
         layer.load_state_dict(module.state_dict(), strict=False)
         layer.train(module.training)
         return layer
-    if kind == "layernorm":
+    if (type(module).__module__, type(module).__name__) in PLAIN_LAYER_NORMS:
         axis = layer_norm_axis(module)
         module.__class__ = NoisyLayerNorm
         module.channel_dim = axis
+    elif kind != "conv_linear":
+        module.__class__ = _own_forward_class(type(module))
     elif isinstance(module, nn.Linear):
         module.__class__ = NoisyLinear
     else:

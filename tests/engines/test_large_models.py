@@ -137,7 +137,10 @@ def test_pbe_checkpointing_returns_a_plain_model():
                           r"4, 8"),
     (dict(micro_batch=0), "micro_batch must be a positive integer, 'auto' or None"),
     (dict(micro_batch=16), "must divide the batch of 8"),
-    (dict(mask_layers=("groupnorm",)), "mask_layers must name one or more of batchnorm, layernorm, conv_linear"),
+    (dict(mask_layers=("instancenorm",)), "mask_layers must name one or more of batchnorm, layernorm, groupnorm, "
+                                          "conv_linear"),
+    (dict(mask_layers=("groupnorm",)), r"no layer to mask among groupnorm.*present in this model: batchnorm, "
+                                       r"conv_linear"),
 ])
 def test_bad_large_model_options_are_refused(kw, message):
     with pytest.raises(InputError, match=message):
