@@ -343,6 +343,120 @@ class _PerturbedLayerNorm(torch.autograd.Function):
 
 
 # ---------------------------------------------------------------------------------------------
+# Masked-and-perturbed GroupNorm
+# ---------------------------------------------------------------------------------------------
+def perturbed_group_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                         mask: torch.Tensor, noise: torch.Tensor | None = None,
+                         noise_bias: torch.Tensor | None = None, num_groups: int = 1, eps: float = 1e-5,
+                         groups: int = 1) -> torch.Tensor:
+    """GroupNorm with ``num_groups`` channel groups whose per-channel scale is
+    ``weight * (mask + noise[g])`` and shift ``bias * (1 + noise_bias[g])``.
+
+    ``x`` is (N, C) or (N, C, *spatial), contiguous or channels_last (neither copied); C must be
+    divisible by ``num_groups``. Each sample is normalised over each group of C / num_groups
+    channels and all positions (biased variance, eps inside the square root); there are no
+    running statistics. The batch (dim 0) is ``groups`` equal contiguous chunks (batch groups,
+    e.g. clean and perturbed), chunk g perturbed by row g of ``noise``/``noise_bias`` ((groups, C),
+    (C,) for one group, or None; rows may be strided views into a flat arena): statistics are per
+    sample, so batch groups only pick the affine. ``weight``/``bias`` None mean ones/zeros.
+    Gradients flow to x, mask, noise, noise_bias, and to weight/bias only when they require grad.
+    Statistics and reductions in float32 (float64 for float64); y is a new tensor in x's dtype
+    and memory layout. With mask 1 and no noise, float32/float64 inputs on the PyTorch path give
+    exactly ``F.group_norm(x, num_groups, weight, bias, eps)``.
+    """
+    noise, noise_bias = _check_group_norm(x, weight, bias, mask, noise, noise_bias, num_groups, eps, groups)
+    if backend_for(x) == "triton" and x.numel() > 0:
+        return _PerturbedGroupNorm.apply(x, weight, bias, mask, noise, noise_bias, num_groups, eps, groups)
+    return _perturbed_group_norm_torch(x, weight, bias, mask, noise, noise_bias, num_groups, eps, groups)
+
+
+def _check_group_norm(x, weight, bias, mask, noise, noise_bias, num_groups, eps, groups):
+    """Validate the arguments of :func:`perturbed_group_norm`; noise/noise_bias as (groups, C) or None."""
+    if not isinstance(x, torch.Tensor) or x.dim() < 2:
+        raise InputError(f"x must be a tensor (N, C) or (N, C, *spatial), got "
+                         f"{'shape ' + str(tuple(x.shape)) if isinstance(x, torch.Tensor) else type(x).__name__}")
+    _check_float("x", x)
+    for name, t in (("weight", weight), ("bias", bias), ("mask", mask), ("noise", noise), ("noise_bias", noise_bias)):
+        if not isinstance(t, torch.Tensor) and (t is not None or name == "mask"):
+            raise InputError(f"{name} must be a tensor{'' if name == 'mask' else ' or None'}, got {type(t).__name__}")
+    _check_same_device(x=x, weight=weight, bias=bias, mask=mask, noise=noise, noise_bias=noise_bias)
+    n, c = x.shape[:2]
+    if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1 or c % num_groups:
+        raise InputError(f"num_groups must be a positive integer dividing the {c} channels of x (dim 1), "
+                         f"got {num_groups!r}")
+    _check_groups(n, groups)
+    check_positive(eps, "eps")
+    _check_vectors(c, "channels", weight=weight, bias=bias, mask=mask)
+    return _per_group(noise, "noise", groups, c), _per_group(noise_bias, "noise_bias", groups, c)
+
+
+def _perturbed_group_norm_torch(x, weight, bias, mask, noise, noise_bias, num_groups, eps, groups):
+    """Per batch chunk, ``F.group_norm`` with the chunk's scale and shift folded into its affine:
+    with mask 1 and no noise this is F.group_norm itself, bit for bit (float32/float64)."""
+    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    outs = []
+    for g, xg in enumerate(x.chunk(groups)):
+        scale = mask if noise is None else mask + noise[g]
+        scale = scale if weight is None else weight * scale
+        shift = None if bias is None else (bias if noise_bias is None else bias * (1 + noise_bias[g]))
+        y = F.group_norm(xg.to(compute), num_groups, scale.to(compute), None if shift is None else shift.to(compute),
+                         eps)
+        outs.append(y.to(x.dtype))
+    y = outs[0] if groups == 1 else torch.cat(outs)
+    if y.stride() == x.stride() and y is not x:
+        return y
+    return torch.empty_like(x).copy_(y)  # x's memory layout
+
+
+class _PerturbedGroupNorm(torch.autograd.Function):
+    """The Triton path: a statistics kernel and a normalising kernel forward; a kernel of
+    per-sample, per-channel sums, one that sums them per batch group (only for parameter
+    gradients) and one that writes dx and the parameter gradients, backward."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, mask, noise, noise_bias, num_groups, eps, groups):
+        from .kernels.group_norm import gn_forward
+
+        x3 = _ncs(x)
+        # y is allocated in x's memory format (dense) and returned itself, not a view of a buffer:
+        # the caller may modify it in place (e.g. an inplace activation).
+        # A layout whose positions do not merge into one axis gets a contiguous y.
+        y = torch.empty_like(x)
+        try:
+            y3 = y.view(x3.shape)
+        except RuntimeError:
+            y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+            y3 = y.view(x3.shape)
+        stat_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        mean = torch.empty(x.shape[0] * num_groups, dtype=stat_dtype, device=x.device)
+        rstd = torch.empty_like(mean)
+        gn_forward(x3, y3, weight, bias, mask, noise, noise_bias, mean, rstd, num_groups=num_groups, groups=groups,
+                   eps=eps)
+        ctx.save_for_backward(x3, weight, bias, mask, noise, noise_bias, mean, rstd)
+        ctx.num_groups, ctx.groups, ctx.shape = num_groups, groups, x.shape
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        from .kernels.group_norm import gn_backward
+
+        x3, weight, bias, mask, noise, noise_bias, mean, rstd = ctx.saved_tensors
+        need_x, need_w, need_b, need_m, need_n, need_nb = ctx.needs_input_grad[:6]
+        dy3 = _ncs(dy)
+        dx3 = torch.empty_like(x3) if need_x else None  # x's layout (x3 is dense)
+        new = lambda t, need: torch.empty(t.shape, dtype=t.dtype, device=t.device) if need and t is not None \
+            else None  # noqa: E731  (contiguous, whatever the strides of t)
+        dmask, dnoise, dnoise_b = new(mask, need_m), new(noise, need_n), new(noise_bias, need_nb)
+        dweight, dbias = new(weight, need_w), new(bias, need_b)
+        gn_backward(x3, dy3, dx3, weight, bias, mask, noise, noise_bias, mean, rstd, num_groups=ctx.num_groups,
+                    groups=ctx.groups, dmask=dmask, dnoise=dnoise, dnoise_bias=dnoise_b, dweight=dweight,
+                    dbias=dbias)
+        dx = dx3.view(ctx.shape) if dx3 is not None else None
+        return dx, dweight, dbias, dmask, dnoise, dnoise_b, None, None, None
+
+
+# ---------------------------------------------------------------------------------------------
 # Flat-buffer updates (ANP)
 # ---------------------------------------------------------------------------------------------
 def _check_flat_pair(a: torch.Tensor, b: torch.Tensor, names: tuple[str, str]) -> None:
@@ -528,18 +642,3 @@ def perturbed_channel_affine(y: torch.Tensor, bias: torch.Tensor | None, mask: t
         out = out + shift.view(view).to(y.dtype)
     return out.reshape(y.shape)
 
-
-# TEMP (replaced by the groupnorm branch): the PyTorch path only.
-def perturbed_group_norm(x, weight, bias, mask, noise=None, noise_bias=None, num_groups=1, eps=1e-5, groups=1):
-    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
-    c = x.shape[1]
-    noise = None if noise is None else noise.reshape(groups, c)
-    noise_bias = None if noise_bias is None else noise_bias.reshape(groups, c)
-    outs = []
-    for g, xg in enumerate(x.chunk(groups)):
-        scale = mask if noise is None else mask + noise[g]
-        shift = bias if noise_bias is None or bias is None else bias * (1 + noise_bias[g])
-        w = scale if weight is None else weight * scale
-        outs.append(F.group_norm(xg.to(compute), num_groups, w.to(compute), None if shift is None else shift.to(compute),
-                                 eps).to(x.dtype))
-    return outs[0] if groups == 1 else torch.cat(outs)

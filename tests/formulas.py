@@ -93,3 +93,36 @@ def layer_norm_grads(x, weight, bias, mask, noise, noise_bias, dy, **kwargs):
                    leaves.get("noise_bias"), **kwargs)
     grads = torch.autograd.grad((y * dy.double()).sum(), list(leaves.values()), allow_unused=True)
     return {k: torch.zeros_like(t) if g is None else g for (k, t), g in zip(leaves.items(), grads)}
+
+
+def group_norm(x, weight, bias, mask, noise=None, noise_bias=None, num_groups=1, eps=1e-5, groups=1):
+    """The masked-and-perturbed GroupNorm in float64: each sample over each of ``num_groups``
+    groups of C / num_groups consecutive channels and all positions (biased variance); then per
+    channel, batch chunk g (of ``groups`` equal contiguous chunks) scaled by
+    weight * (mask + noise[g]) and shifted by bias * (1 + noise_bias[g])."""
+    d = lambda t: None if t is None else t.double()  # noqa: E731
+    n, c = x.shape[:2]
+    rows = x.double().reshape(n, num_groups, -1)
+    mu, var = rows.mean(-1, keepdim=True), rows.var(-1, unbiased=False, keepdim=True)
+    xhat = ((rows - mu) / torch.sqrt(var + eps)).reshape(n, c, -1)
+    outs = []
+    for g, part in enumerate(xhat.chunk(groups)):
+        scale = d(mask) + (0 if noise is None else d(noise)[g])
+        if weight is not None:
+            scale = scale * d(weight)
+        shift = 0 if bias is None else d(bias) * (1 + (0 if noise_bias is None else d(noise_bias)[g]))
+        outs.append(part * scale[:, None] + (shift[:, None] if bias is not None else 0))
+    return torch.cat(outs).reshape(x.shape)
+
+
+def group_norm_grads(x, weight, bias, mask, noise, noise_bias, dy, **kwargs):
+    """Gradients of sum(y * dy) by autograd through :func:`group_norm` in float64: a dict with
+    keys x, mask and those of weight, bias, noise, noise_bias that are not None (noise_bias
+    without a bias gets zeros)."""
+    leaves = {k: t.detach().double().requires_grad_() for k, t in
+              dict(x=x, weight=weight, bias=bias, mask=mask, noise=noise, noise_bias=noise_bias).items()
+              if t is not None}
+    y = group_norm(leaves["x"], leaves.get("weight"), leaves.get("bias"), leaves["mask"], leaves.get("noise"),
+                   leaves.get("noise_bias"), **kwargs)
+    grads = torch.autograd.grad((y * dy.double()).sum(), list(leaves.values()), allow_unused=True)
+    return {k: torch.zeros_like(t) if g is None else g for (k, t), g in zip(leaves.items(), grads)}

@@ -25,14 +25,17 @@ from . import pytest_log
 from .environment import ROOT, sanitizer_path
 
 SUITES = ["tests/kernels", "tests/test_functional_batch_norm.py", "tests/test_functional_layer_norm.py",
-          "tests/test_functional_updates.py", "tests/test_layers.py"]
+          "tests/test_functional_group_norm.py", "tests/test_functional_updates.py", "tests/test_layers.py",
+          "tests/test_layers_norms.py"]
 DRY_SUITES = ["tests/kernels/test_batch_norm_kernel.py", "-k", "writes_every_output and not shape2"]  # ~5 s on CPU
 # Under memcheck on an H200 the kernel tests ran at about one a second (47 in 44 s, the real-shape
 # ones slowest): the BatchNorm outputs-written tests, the split reductions in training mode, and
 # the LayerNorm forward at the launcher's own tiles, about 30 tests.
-SANITIZED = ["tests/kernels/test_batch_norm_kernel.py", "tests/kernels/test_layer_norm_kernel.py", "-k",
+SANITIZED = ["tests/kernels/test_batch_norm_kernel.py", "tests/kernels/test_layer_norm_kernel.py",
+             "tests/kernels/test_group_norm_kernel.py", "-k",
              "(batch_norm and (writes_every or (split_reductions and train))) or "
-             "(layer_norm and forward_writes and None and noisy)"]
+             "(layer_norm and forward_writes and None and noisy) or "
+             "(group_norm and (forward_and_every_gradient and split))"]
 PER_TEST_TIMEOUT_S = 180
 
 

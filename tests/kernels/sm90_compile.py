@@ -1,8 +1,9 @@
 """Compile fastpurify's Triton kernels for an H100 (sm_90) without a GPU, through the real launchers.
 
-Run as a script (``python -m tests.kernels.sm90_compile [--all-modes] [--layout contiguous|channels_last]``)
-in a process where TRITON_INTERPRET is unset: Triton's active driver is replaced by one that
-reports the target ``("cuda", 90, 32)``, every ``JITFunction.run`` becomes a compile-only warmup
+Run as a script (``python -m tests.kernels.sm90_compile [--op bn|gn] [--all-modes]
+[--layout contiguous|channels_last]``; ``--op`` picks BatchNorm, the default, or GroupNorm) in a
+process where TRITON_INTERPRET is unset: Triton's active driver is replaced by one that reports the
+target ``("cuda", 90, 32)``, every ``JITFunction.run`` becomes a compile-only warmup
 (nothing is launched), and the launchers are called on ``meta`` tensors (no memory). Each launch
 is recorded with its kernel, grid and the compiled binary's registers, spills and stack, read
 from the cubin with the cuobjdump that Triton ships. Prints one JSON line:
@@ -20,7 +21,15 @@ import tempfile
 import time
 from pathlib import Path
 
-from .resnet_shapes import BN_SHAPES
+from .resnet_shapes import BN_SHAPES, R50_BN
+
+# GroupNorm shapes (N, C, side, num_groups, groups): PoolFormer-S12 at 224 px (GroupNorm with one
+# channel group at every stage; batch 256 as ANP's two batch groups of 128, and 128 as one) and
+# ResNet-50-GN at 224 px (32 channel groups at every ResNet-50 BatchNorm shape; batch 64 as one
+# batch group, 128 as two).
+POOLFORMER_S12 = [(64, 56), (128, 28), (320, 14), (512, 7)]  # (channels, side) of its four stages
+GN_SHAPES = ([(256, c, s, 1, 2) for c, s in POOLFORMER_S12] + [(128, c, s, 1, 1) for c, s in POOLFORMER_S12]
+             + [(64, c, s, 32, 1) for c, s in R50_BN] + [(128, c, s, 32, 2) for c, s in R50_BN])
 
 
 def install_sm90_driver():
@@ -154,22 +163,86 @@ def other_modes(layouts=(False, True)):
         y.backward(torch.empty_like(y))
 
 
+def group_norm_launches(shapes, layouts=(False, True)):
+    """The launches of one ANP step's GroupNorm per shape and layout: forward, then the backward
+    that needs dx and the mask and noise gradients (weights frozen)."""
+    import torch
+
+    from fastpurify import functional as FP
+
+    FP.backend_for = lambda *tensors: "triton"  # the meta tensors stand for CUDA ones
+    cases = []
+    for n, c, side, num_groups, groups in shapes:
+        for channels_last in layouts:
+            x = torch.empty(n, c, side, side, device="meta")
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            noise = torch.empty(groups, c, device="meta").requires_grad_()
+            frozen = [torch.empty(c, device="meta") for _ in range(2)]
+            mask = torch.empty(c, device="meta").requires_grad_()
+            noise_bias = torch.empty_like(noise).requires_grad_()
+            y = FP.perturbed_group_norm(x.requires_grad_(), *frozen, mask, noise, noise_bias, num_groups=num_groups,
+                                        groups=groups)
+            y.backward(torch.empty_like(y))
+            cases.append(dict(shape=[n, c, side, side], num_groups=num_groups, groups=groups,
+                              channels_last=channels_last))
+    return cases
+
+
+def group_norm_other_modes(layouts=(False, True)):
+    """The GroupNorm branches the ANP step does not take, once per layout: trainable weight and
+    bias, no affine at all, a dx-only backward (PGD through a frozen model), a parameters-only
+    backward (x needs no gradient), bfloat16 (float16 takes the same 2-byte plans and paths; left
+    out to keep the compile short), a 2-D (N, C) input, and a tensor of 2**31 values (int64 offsets)."""
+    import torch
+
+    from fastpurify import functional as FP
+
+    FP.backend_for = lambda *tensors: "triton"
+    meta = lambda *shape, grad=False: torch.empty(*shape, device="meta").requires_grad_(grad)  # noqa: E731
+    for channels_last in layouts:
+        for dtype in (torch.float32, torch.bfloat16):
+            x = torch.empty(64, 256, 14, 14, device="meta", dtype=dtype)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            y = FP.perturbed_group_norm(x.requires_grad_(), meta(256, grad=True), meta(256, grad=True),
+                                        meta(256, grad=True), num_groups=32)  # dw, db
+            y.backward(torch.empty_like(y))
+            y = FP.perturbed_group_norm(x, None, None, meta(256), num_groups=32)  # no affine, dx only
+            y.backward(torch.empty_like(y))
+            y = FP.perturbed_group_norm(x.detach(), meta(256), meta(256), meta(256, grad=True), meta(2, 256, grad=True),
+                                        num_groups=1, groups=2)  # x needs no gradient
+            y.backward(torch.empty_like(y))
+        x = torch.empty(512, 64, 256, 256, device="meta")  # 2**31 values: int64 offsets
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        y = FP.perturbed_group_norm(x.requires_grad_(), meta(64), meta(64), meta(64, grad=True), meta(2, 64, grad=True),
+                                    num_groups=1, groups=2)
+        y.backward(torch.empty_like(y))
+    x = torch.empty(256, 768, device="meta").requires_grad_()  # (N, C)
+    y = FP.perturbed_group_norm(x, meta(768), meta(768), meta(768, grad=True), meta(2, 768, grad=True), num_groups=12,
+                                groups=2)
+    y.backward(torch.empty_like(y))
+
+
 def main() -> None:
     start = time.perf_counter()
     layout = sys.argv[sys.argv.index("--layout") + 1] if "--layout" in sys.argv else None
     layouts = {None: (False, True), "contiguous": (False,), "channels_last": (True,)}[layout]
+    op = sys.argv[sys.argv.index("--op") + 1] if "--op" in sys.argv else "bn"
     launches = install_sm90_driver()
-    cases = batch_norm_launches(BN_SHAPES, layouts)
+    cases = (batch_norm_launches(BN_SHAPES, layouts) if op == "bn" else group_norm_launches(GN_SHAPES, layouts))
     anp_launches = len(launches)
     if "--all-modes" in sys.argv:
-        other_modes(layouts)
+        (other_modes if op == "bn" else group_norm_other_modes)(layouts)
     kernels = {}
     records = []
     for i, (name, grid, kernel, kwargs) in enumerate(launches):
         if kernel.hash not in kernels:
             kernels[kernel.hash] = dict(name=name, **resources(kernel))
-        # every launch reads or writes the activations, except the per-channel gradients alone
-        touches = name != "bn_grad_apply_kernel" or bool(kwargs.get("NEED_DX"))
+        # every launch reads or writes the activations (or, GroupNorm's per-group sums of its
+        # per-sample partials, is sized to fill the GPU like them), except the per-channel gradients alone
+        touches = name not in ("bn_grad_apply_kernel", "gn_grad_apply_kernel") or bool(kwargs.get("NEED_DX"))
         records.append(dict(kernel=name, hash=kernel.hash, grid=list(grid), anp=i < anp_launches,
                             touches_activations=touches))
     print(json.dumps(dict(cases=cases, launches=records, kernels=kernels, seconds=time.perf_counter() - start)))
