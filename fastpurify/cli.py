@@ -44,7 +44,7 @@ def _add_train_args(p: argparse.ArgumentParser, defaults: dict) -> None:
     g.add_argument("--rate", type=float, default=defaults.get("rate", 0.1), help="poison rate in (0, 1)")
     g = p.add_argument_group("training")
     g.add_argument("--arch", default=defaults.get("arch", "cifar_resnet18"),
-                   help="cifar_resnet18 | preact_resnet18 | small_cnn | torchvision:<name>")
+                   help="cifar_resnet18 | preact_resnet18 | small_cnn | torchvision:<name> | timm:<name>")
     g.add_argument("--epochs", type=int, default=defaults.get("epochs", 30))
     g.add_argument("--lr", type=float, default=defaults.get("lr", 0.05))
     g.add_argument("--batch-size", type=int, default=defaults.get("batch_size", 128))

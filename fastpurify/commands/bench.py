@@ -45,8 +45,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("what", choices=sorted(DEFAULTS), help="what to measure")
     p.add_argument("--arch", "--model", dest="arch", default=None,
                    help="model: ours (cifar_resnet18, preact_resnet18, small_cnn) or a torchvision classifier by name "
-                        "(resnet50, vit_b_16, swin_t, convnext_tiny; or torchvision:<name>) (default: cifar_resnet18 "
-                        "for anp, preact_resnet18 otherwise)")
+                        "(resnet50, vit_b_16, swin_t, convnext_tiny; or torchvision:<name>), or timm:<name> "
+                        "(default: cifar_resnet18 for anp, preact_resnet18 otherwise)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="ANP batch (128), PGD chunk (512), PBE training batch (128)")
     p.add_argument("--images", type=int, default=None,

@@ -14,7 +14,7 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", required=True, help="checkpoint: .safetensors, or .pt/.pth of weights")
     g.add_argument("--arch", default=None, help="architecture (default: from the checkpoint's metadata): "
-                   "cifar_resnet18 | preact_resnet18 | small_cnn | torchvision:<name>")
+                   "cifar_resnet18 | preact_resnet18 | small_cnn | torchvision:<name> | timm:<name>")
     g.add_argument("--num-classes", type=int, default=None)
     g.add_argument("--in-channels", type=int, default=None)
     g.add_argument("--trust-pickle", action="store_true",

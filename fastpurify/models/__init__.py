@@ -2,12 +2,16 @@
 
 Our own: ``cifar_resnet18`` (official ANP), ``preact_resnet18`` (PBE / BackdoorBench) and
 ``small_cnn``. Any torchvision classifier by ``torchvision:<name>`` (``torchvision:resnet50``,
-``torchvision:mobilenet_v2``, ``torchvision:vgg11_bn``, ...). No engine requires our classes:
-they accept any ``nn.Module`` with normalisation layers.
+``torchvision:mobilenet_v2``, ``torchvision:vgg11_bn``, ...) and, where timm is installed
+(``pip install timm``), any timm model by ``timm:<name>`` (``timm:resnet18``,
+``timm:efficientnet_b0``, ``timm:vit_tiny_patch16_224``, ...; ``timm.list_models('*part*')`` lists
+the names). Both are built freshly initialised: no weights are ever downloaded. No engine requires
+our classes: they accept any ``nn.Module`` with normalisation layers.
 """
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Callable
 
 import torch.nn as nn
@@ -23,10 +27,14 @@ OWN_MODELS: dict[str, Callable[..., nn.Module]] = {
     "small_cnn": small_cnn,
 }
 TORCHVISION_PREFIX = "torchvision:"
+TIMM_PREFIX = "timm:"
 
 
 def available_models() -> list[str]:
-    """Our model names plus the torchvision classifiers, each prefixed ``torchvision:``."""
+    """Our model names plus the torchvision classifiers, each prefixed ``torchvision:``.
+
+    timm's ~1300 models are not listed: any ``timm:<name>`` with a name from ``timm.list_models()``
+    is accepted by :func:`build_model`."""
     from .._torchvision import import_torchvision
 
     tv = import_torchvision()
@@ -50,10 +58,33 @@ def build_model(name: str, num_classes: int = 10, in_channels: int = 3, **kwargs
             raise InputError(f"torchvision models take 3-channel images, got in_channels={in_channels}; "
                              "load the data with 3 channels (e.g. load_digits(channels=3))")
         return tv.models.get_model(arch, weights=None, num_classes=num_classes, **kwargs)
-    raise InputError(f"unknown model {name!r}: choose one of {sorted(OWN_MODELS)} or 'torchvision:<name>'")
+    if name.startswith(TIMM_PREFIX):
+        return _build_timm(name[len(TIMM_PREFIX):], num_classes, in_channels, **kwargs)
+    raise InputError(f"unknown model {name!r}: choose one of {sorted(OWN_MODELS)}, 'torchvision:<name>' or "
+                     "'timm:<name>'")
+
+
+def _build_timm(arch: str, num_classes: int, in_channels: int, **kwargs) -> nn.Module:
+    """``timm.create_model(arch, pretrained=False, ...)``: timm's own init, ``in_chans`` passed through."""
+    from .._torchvision import import_torchvision
+
+    import_torchvision()  # timm imports torchvision: declare its missing operators first where needed
+    try:
+        import timm
+    except ImportError:
+        raise InputError(f"timm:{arch} needs timm, which is not installed: pip install timm") from None
+    if "pretrained" in kwargs:
+        raise InputError("build_model never downloads weights (timm models are built with pretrained=False); "
+                         "load trained weights from a checkpoint instead")
+    if not arch or not timm.is_model(arch):
+        part = arch.split(".")[0].split("_")[0]  # the family: vit, resnet, efficientnet, ...
+        close = difflib.get_close_matches(arch, timm.list_models(), n=3, cutoff=0.6)
+        raise InputError(f"timm has no model named {arch!r}" + (f"; close names: {', '.join(close)}" if close else "")
+                         + f"; list the names with timm.list_models('{f'*{part}*' if part else '*'}')")
+    return timm.create_model(arch, pretrained=False, num_classes=num_classes, in_chans=in_channels, **kwargs)
 
 
 __all__ = [
-    "CifarResNet", "PreActResNet", "SmallCNN", "available_models", "build_model",
+    "TIMM_PREFIX", "TORCHVISION_PREFIX", "CifarResNet", "PreActResNet", "SmallCNN", "available_models", "build_model",
     "cifar_resnet18", "preact_resnet18", "small_cnn",
 ]

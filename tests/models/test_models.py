@@ -1,3 +1,5 @@
+import sys
+
 import pytest
 import torch
 import torch.nn as nn
@@ -53,7 +55,7 @@ def test_torchvision_models_build_by_name(name):
 def test_model_names():
     names = available_models()
     assert {"cifar_resnet18", "preact_resnet18", "small_cnn", "torchvision:resnet50"} <= set(names)
-    with pytest.raises(InputError, match="unknown model"):
+    with pytest.raises(InputError, match="unknown model.*'timm:<name>'"):
         build_model("resnet9000")
     with pytest.raises(InputError, match="no classifier"):
         build_model("torchvision:notanet")
@@ -61,3 +63,39 @@ def test_model_names():
         build_model("torchvision:resnet18", in_channels=1)
     with pytest.raises(InputError, match="num_classes"):
         build_model("small_cnn", num_classes=1)
+
+
+def test_timm_models_build_by_name():
+    model = build_model("timm:resnet10t", num_classes=7, in_channels=1).eval()
+    assert type(model).__module__.startswith("timm.") and bn_channels(model) > 0
+    with torch.no_grad():
+        assert model(torch.rand(2, 1, 32, 32)).shape == (2, 7)
+    # timm's own constructor arguments pass through
+    vit = build_model("timm:vit_tiny_patch16_224", num_classes=3, img_size=32, depth=1).eval()
+    with torch.no_grad():
+        assert vit(torch.rand(1, 3, 32, 32)).shape == (1, 3)
+
+
+def test_timm_model_errors(monkeypatch):
+    with pytest.raises(InputError, match=r"timm has no model named 'resnt18'; close names: resnet18.*"
+                                         r"timm\.list_models\('\*resnt18\*'\)"):
+        build_model("timm:resnt18")
+    with pytest.raises(InputError, match="never downloads"):
+        build_model("timm:resnet10t", pretrained=True)
+    with pytest.raises(InputError, match="num_classes"):
+        build_model("timm:resnet10t", num_classes=0)
+    monkeypatch.setitem(sys.modules, "timm", None)  # as if timm were not installed
+    with pytest.raises(InputError, match=r"not installed: pip install timm"):
+        build_model("timm:resnet10t")
+
+
+def test_timm_checkpoint_round_trip(tmp_path):
+    """A checkpoint that records a timm architecture loads back by that name, as the CLI loads --model."""
+    from fastpurify.checkpoint import load_model, save_model
+
+    model = build_model("timm:resnet10t", num_classes=5, in_channels=1)
+    path = save_model(model, tmp_path / "m.safetensors",
+                      metadata={"arch": "timm:resnet10t", "num_classes": 5, "in_channels": 1})
+    loaded, meta = load_model(path)
+    assert meta["arch"] == "timm:resnet10t" and type(loaded) is type(model)
+    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in model.state_dict().items())
