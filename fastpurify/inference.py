@@ -8,6 +8,8 @@ from contextlib import contextmanager
 import torch
 import torch.nn as nn
 
+from .neurons import layer_kind
+
 
 def model_device(model: nn.Module) -> torch.device:
     """The device of the model's first parameter or buffer (CPU for a model with neither)."""
@@ -19,13 +21,13 @@ def model_device(model: nn.Module) -> torch.device:
 
 
 def anp_mode(model: nn.Module) -> nn.Module:
-    """ANP's mode: BatchNorm layers in training mode (batch statistics, as the official script's
+    """ANP's mode: batch-statistics norm layers in training mode (batch statistics, as the official script's
     ``model.train()``), every other module in eval mode, so dropout and stochastic depth (ViT,
     Swin, ConvNeXt) do not randomise the masks' gradients. For the BatchNorm networks of the
     official script, which have neither, this is exactly ``model.train()``."""
     model.eval()
     for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+        if layer_kind(m) == "batchnorm":  # nn.BatchNorm*, subclasses, timm's EvoNorm2dB*
             m.training = True  # the norm only: a norm-act layer's drop and act stay in eval mode
     return model
 

@@ -4,14 +4,16 @@ A neuron is one output feature of a layer with a scale to mask, and its mask mul
 scale (DESIGN.md §1). Four kinds of layer, chosen with ``mask_layers``:
 
 - ``"batchnorm"``: every ``nn.BatchNorm*`` and subclass with affine parameters (timm's
-  ``BatchNormAct2d`` and ``SyncBatchNormAct`` included); one neuron per channel;
+  ``BatchNormAct2d`` and ``SyncBatchNormAct`` included) and timm's batch-statistics EvoNorms
+  (``EvoNorm2dB*``); one neuron per channel;
 - ``"layernorm"``: every ``nn.LayerNorm`` and subclass over one feature axis (ViT, Swin; ConvNeXt's
   ``LayerNorm2d`` over the channel axis of NCHW; timm's ``LayerNorm``, ``LayerNorm2d``,
   ``LayerNormFp32``, ``LayerNormAct`` ...), and the RMS-style norms whose scale is a per-feature
   weight (``nn.RMSNorm``; timm's ``RmsNorm``, ``RmsNorm2d``, ``SimpleNorm`` and their Fp32 forms);
   one neuron per feature;
 - ``"groupnorm"``: every ``nn.GroupNorm`` and subclass (timm's ``GroupNorm``, ``GroupNorm1``,
-  ``GroupNormAct``, ``GroupNorm1Act``); one neuron per channel of its affine;
+  ``GroupNormAct``, ``GroupNorm1Act``) and timm's group-statistics EvoNorms (``EvoNorm2dS*``); one
+  neuron per channel of its affine;
 - ``"conv_linear"``: the paper's Eq. 3 for networks without normalisation:
   ``nn.Conv1d/2d/3d`` and ``nn.Linear``, one neuron per output channel, the mask on the weight
   (``W_k * (m_k + delta_k)``, ``b_k * (1 + xi_k)``). Two kinds of such layer are left out: the
@@ -73,12 +75,16 @@ def _is_rms_norm(module: nn.Module) -> bool:
     return any(c.__module__.startswith("timm.") and c.__name__ in RMS_NORMS for c in type(module).__mro__)
 
 
+def _timm_class(module: nn.Module, prefix: str) -> bool:
+    return any(c.__module__.startswith("timm.") and c.__name__.startswith(prefix) for c in type(module).__mro__)
+
+
 def _kind(module: nn.Module) -> str | None:
-    if isinstance(module, _BatchNorm):
+    if isinstance(module, _BatchNorm) or _timm_class(module, "EvoNorm2dB"):
         return "batchnorm"
     if isinstance(module, nn.LayerNorm) or _is_rms_norm(module):
         return "layernorm"
-    if isinstance(module, nn.GroupNorm):
+    if isinstance(module, nn.GroupNorm) or _timm_class(module, "EvoNorm2dS"):
         return "groupnorm"
     if isinstance(module, CONV_LINEAR):
         return "conv_linear"

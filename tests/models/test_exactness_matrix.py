@@ -35,12 +35,19 @@ import torch
 import torch.nn as nn
 
 from fastpurify._torchvision import import_torchvision
-from fastpurify.layers import convert
+from fastpurify.layers import convert, perturbed_layers
 from fastpurify.validation import InputError
 
 from .zoo import BATCH, TIMM_SPECS, TORCHVISION_NAMES, Spec, specs, torchvision_specs
 
 TOLERANCE = 1e-7  # relative to the largest magnitude of the original output (module docstring)
+# Norm-like layers that ANP leaves alone by design (docs/norm-layers.md), and why. Every other
+# norm layer of a converted model must have been converted: none is silently left unmasked.
+NOT_MASKED = {
+    "GlobalResponseNorm": "ConvNeXt-V2's GRN is residual (x + gamma * x * N(x) + beta): its gamma silences no channel",
+    "FrozenBatchNorm2d": "its scale is a buffer, not a parameter",
+    "FrozenBatchNormAct2d": "its scale is a buffer, not a parameter",
+}
 _NORM_CLASS = re.compile(r"Norm(?!Free)")  # BatchNorm2d, BatchNormAct2d, LayerNorm2d, RmsNorm2d, EvoNorm2dS0, ...
 
 
@@ -155,12 +162,21 @@ def differences(spec: Spec, model: nn.Module) -> tuple[dict[str, float], str | N
     return diffs, None
 
 
+def unmasked_norms(model: nn.Module) -> list[str]:
+    """The norm layers of ``model`` that conversion left as they were, other than :data:`NOT_MASKED`'s."""
+    converted = set(perturbed_layers(convert(model)))
+    return [f"{name} ({type(m).__name__})" for name, m in model.named_modules()
+            if is_norm(m) and name not in converted and type(m).__name__ not in NOT_MASKED]
+
+
 def check_exact(spec: Spec) -> None:
     model = spec.construct()
     diffs, refusal = differences(spec, model)
     if refusal is not None:
         check_refusal(model, refusal)
         return
+    left = unmasked_norms(model)
+    assert not left, f"{spec.model}: norm layers left unmasked: {', '.join(left[:8])}"
     failures = [f"{what}: relative difference {d:.3g}" for what, d in diffs.items() if not d <= TOLERANCE]
     assert not failures, f"{spec.model} converted computes otherwise: " + "; ".join(failures[:8])
 
