@@ -1,6 +1,7 @@
 """``fastpurify anp`` and ``fastpurify bench anp`` from the command line (small, CPU)."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -22,6 +23,7 @@ def test_anp_writes_masks_report_pruned_model_and_figures(tmp_path, checkpoint, 
     assert main(["anp", "--model", str(checkpoint), "--data", "digits", "--out", str(out), *FAST]) == 0
     printed = capsys.readouterr().out
     assert "ANP: 12 iterations in" in printed and "it/s" in printed and "PoisonACC" in printed
+    assert re.search(r"masked \d+ neurons in (\d+) layers \(\1 fused\)", printed), printed  # how they were perturbed
     report = json.loads((out / "report.json").read_text())
     assert report["engine"] == "fast" and report["settings"]["iterations"] == 12
     assert report["pruning"] == {"rule": "threshold", "value": 0.2, "pruned": report["pruning"]["pruned"]}
