@@ -168,6 +168,15 @@ def _ncs(t: torch.Tensor) -> torch.Tensor:
         return t.contiguous().view(n, c, -1)
 
 
+def _param_grad_buffers(ctx, weight, bias, mask, noise, noise_bias) -> list[torch.Tensor | None]:
+    """For a norm's autograd Function whose inputs 1 to 5 are weight, bias, mask, noise and
+    noise_bias: a new contiguous buffer (whatever the strides of the parameter) for each of their
+    gradients that autograd needs, None for the others (absent or not needed: no work spent on it)."""
+    params = (weight, bias, mask, noise, noise_bias)
+    return [torch.empty(t.shape, dtype=t.dtype, device=t.device) if need and t is not None else None
+            for t, need in zip(params, ctx.needs_input_grad[1:6])]
+
+
 class _PerturbedBatchNorm(torch.autograd.Function):
     """The Triton path: one fused forward kernel and one fused backward kernel."""
 
@@ -196,13 +205,9 @@ class _PerturbedBatchNorm(torch.autograd.Function):
         from .kernels.batch_norm import bn_backward
 
         x3, weight, bias, mask, noise, noise_bias, mean, rstd = ctx.saved_tensors
-        need_x, need_w, need_b, need_m, need_n, need_nb = ctx.needs_input_grad[:6]
         dy3 = _ncs(dy)
-        dx = torch.empty_like(x3) if need_x else None
-        new = lambda t, need: torch.empty(t.shape, dtype=t.dtype, device=t.device) if need and t is not None \
-            else None  # noqa: E731  (contiguous, whatever the strides of t)
-        dmask, dnoise, dnoise_b = new(mask, need_m), new(noise, need_n), new(noise_bias, need_nb)
-        dweight, dbias = new(weight, need_w), new(bias, need_b)
+        dx = torch.empty_like(x3) if ctx.needs_input_grad[0] else None
+        dweight, dbias, dmask, dnoise, dnoise_b = _param_grad_buffers(ctx, weight, bias, mask, noise, noise_bias)
         bn_backward(x3, dy3, dx, weight, bias, mask, noise, noise_bias, mean, rstd, groups=ctx.groups,
                     training=ctx.training, dmask=dmask, dnoise=dnoise, dnoise_bias=dnoise_b, dweight=dweight,
                     dbias=dbias)
@@ -327,15 +332,11 @@ class _PerturbedLayerNorm(torch.autograd.Function):
         from .kernels.layer_norm import ln_backward
 
         x3, weight, bias, mask, noise, noise_bias, mean, rstd = ctx.saved_tensors
-        need_x, need_w, need_b, need_m, need_n, need_nb = ctx.needs_input_grad[:6]
         dy3 = _nfs(dy, ctx.axis)
         if dy3 is None:
             dy3 = _nfs(dy.contiguous(), ctx.axis)
-        dx3 = torch.empty_like(x3) if need_x else None  # x's layout (x3's strides when it is dense)
-        new = lambda t, need: torch.empty(t.shape, dtype=t.dtype, device=t.device) if need and t is not None \
-            else None  # noqa: E731  (contiguous, whatever the strides of t)
-        dmask, dnoise, dnoise_b = new(mask, need_m), new(noise, need_n), new(noise_bias, need_nb)
-        dweight, dbias = new(weight, need_w), new(bias, need_b)
+        dx3 = torch.empty_like(x3) if ctx.needs_input_grad[0] else None  # x's layout (x3's strides when it is dense)
+        dweight, dbias, dmask, dnoise, dnoise_b = _param_grad_buffers(ctx, weight, bias, mask, noise, noise_bias)
         ln_backward(x3, dy3, dx3, weight, bias, mask, noise, noise_bias, mean, rstd, groups=ctx.groups,
                     dmask=dmask, dnoise=dnoise, dnoise_bias=dnoise_b, dweight=dweight, dbias=dbias)
         dx = _from_nfs(dx3, ctx.shape, ctx.axis) if dx3 is not None else None
@@ -442,13 +443,9 @@ class _PerturbedGroupNorm(torch.autograd.Function):
         from .kernels.group_norm import gn_backward
 
         x3, weight, bias, mask, noise, noise_bias, mean, rstd = ctx.saved_tensors
-        need_x, need_w, need_b, need_m, need_n, need_nb = ctx.needs_input_grad[:6]
         dy3 = _ncs(dy)
-        dx3 = torch.empty_like(x3) if need_x else None  # x's layout (x3 is dense)
-        new = lambda t, need: torch.empty(t.shape, dtype=t.dtype, device=t.device) if need and t is not None \
-            else None  # noqa: E731  (contiguous, whatever the strides of t)
-        dmask, dnoise, dnoise_b = new(mask, need_m), new(noise, need_n), new(noise_bias, need_nb)
-        dweight, dbias = new(weight, need_w), new(bias, need_b)
+        dx3 = torch.empty_like(x3) if ctx.needs_input_grad[0] else None  # x's layout (x3 is dense)
+        dweight, dbias, dmask, dnoise, dnoise_b = _param_grad_buffers(ctx, weight, bias, mask, noise, noise_bias)
         gn_backward(x3, dy3, dx3, weight, bias, mask, noise, noise_bias, mean, rstd, num_groups=ctx.num_groups,
                     groups=ctx.groups, dmask=dmask, dnoise=dnoise, dnoise_bias=dnoise_b, dweight=dweight,
                     dbias=dbias)

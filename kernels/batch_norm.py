@@ -44,6 +44,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .norm_common import channel_sums, col, index_type, pow2, row_stride, tile_zeros
 from .runtime import accumulator_dtype, interpreting, sm_count
 
 # ---------------------------------------------------------------------------------------------
@@ -105,33 +106,6 @@ def _offsets(n, s, cs, sn, sc, ss, CHANNELS_INNER: tl.constexpr):
         return (n * sn + s * ss)[:, None] + c[None, :]
     else:
         return (n * sn + c)[:, None] + (s * ss)[None, :]
-
-
-@triton.jit
-def _col(v, CHANNELS_INNER: tl.constexpr):
-    """A per-channel vector (BLOCK_C,) shaped to broadcast against a tile."""
-    if CHANNELS_INNER:
-        return v[None, :]
-    else:
-        return v[:, None]
-
-
-@triton.jit
-def _reduce(t, CHANNELS_INNER: tl.constexpr):
-    """Per-channel sums (BLOCK_C,) of a tile."""
-    if CHANNELS_INNER:
-        return tl.sum(t, axis=0)
-    else:
-        return tl.sum(t, axis=1)
-
-
-@triton.jit
-def _tile_zeros(ACC: tl.constexpr, CHANNELS_INNER: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """A zero tile (accumulators) in the layout's shape."""
-    if CHANNELS_INNER:
-        return tl.zeros((BLOCK_R, BLOCK_C), dtype=ACC)
-    else:
-        return tl.zeros((BLOCK_C, BLOCK_R), dtype=ACC)
 
 
 @triton.jit
@@ -212,18 +186,18 @@ def bn_stats_kernel(X, PART, C, S, Ng, sxn, sxc, sxs, C_BLOCKS, splits, U0, U1, 
     base_n = g * Ng
     a0, a1, b0, b1 = _split_bounds(sp, U0, U1, Q, T, splits_s)
     pivot = _pivot(X, g, Ng, cs, cmask, sxn, sxc, IDX, ACC)
-    acc1 = _tile_zeros(ACC, CHANNELS_INNER, BLOCK_R, BLOCK_C)
-    acc2 = _tile_zeros(ACC, CHANNELS_INNER, BLOCK_R, BLOCK_C)
+    acc1 = tile_zeros(ACC, CHANNELS_INNER, BLOCK_R, BLOCK_C)
+    acc2 = tile_zeros(ACC, CHANNELS_INNER, BLOCK_R, BLOCK_C)
     for u in range(a0, a1, BLOCK_R if CHANNELS_INNER else 1):
         for v in range(b0, b1, 1 if CHANNELS_INNER else BLOCK_R):
             n, s, valid = _tile(u, v, a1, b1, base_n, S, cmask, IDX, CHANNELS_INNER, BLOCK_R)
             x = tl.load(X + _offsets(n, s, cs, sxn, sxc, sxs, CHANNELS_INNER), mask=valid, other=0.0).to(ACC)
-            d = tl.where(valid, x - _col(pivot, CHANNELS_INNER), 0.0)
+            d = tl.where(valid, x - col(pivot, CHANNELS_INNER), 0.0)
             acc1 += d
             acc2 += d * d
     count = (a1 - a0) * (b1 - b0)
-    s1 = _reduce(acc1, CHANNELS_INNER)
-    s2 = _reduce(acc2, CHANNELS_INNER)
+    s1 = channel_sums(acc1, CHANNELS_INNER)
+    s2 = channel_sums(acc2, CHANNELS_INNER)
     slot = (g * splits + sp) * C + cs
     tl.store(PART + slot, s1 / count, mask=cmask)
     tl.store(PART + plane + slot, tl.maximum(s2 - s1 * s1 / count, 0.0), mask=cmask)
@@ -272,9 +246,9 @@ def bn_normalize_kernel(X, Y, W, B, MASK, NOISE, NOISE_B, RUN_MEAN, RUN_VAR, MEA
         tl.store(RSTD + g * C + cs, rstd, mask=cmask)
     w, b, factor, bias_factor = _group_affine(W, B, MASK, NOISE, NOISE_B, g, cs, cmask, s_noise, s_noise_b,
                                               HAS_NOISE, HAS_NOISE_B, ACC)
-    a = _col(rstd * w * factor, CHANNELS_INNER)
-    shift = _col(b * bias_factor, CHANNELS_INNER)
-    mean = _col(mean, CHANNELS_INNER)
+    a = col(rstd * w * factor, CHANNELS_INNER)
+    shift = col(b * bias_factor, CHANNELS_INNER)
+    mean = col(mean, CHANNELS_INNER)
     base_n = g * Ng
     a0, a1, b0, b1 = _split_bounds(sp, U0, U1, Q, T, splits_s)
     for u in range(a0, a1, BLOCK_R if CHANNELS_INNER else 1):
@@ -294,12 +268,12 @@ def bn_grad_sums_kernel(X, DY, MEAN, RSTD, PART, C, S, Ng, sxn, sxc, sxs, sdn, s
     per-lane accumulators in ACC) and stores them into ``PART[0, g, sp, :]`` and ``PART[1, g, sp, :]``."""
     g, sp, cb = _decode(C_BLOCKS, splits)
     cs, cmask = _channels(cb, C, BLOCK_C)
-    mean = _col(tl.load(MEAN + g * C + cs, mask=cmask, other=0.0).to(ACC), CHANNELS_INNER)
-    rstd = _col(tl.load(RSTD + g * C + cs, mask=cmask, other=0.0).to(ACC), CHANNELS_INNER)
+    mean = col(tl.load(MEAN + g * C + cs, mask=cmask, other=0.0).to(ACC), CHANNELS_INNER)
+    rstd = col(tl.load(RSTD + g * C + cs, mask=cmask, other=0.0).to(ACC), CHANNELS_INNER)
     base_n = g * Ng
     a0, a1, b0, b1 = _split_bounds(sp, U0, U1, Q, T, splits_s)
-    acc_dyx = _tile_zeros(ACC, CHANNELS_INNER, BLOCK_R, BLOCK_C)
-    acc_dy = _tile_zeros(ACC, CHANNELS_INNER, BLOCK_R, BLOCK_C)
+    acc_dyx = tile_zeros(ACC, CHANNELS_INNER, BLOCK_R, BLOCK_C)
+    acc_dy = tile_zeros(ACC, CHANNELS_INNER, BLOCK_R, BLOCK_C)
     for u in range(a0, a1, BLOCK_R if CHANNELS_INNER else 1):
         for v in range(b0, b1, 1 if CHANNELS_INNER else BLOCK_R):
             n, s, valid = _tile(u, v, a1, b1, base_n, S, cmask, IDX, CHANNELS_INNER, BLOCK_R)
@@ -308,8 +282,8 @@ def bn_grad_sums_kernel(X, DY, MEAN, RSTD, PART, C, S, Ng, sxn, sxc, sxs, sdn, s
             acc_dyx += dy * tl.where(valid, (x - mean) * rstd, 0.0)
             acc_dy += dy
     slot = (g * splits + sp) * C + cs
-    tl.store(PART + slot, _reduce(acc_dyx, CHANNELS_INNER), mask=cmask)
-    tl.store(PART + plane + slot, _reduce(acc_dy, CHANNELS_INNER), mask=cmask)
+    tl.store(PART + slot, channel_sums(acc_dyx, CHANNELS_INNER), mask=cmask)
+    tl.store(PART + plane + slot, channel_sums(acc_dy, CHANNELS_INNER), mask=cmask)
 
 
 @triton.jit
@@ -376,13 +350,13 @@ def bn_grad_apply_kernel(X, DY, DX, W, B, MASK, NOISE, NOISE_B, MEAN, RSTD, PART
         w, b, factor, bias_factor = _group_affine(W, B, MASK, NOISE, NOISE_B, g, cs, cmask, s_noise, s_noise_b,
                                                   HAS_NOISE, HAS_NOISE_B, ACC)
         rstd = tl.load(RSTD + g * C + cs, mask=cmask, other=0.0).to(ACC)
-        a = _col(w * factor * rstd, CHANNELS_INNER)
+        a = col(w * factor * rstd, CHANNELS_INNER)
         if TRAINING:
             sdyx, sdy = _merge_sums(PART, plane, g, cs, cmask, C, splits, ACC, BLOCK_P, BLOCK_C)
-            mean = _col(tl.load(MEAN + g * C + cs, mask=cmask, other=0.0).to(ACC), CHANNELS_INNER)
-            c1 = _col(sdy / M, CHANNELS_INNER)
-            c2 = _col(sdyx / M, CHANNELS_INNER)
-            rstd_t = _col(rstd, CHANNELS_INNER)
+            mean = col(tl.load(MEAN + g * C + cs, mask=cmask, other=0.0).to(ACC), CHANNELS_INNER)
+            c1 = col(sdy / M, CHANNELS_INNER)
+            c2 = col(sdyx / M, CHANNELS_INNER)
+            rstd_t = col(rstd, CHANNELS_INNER)
         base_n = g * Ng
         a0, a1, b0, b1 = _split_bounds(sp, U0, U1, Q, T, splits_s)
         for u in range(a0, a1, BLOCK_R if CHANNELS_INNER else 1):
@@ -441,10 +415,6 @@ class LaunchPlan:
         return (self.channel_blocks, self.splits, *self.domain, *self.split_size, self.splits_s)
 
 
-def _pow2(n: int) -> int:
-    return triton.next_power_of_2(max(1, n))
-
-
 @functools.lru_cache(maxsize=4096)
 def launch_plan(shape: tuple[int, int, int], strides: tuple[int, int, int], groups: int, sms: int,
                 itemsize: int, *, splits: int | None = None, tile: tuple[int, int] | None = None,
@@ -487,16 +457,16 @@ def launch_plan(shape: tuple[int, int, int], strides: tuple[int, int, int], grou
     if tile is not None:
         block_r, block_c = tile
     elif channels_inner:
-        block_c = min(_pow2(c), row_values)
+        block_c = min(pow2(c), row_values)
         min_c = min(block_c, max(1, MIN_ROW_BYTES // itemsize))
     else:
-        block_r = min(_pow2(s), MAX_POSITIONS, tile_values)
-        block_c = min(_pow2(c), max(1, tile_values // block_r))
+        block_r = min(pow2(s), MAX_POSITIONS, tile_values)
+        block_c = min(pow2(c), max(1, tile_values // block_r))
         min_c = 1
     merge_cap = max(1, math.isqrt(m * itemsize // 16))
     while True:
         if tile is None and channels_inner:
-            block_r = max(1, min(_pow2(m), tile_values // block_c))
+            block_r = max(1, min(pow2(m), tile_values // block_c))
         tiles = triton.cdiv(m, block_r) if channels_inner else ng * triton.cdiv(s, block_r)
         channel_blocks = triton.cdiv(c, block_c)
         if splits is not None:
@@ -518,7 +488,7 @@ def launch_plan(shape: tuple[int, int, int], strides: tuple[int, int, int], grou
         t = triton.cdiv(s_tiles, max(1, min(wanted // along_n, s_tiles))) * block_r
         splits_s = triton.cdiv(s, t)
         domain, size, count = (ng, s), (q, t), along_n * splits_s
-    block_p = min(_pow2(count), max(1, MERGE_TILE // block_c))
+    block_p = min(pow2(count), max(1, MERGE_TILE // block_c))
     values = block_r * block_c
     return LaunchPlan(channels_inner, block_r, block_c, block_p, 4 if values <= 2048 else 8, channel_blocks,
                       count, splits_s, domain, size, groups * count * channel_blocks)
@@ -530,22 +500,6 @@ def launch_plan(shape: tuple[int, int, int], strides: tuple[int, int, int], grou
 def _strides(t: torch.Tensor) -> tuple[int, int, int]:
     """(sample, channel, spatial) strides of a tensor viewed as (N, C, S)."""
     return t.stride(0), t.stride(1), (t.stride(2) if t.dim() == 3 else 0)
-
-
-def _row_stride(t: torch.Tensor | None) -> int:
-    """The group stride of a (G, C) per-group parameter whose channels are contiguous
-    (views into one flat arena are welcome); 0 when absent."""
-    if t is None:
-        return 0
-    assert t.stride(-1) == 1 or t.shape[-1] == 1, "per-group parameters need contiguous channels"
-    return t.stride(0)
-
-
-def _index_type(tensors) -> tl.dtype:
-    """int32 offsets when every element of every tensor (and a tile past it) is within 2**30
-    of its start, else int64."""
-    reach = max(sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride())) for t in tensors)
-    return tl.int32 if reach < 2**30 else tl.int64
 
 
 def _geometry(x3: torch.Tensor, others, groups: int, splits, tile):
@@ -563,7 +517,7 @@ def _geometry(x3: torch.Tensor, others, groups: int, splits, tile):
     if plan.channels_inner and s > 1 and all(sn == s * ss for sn, _, ss in strides):
         strides = [(ss, sc, 0) for _, sc, ss in strides]
         ng, s = ng * s, 1
-    return plan, (s, ng), strides, _index_type(tensors)
+    return plan, (s, ng), strides, index_type(tensors)
 
 
 def bn_forward(x3: torch.Tensor, y3: torch.Tensor, weight, bias, mask, noise, noise_bias, running_mean,
@@ -586,7 +540,7 @@ def bn_forward(x3: torch.Tensor, y3: torch.Tensor, weight, bias, mask, noise, no
     pick = lambda t: t if t is not None else mean  # noqa: E731  (never read nor written)
     bn_normalize_kernel[grid](
         x3, y3, weight, bias, mask, pick(noise), pick(noise_bias), pick(running_mean), pick(running_var),
-        mean, rstd, part, C, S, Ng, groups, *sx, *sy, _row_stride(noise), _row_stride(noise_bias),
+        mean, rstd, part, C, S, Ng, groups, *sx, *sy, row_stride(noise), row_stride(noise_bias),
         float(eps), float(momentum), *plan.split_args, plane,
         TRAINING=training, UPDATE_RUNNING=update_running, HAS_NOISE=noise is not None,
         HAS_NOISE_B=noise_bias is not None, BLOCK_P=plan.block_p, **common)
@@ -619,7 +573,7 @@ def bn_backward(x3, dy3, dx3, weight, bias, mask, noise, noise_bias, mean, rstd,
     bn_grad_apply_kernel[grid](
         x3, dy3, pick(dx3), weight, bias, mask, pick(noise), pick(noise_bias), mean, rstd, part,
         pick(dmask), pick(dnoise), pick(dnoise_bias), pick(dweight), pick(dbias),
-        C, S, Ng, groups, *sx, *sd, *sg, _row_stride(noise), _row_stride(noise_bias), *plan.split_args, plane,
+        C, S, Ng, groups, *sx, *sd, *sg, row_stride(noise), row_stride(noise_bias), *plan.split_args, plane,
         TRAINING=training, HAS_NOISE=noise is not None, HAS_NOISE_B=noise_bias is not None,
         NEED_DX=dx3 is not None, NEED_DMASK=dmask is not None, NEED_DNOISE=dnoise is not None,
         NEED_DNOISE_B=dnoise_bias is not None, NEED_DW=dweight is not None, NEED_DB=dbias is not None,

@@ -16,8 +16,8 @@ touches the activations runs on one 1-D grid of ``R * splits`` programs, program
 the splits from the shape, the strides and the SM count.
 
 **Tiles** keep the contiguous axis innermost: ``(BLOCK_C, BLOCK_S)`` channels by positions when
-positions are contiguous (NCHW, ``POS_INNER``), else ``(BLOCK_S, BLOCK_C)`` positions by channels
-(channels_last, (N, C)).
+positions are contiguous (NCHW, ``LaunchPlan.pos_inner``), else ``(BLOCK_S, BLOCK_C)`` positions by
+channels (channels_last, (N, C); the kernels' ``CHANNELS_INNER``, as in the BatchNorm kernels).
 
 **Forward**: ``gn_stats_kernel`` reduces each split to its mean and M2 from sums shifted by the
 row's first value x0 and stores ``mean - x0`` and M2 in a small ``(2, R, splits)`` buffer;
@@ -42,6 +42,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .norm_common import (channel_sums, col, group_scale, group_shift, index_type, param_grads, pow2, row_stride,
+                          tile_zeros)
 from .runtime import accumulator_dtype, interpreting, sm_count
 
 # Integer arguments that need no specialisation (== 1 or divisibility by 16): they do not decide
@@ -78,77 +80,26 @@ def _row_base(r, K, Cg, sn, sc, IDX: tl.constexpr):
 
 
 @triton.jit
-def _offsets(base, cs, ss, sc, ss_, IDX: tl.constexpr, POS_INNER: tl.constexpr):
+def _offsets(base, cs, ss, sc, ss_, IDX: tl.constexpr, CHANNELS_INNER: tl.constexpr):
     """Offsets of the tile of channels ``cs`` (inside the row) and positions ``ss`` from ``base``."""
-    if POS_INNER:
-        return base + (cs.to(IDX) * sc)[:, None] + (ss.to(IDX) * ss_)[None, :]
-    else:
+    if CHANNELS_INNER:
         return base + (ss.to(IDX) * ss_)[:, None] + (cs.to(IDX) * sc)[None, :]
+    else:
+        return base + (cs.to(IDX) * sc)[:, None] + (ss.to(IDX) * ss_)[None, :]
 
 
 @triton.jit
-def _both(cvalid, svalid, POS_INNER: tl.constexpr):
+def _both(cvalid, svalid, CHANNELS_INNER: tl.constexpr):
     """The tile's validity from its channels' and positions'."""
-    if POS_INNER:
-        return cvalid[:, None] & svalid[None, :]
-    else:
+    if CHANNELS_INNER:
         return svalid[:, None] & cvalid[None, :]
-
-
-@triton.jit
-def _col(v, POS_INNER: tl.constexpr):
-    """A per-channel vector (BLOCK_C,) shaped to broadcast against a tile."""
-    if POS_INNER:
-        return v[:, None]
     else:
-        return v[None, :]
-
-
-@triton.jit
-def _channel_sums(t, POS_INNER: tl.constexpr):
-    """Per-channel sums (BLOCK_C,) of a tile (over its positions)."""
-    if POS_INNER:
-        return tl.sum(t, axis=1)
-    else:
-        return tl.sum(t, axis=0)
-
-
-@triton.jit
-def _tile_zeros(ACC: tl.constexpr, POS_INNER: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
-    """A zero tile (accumulators) in the layout's shape."""
-    if POS_INNER:
-        return tl.zeros((BLOCK_C, BLOCK_S), dtype=ACC)
-    else:
-        return tl.zeros((BLOCK_S, BLOCK_C), dtype=ACC)
-
-
-@triton.jit
-def _scale(W, MASK, NOISE, g, ch, cvalid, s_noise, HAS_W: tl.constexpr, HAS_NOISE: tl.constexpr,
-           ACC: tl.constexpr):
-    """Batch group g's scale w * (mask + noise[g]) of channels ``ch``, in ACC."""
-    scale = tl.load(MASK + ch, mask=cvalid, other=0.0).to(ACC)
-    if HAS_NOISE:
-        scale += tl.load(NOISE + g * s_noise + ch, mask=cvalid, other=0.0).to(ACC)
-    if HAS_W:
-        scale *= tl.load(W + ch, mask=cvalid, other=0.0).to(ACC)
-    return scale
-
-
-@triton.jit
-def _shift(B, NOISE_B, g, ch, cvalid, s_noise_b, HAS_B: tl.constexpr, HAS_NOISE_B: tl.constexpr,
-           ACC: tl.constexpr):
-    """Batch group g's shift b * (1 + noise_bias[g]) of channels ``ch`` (zero without a bias), in ACC."""
-    shift = tl.zeros(ch.shape, dtype=ACC)
-    if HAS_B:
-        shift = tl.load(B + ch, mask=cvalid, other=0.0).to(ACC)
-        if HAS_NOISE_B:
-            shift *= 1.0 + tl.load(NOISE_B + g * s_noise_b + ch, mask=cvalid, other=0.0).to(ACC)
-    return shift
+        return cvalid[:, None] & svalid[None, :]
 
 
 @triton.jit(do_not_specialize=NOT_SPECIALIZED)
 def gn_stats_kernel(X, PART, C, S, Cg, K, sxn, sxc, sxs, splits, splits_s, QCT, QST, plane,
-                    ACC: tl.constexpr, IDX: tl.constexpr, POS_INNER: tl.constexpr, BLOCK_C: tl.constexpr,
+                    ACC: tl.constexpr, IDX: tl.constexpr, CHANNELS_INNER: tl.constexpr, BLOCK_C: tl.constexpr,
                     BLOCK_S: tl.constexpr):
     """Grid ``(R * splits,)``. Each program reduces its split of its row, tile by tile, to sums of
     x - x0 and (x - x0)^2 (x0: the row's first value; per-lane accumulators in ACC) and stores
@@ -156,14 +107,14 @@ def gn_stats_kernel(X, PART, C, S, Cg, K, sxn, sxc, sxs, splits, splits_s, QCT, 
     r, sp, sps, c0, c1, s0, s1 = _decode(splits, splits_s, QCT, QST, Cg, S, BLOCK_C, BLOCK_S)
     n, k, base = _row_base(r, K, Cg, sxn, sxc, IDX)
     pivot = tl.load(X + base).to(ACC)
-    acc1 = _tile_zeros(ACC, POS_INNER, BLOCK_C, BLOCK_S)
-    acc2 = _tile_zeros(ACC, POS_INNER, BLOCK_C, BLOCK_S)
+    acc1 = tile_zeros(ACC, CHANNELS_INNER, BLOCK_S, BLOCK_C)
+    acc2 = tile_zeros(ACC, CHANNELS_INNER, BLOCK_S, BLOCK_C)
     for c in range(c0, c1, BLOCK_C):
         cs = c + tl.arange(0, BLOCK_C)
         for s in range(s0, s1, BLOCK_S):
             ss = s + tl.arange(0, BLOCK_S)
-            valid = _both(cs < c1, ss < s1, POS_INNER)
-            x = tl.load(X + _offsets(base, cs, ss, sxc, sxs, IDX, POS_INNER), mask=valid, other=0.0).to(ACC)
+            valid = _both(cs < c1, ss < s1, CHANNELS_INNER)
+            x = tl.load(X + _offsets(base, cs, ss, sxc, sxs, IDX, CHANNELS_INNER), mask=valid, other=0.0).to(ACC)
             d = tl.where(valid, x - pivot, 0.0)
             acc1 += d
             acc2 += d * d
@@ -205,7 +156,7 @@ def _merge_stats(PART, plane, r, splits, splits_s, QCT, QST, Cg, S, ACC: tl.cons
 def gn_normalize_kernel(X, Y, W, B, MASK, NOISE, NOISE_B, MEAN, RSTD, PART, C, S, Cg, K, Ng, sxn, sxc, sxs,
                         syn, syc, sys_, s_noise, s_noise_b, eps, splits, splits_s, QCT, QST, plane,
                         HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_NOISE: tl.constexpr,
-                        HAS_NOISE_B: tl.constexpr, ACC: tl.constexpr, IDX: tl.constexpr, POS_INNER: tl.constexpr,
+                        HAS_NOISE_B: tl.constexpr, ACC: tl.constexpr, IDX: tl.constexpr, CHANNELS_INNER: tl.constexpr,
                         BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_P: tl.constexpr):
     """Grid ``(R * splits,)``. Each program merges its row's mean and variance from all the
     row's splits in ``PART``, writes y = (x - mean) * rstd * w * (mask + noise[g]) + b * (1 + noise_bias[g])
@@ -225,19 +176,19 @@ def gn_normalize_kernel(X, Y, W, B, MASK, NOISE, NOISE_B, MEAN, RSTD, PART, C, S
         cs = c + tl.arange(0, BLOCK_C)
         cvalid = cs < c1
         ch = k * Cg + cs
-        a = _col(rstd * _scale(W, MASK, NOISE, g, ch, cvalid, s_noise, HAS_W, HAS_NOISE, ACC), POS_INNER)
-        shift = _col(_shift(B, NOISE_B, g, ch, cvalid, s_noise_b, HAS_B, HAS_NOISE_B, ACC), POS_INNER)
+        a = col(rstd * group_scale(W, MASK, NOISE, g, ch, cvalid, s_noise, HAS_W, HAS_NOISE, ACC), CHANNELS_INNER)
+        shift = col(group_shift(B, NOISE_B, g, ch, cvalid, s_noise_b, HAS_B, HAS_NOISE_B, ACC), CHANNELS_INNER)
         for s in range(s0, s1, BLOCK_S):
             ss = s + tl.arange(0, BLOCK_S)
-            valid = _both(cvalid, ss < s1, POS_INNER)
-            x = tl.load(X + _offsets(xbase, cs, ss, sxc, sxs, IDX, POS_INNER), mask=valid, other=0.0).to(ACC)
+            valid = _both(cvalid, ss < s1, CHANNELS_INNER)
+            x = tl.load(X + _offsets(xbase, cs, ss, sxc, sxs, IDX, CHANNELS_INNER), mask=valid, other=0.0).to(ACC)
             y = (x - mean) * a + shift
-            tl.store(Y + _offsets(ybase, cs, ss, syc, sys_, IDX, POS_INNER), y.to(Y.dtype.element_ty), mask=valid)
+            tl.store(Y + _offsets(ybase, cs, ss, syc, sys_, IDX, CHANNELS_INNER), y.to(Y.dtype.element_ty), mask=valid)
 
 
 @triton.jit(do_not_specialize=NOT_SPECIALIZED)
 def gn_grad_sums_kernel(X, DY, MEAN, RSTD, PART, C, S, Cg, K, sxn, sxc, sxs, sdn, sdc, sds, splits, splits_s, QCT,
-                        QST, plane, ACC: tl.constexpr, IDX: tl.constexpr, POS_INNER: tl.constexpr,
+                        QST, plane, ACC: tl.constexpr, IDX: tl.constexpr, CHANNELS_INNER: tl.constexpr,
                         BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
     """Grid ``(R * splits,)``. Each program, for each channel c of its split, sums dy * xhat and dy
     over the split's positions (xhat recomputed from x and the row's saved statistics;
@@ -252,17 +203,17 @@ def gn_grad_sums_kernel(X, DY, MEAN, RSTD, PART, C, S, Cg, K, sxn, sxc, sxs, sdn
     for c in range(c0, c1, BLOCK_C):
         cs = c + tl.arange(0, BLOCK_C)
         cvalid = cs < c1
-        acc_dyx = _tile_zeros(ACC, POS_INNER, BLOCK_C, BLOCK_S)
-        acc_dy = _tile_zeros(ACC, POS_INNER, BLOCK_C, BLOCK_S)
+        acc_dyx = tile_zeros(ACC, CHANNELS_INNER, BLOCK_S, BLOCK_C)
+        acc_dy = tile_zeros(ACC, CHANNELS_INNER, BLOCK_S, BLOCK_C)
         for s in range(s0, s1, BLOCK_S):
             ss = s + tl.arange(0, BLOCK_S)
-            valid = _both(cvalid, ss < s1, POS_INNER)
-            x = tl.load(X + _offsets(xbase, cs, ss, sxc, sxs, IDX, POS_INNER), mask=valid, other=0.0).to(ACC)
-            dy = tl.load(DY + _offsets(dbase, cs, ss, sdc, sds, IDX, POS_INNER), mask=valid, other=0.0).to(ACC)
+            valid = _both(cvalid, ss < s1, CHANNELS_INNER)
+            x = tl.load(X + _offsets(xbase, cs, ss, sxc, sxs, IDX, CHANNELS_INNER), mask=valid, other=0.0).to(ACC)
+            dy = tl.load(DY + _offsets(dbase, cs, ss, sdc, sds, IDX, CHANNELS_INNER), mask=valid, other=0.0).to(ACC)
             acc_dyx += dy * tl.where(valid, (x - mean) * rstd, 0.0)
             acc_dy += dy
-        tl.store(PART + slot + cs, _channel_sums(acc_dyx, POS_INNER), mask=cvalid)
-        tl.store(PART + plane + slot + cs, _channel_sums(acc_dy, POS_INNER), mask=cvalid)
+        tl.store(PART + slot + cs, channel_sums(acc_dyx, CHANNELS_INNER), mask=cvalid)
+        tl.store(PART + plane + slot + cs, channel_sums(acc_dy, CHANNELS_INNER), mask=cvalid)
 
 
 @triton.jit(do_not_specialize=NOT_SPECIALIZED)
@@ -295,58 +246,6 @@ def gn_param_sums_kernel(PART, PART2, C, Ng, G, splits_s, P2, Q2, C_BLOCKS, plan
     tl.store(PART2 + plane2 + slot, tl.sum(acc2, axis=0), mask=cvalid)
 
 
-@triton.jit
-def _param_grads(W, B, MASK, NOISE, NOISE_B, PART2, DMASK, DNOISE, DNOISE_B, DW, DB, cs, cvalid, C, G, P2, plane2,
-                 s_noise, s_noise_b, HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_NOISE: tl.constexpr,
-                 HAS_NOISE_B: tl.constexpr, NEED_DMASK: tl.constexpr, NEED_DNOISE: tl.constexpr,
-                 NEED_DNOISE_B: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr, ACC: tl.constexpr,
-                 BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    """The per-channel gradients of channels ``cs`` that are asked for: per batch group g, in
-    order, Sdyx_g and Sdy_g merged from its P2 chunks of ``PART2`` in a fixed order;
-    d noise[g] = w * Sdyx_g, d noise_bias[g] = b * Sdy_g, d mask = w * sum Sdyx_g,
-    d w = sum (mask + noise[g]) * Sdyx_g, d b = sum (1 + noise_bias[g]) * Sdy_g."""
-    m = tl.load(MASK + cs, mask=cvalid, other=0.0).to(ACC)
-    w = tl.full((BLOCK_C,), 1.0, dtype=ACC)
-    if HAS_W:
-        w = tl.load(W + cs, mask=cvalid, other=0.0).to(ACC)
-    b = tl.zeros((BLOCK_C,), dtype=ACC)
-    if HAS_B:
-        b = tl.load(B + cs, mask=cvalid, other=0.0).to(ACC)
-    ps = tl.arange(0, BLOCK_P)
-    sum_dyx = tl.zeros((BLOCK_C,), dtype=ACC)
-    sum_dw = tl.zeros((BLOCK_C,), dtype=ACC)
-    sum_db = tl.zeros((BLOCK_C,), dtype=ACC)
-    for g in range(0, G):
-        tile1 = tl.zeros((BLOCK_P, BLOCK_C), dtype=ACC)
-        tile2 = tl.zeros((BLOCK_P, BLOCK_C), dtype=ACC)
-        for p0 in range(0, P2, BLOCK_P):
-            valid = ((p0 + ps) < P2)[:, None] & cvalid[None, :]
-            offs = (g * P2 + p0 + ps)[:, None] * C + cs[None, :]
-            tile1 += tl.load(PART2 + offs, mask=valid, other=0.0).to(ACC)
-            tile2 += tl.load(PART2 + plane2 + offs, mask=valid, other=0.0).to(ACC)
-        sdyx = tl.sum(tile1, axis=0)
-        sdy = tl.sum(tile2, axis=0)
-        factor = m
-        if HAS_NOISE:
-            factor += tl.load(NOISE + g * s_noise + cs, mask=cvalid, other=0.0).to(ACC)
-        bias_factor = tl.full((BLOCK_C,), 1.0, dtype=ACC)
-        if HAS_NOISE_B:
-            bias_factor += tl.load(NOISE_B + g * s_noise_b + cs, mask=cvalid, other=0.0).to(ACC)
-        if NEED_DNOISE:
-            tl.store(DNOISE + g * C + cs, (w * sdyx).to(DNOISE.dtype.element_ty), mask=cvalid)
-        if NEED_DNOISE_B:
-            tl.store(DNOISE_B + g * C + cs, (b * sdy).to(DNOISE_B.dtype.element_ty), mask=cvalid)
-        sum_dyx += sdyx
-        sum_dw += factor * sdyx
-        sum_db += bias_factor * sdy
-    if NEED_DMASK:
-        tl.store(DMASK + cs, (w * sum_dyx).to(DMASK.dtype.element_ty), mask=cvalid)
-    if NEED_DW:
-        tl.store(DW + cs, sum_dw.to(DW.dtype.element_ty), mask=cvalid)
-    if NEED_DB:
-        tl.store(DB + cs, sum_db.to(DB.dtype.element_ty), mask=cvalid)
-
-
 @triton.jit(do_not_specialize=NOT_SPECIALIZED)
 def gn_grad_apply_kernel(X, DY, DX, W, B, MASK, NOISE, NOISE_B, MEAN, RSTD, PART, PART2,
                          DMASK, DNOISE, DNOISE_B, DW, DB, C, S, Cg, K, Ng, G, sxn, sxc, sxs, sdn, sdc, sds,
@@ -354,12 +253,12 @@ def gn_grad_apply_kernel(X, DY, DX, W, B, MASK, NOISE, NOISE_B, MEAN, RSTD, PART
                          HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_NOISE: tl.constexpr,
                          HAS_NOISE_B: tl.constexpr, NEED_DX: tl.constexpr, NEED_DMASK: tl.constexpr,
                          NEED_DNOISE: tl.constexpr, NEED_DNOISE_B: tl.constexpr, NEED_DW: tl.constexpr,
-                         NEED_DB: tl.constexpr, ACC: tl.constexpr, IDX: tl.constexpr, POS_INNER: tl.constexpr,
+                         NEED_DB: tl.constexpr, ACC: tl.constexpr, IDX: tl.constexpr, CHANNELS_INNER: tl.constexpr,
                          BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_M: tl.constexpr,
                          BLOCK_C3: tl.constexpr, BLOCK_P3: tl.constexpr):
     """Grid ``(R * splits,)`` with ``NEED_DX``, else ``(CB3,)``. Programs ``pid < CB3`` first write
     the per-channel gradients that are asked for, of channels ``[pid * BLOCK_C3, ...)``
-    (:func:`_param_grads`). With ``NEED_DX``, each program then merges its row's
+    (:func:`param_grads`). With ``NEED_DX``, each program then merges its row's
     A = sum_c s_c Sdyx[n, c] and B = sum_c s_c Sdy[n, c] from ``PART`` (s_c = w * (mask + noise[g]),
     over the row's channels and position splits in a fixed order) and writes for its split
     dx = rstd * (dy * s_c - B / M - xhat * A / M)."""
@@ -367,9 +266,9 @@ def gn_grad_apply_kernel(X, DY, DX, W, B, MASK, NOISE, NOISE_B, MEAN, RSTD, PART
     if NEED_DMASK or NEED_DNOISE or NEED_DNOISE_B or NEED_DW or NEED_DB:
         if pid < CB3:
             cs3 = pid * BLOCK_C3 + tl.arange(0, BLOCK_C3)
-            _param_grads(W, B, MASK, NOISE, NOISE_B, PART2, DMASK, DNOISE, DNOISE_B, DW, DB, cs3, cs3 < C, C, G, P2,
-                         plane2, s_noise, s_noise_b, HAS_W, HAS_B, HAS_NOISE, HAS_NOISE_B, NEED_DMASK, NEED_DNOISE,
-                         NEED_DNOISE_B, NEED_DW, NEED_DB, ACC, BLOCK_P3, BLOCK_C3)
+            param_grads(W, B, MASK, NOISE, NOISE_B, PART2, PART2 + plane2, DMASK, DNOISE, DNOISE_B, DW, DB, cs3,
+                        cs3 < C, C, G, P2, s_noise, s_noise_b, HAS_W, HAS_B, HAS_NOISE, HAS_NOISE_B, NEED_DMASK,
+                        NEED_DNOISE, NEED_DNOISE_B, NEED_DW, NEED_DB, ACC, tl.int32, BLOCK_P3, BLOCK_C3)
     if NEED_DX:
         r, sp, sps, c0, c1, s0, s1 = _decode(splits, splits_s, QCT, QST, Cg, S, BLOCK_C, BLOCK_S)
         n, k, xbase = _row_base(r, K, Cg, sxn, sxc, IDX)
@@ -384,7 +283,7 @@ def gn_grad_apply_kernel(X, DY, DX, W, B, MASK, NOISE, NOISE_B, MEAN, RSTD, PART
             j = j0 + tl.arange(0, BLOCK_M)
             jvalid = j < Cg * splits_s
             ch = k * Cg + j % Cg
-            s_c = _scale(W, MASK, NOISE, g, ch, jvalid, s_noise, HAS_W, HAS_NOISE, ACC)
+            s_c = group_scale(W, MASK, NOISE, g, ch, jvalid, s_noise, HAS_W, HAS_NOISE, ACC)
             offs = (n * splits_s + j // Cg) * C + ch
             acc_a += s_c * tl.load(PART + offs, mask=jvalid, other=0.0).to(ACC)
             acc_b += s_c * tl.load(PART + plane + offs, mask=jvalid, other=0.0).to(ACC)
@@ -394,15 +293,16 @@ def gn_grad_apply_kernel(X, DY, DX, W, B, MASK, NOISE, NOISE_B, MEAN, RSTD, PART
         for c in range(c0, c1, BLOCK_C):
             cs = c + tl.arange(0, BLOCK_C)
             cvalid = cs < c1
-            scale = _col(_scale(W, MASK, NOISE, g, k * Cg + cs, cvalid, s_noise, HAS_W, HAS_NOISE, ACC), POS_INNER)
+            scale = col(group_scale(W, MASK, NOISE, g, k * Cg + cs, cvalid, s_noise, HAS_W, HAS_NOISE, ACC),
+                        CHANNELS_INNER)
             for s in range(s0, s1, BLOCK_S):
                 ss = s + tl.arange(0, BLOCK_S)
-                valid = _both(cvalid, ss < s1, POS_INNER)
-                x = tl.load(X + _offsets(xbase, cs, ss, sxc, sxs, IDX, POS_INNER), mask=valid, other=0.0).to(ACC)
-                dy = tl.load(DY + _offsets(dbase, cs, ss, sdc, sds, IDX, POS_INNER), mask=valid,
+                valid = _both(cvalid, ss < s1, CHANNELS_INNER)
+                x = tl.load(X + _offsets(xbase, cs, ss, sxc, sxs, IDX, CHANNELS_INNER), mask=valid, other=0.0).to(ACC)
+                dy = tl.load(DY + _offsets(dbase, cs, ss, sdc, sds, IDX, CHANNELS_INNER), mask=valid,
                              other=0.0).to(ACC)
                 dx = rstd * (dy * scale - b - (x - mean) * rstd * a)
-                tl.store(DX + _offsets(gbase, cs, ss, sgc, sgs, IDX, POS_INNER), dx.to(DX.dtype.element_ty),
+                tl.store(DX + _offsets(gbase, cs, ss, sgc, sgs, IDX, CHANNELS_INNER), dx.to(DX.dtype.element_ty),
                          mask=valid)
 
 
@@ -465,10 +365,6 @@ class LaunchPlan:
         return self.splits, self.splits_s, self.qc // self.block_c, self.qs // self.block_s
 
 
-def _pow2(n: int) -> int:
-    return triton.next_power_of_2(max(1, n))
-
-
 @functools.lru_cache(maxsize=4096)
 def launch_plan(shape: tuple[int, int, int], strides: tuple[int, int, int], num_groups: int, groups: int, sms: int,
                 itemsize: int, *, splits: tuple[int, int] | None = None, tile: tuple[int, int] | None = None,
@@ -513,13 +409,13 @@ def launch_plan(shape: tuple[int, int, int], strides: tuple[int, int, int], num_
     if tile is not None:
         block_c, block_s = tile
     elif pos_inner:
-        block_s = min(_pow2(s), MAX_POSITIONS, tile_values)
-        block_c = min(_pow2(cg), max(1, tile_values // block_s))
+        block_s = min(pow2(s), MAX_POSITIONS, tile_values)
+        block_c = min(pow2(cg), max(1, tile_values // block_s))
     else:
-        block_c = min(_pow2(cg), row_values)
+        block_c = min(pow2(cg), row_values)
         if block_c < NARROW_ROW:  # narrow rows of few channels (ResNet-GN's 2-8 on channels_last):
             tile_values = min(tile_values, NARROW_TILE)  # each short row needs its own addresses
-        block_s = min(_pow2(s), max(1, tile_values // block_c))
+        block_s = min(pow2(s), max(1, tile_values // block_c))
     c_tiles, s_tiles = triton.cdiv(cg, block_c), triton.cdiv(s, block_s)
     if splits is not None:
         wc, ws = splits
@@ -532,7 +428,7 @@ def launch_plan(shape: tuple[int, int, int], strides: tuple[int, int, int], num_
     splits_c, splits_s = triton.cdiv(cg, qc), triton.cdiv(s, qs)
     # Parameter-gradient partials: Ng * splits_s rows of C per batch group.
     prow = max(1, ng * splits_s)
-    block_c2 = min(_pow2(c), max(1, PARAM_ROW_BYTES // 4))
+    block_c2 = min(pow2(c), max(1, PARAM_ROW_BYTES // 4))
     p2 = min(prow, math.isqrt(prow - 1) + 1)
     while groups * p2 * triton.cdiv(c, block_c2) < param_want and block_c2 > MIN_PARAM_ROW_BYTES // 4:
         block_c2 //= 2
@@ -540,15 +436,15 @@ def launch_plan(shape: tuple[int, int, int], strides: tuple[int, int, int], num_
     needed = triton.cdiv(param_want, groups * c_blocks2)
     q2 = triton.cdiv(prow, p2) if p2 >= needed else max(1, prow // needed)
     p2 = triton.cdiv(prow, q2)
-    block_c3 = min(_pow2(c), 64)
+    block_c3 = min(pow2(c), 64)
     values = block_c * block_s
     return LaunchPlan(
         pos_inner=pos_inner, block_c=block_c, block_s=block_s, warps=4 if values <= 2048 else 8,
         splits_c=splits_c, splits_s=splits_s, qc=qc, qs=qs,
-        block_p=min(_pow2(splits_c * splits_s), MERGE_TILE), block_m=min(_pow2(cg * splits_s), MERGE_TILE),
-        programs=rows * splits_c * splits_s, p2=p2, q2=q2, block_q=min(_pow2(q2), max(1, MERGE_TILE // block_c2)),
+        block_p=min(pow2(splits_c * splits_s), MERGE_TILE), block_m=min(pow2(cg * splits_s), MERGE_TILE),
+        programs=rows * splits_c * splits_s, p2=p2, q2=q2, block_q=min(pow2(q2), max(1, MERGE_TILE // block_c2)),
         block_c2=block_c2, c_blocks2=c_blocks2, param_programs=groups * p2 * c_blocks2, block_c3=block_c3,
-        block_p3=min(_pow2(p2), max(1, MERGE_TILE // block_c3)), cb3=triton.cdiv(c, block_c3))
+        block_p3=min(pow2(p2), max(1, MERGE_TILE // block_c3)), cb3=triton.cdiv(c, block_c3))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -557,22 +453,6 @@ def launch_plan(shape: tuple[int, int, int], strides: tuple[int, int, int], num_
 def _strides(t: torch.Tensor) -> tuple[int, int, int]:
     """(sample, channel, spatial) strides of an (N, C, S) view."""
     return t.stride(0), t.stride(1), t.stride(2)
-
-
-def _row_stride(t: torch.Tensor | None) -> int:
-    """The batch-group stride of a (G, C) per-group parameter whose channels are contiguous
-    (views into one flat arena are welcome); 0 when absent."""
-    if t is None:
-        return 0
-    assert t.stride(-1) == 1 or t.shape[-1] == 1, "per-group parameters need contiguous channels"
-    return t.stride(0)
-
-
-def _index_type(tensors) -> tl.dtype:
-    """int32 offsets when every element of every tensor (and a tile past it) is within 2**30 of
-    its start, else int64."""
-    reach = max(sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride())) for t in tensors)
-    return tl.int32 if reach < 2**30 else tl.int64
 
 
 def plan_for(x3: torch.Tensor, num_groups: int, groups: int, splits=None, tile=None) -> LaunchPlan:
@@ -594,7 +474,7 @@ def gn_forward(x3: torch.Tensor, y3: torch.Tensor, weight, bias, mask, noise, no
     assert 2 * rows * plan.splits < 2**31, "the partial statistics are indexed in int32"
     part = torch.empty(2, rows, plan.splits, dtype=mean.dtype, device=x3.device)
     plane = rows * plan.splits
-    common = dict(ACC=accumulator_dtype(x3.dtype), IDX=_index_type([x3, y3]), POS_INNER=plan.pos_inner,
+    common = dict(ACC=accumulator_dtype(x3.dtype), IDX=index_type([x3, y3]), CHANNELS_INNER=not plan.pos_inner,
                   BLOCK_C=plan.block_c, BLOCK_S=plan.block_s, num_warps=plan.warps)
     grid = (plan.programs,)
     gn_stats_kernel[grid](x3, part, c, s, c // num_groups, num_groups, *_strides(x3), *plan.split_args, plane,
@@ -602,8 +482,8 @@ def gn_forward(x3: torch.Tensor, y3: torch.Tensor, weight, bias, mask, noise, no
     pick = lambda t: t if t is not None else mask  # noqa: E731  (never read)
     gn_normalize_kernel[grid](
         x3, y3, pick(weight), pick(bias), mask, pick(noise), pick(noise_bias), mean, rstd, part,
-        c, s, c // num_groups, num_groups, n // groups, *_strides(x3), *_strides(y3), _row_stride(noise),
-        _row_stride(noise_bias), float(eps), *plan.split_args, plane,
+        c, s, c // num_groups, num_groups, n // groups, *_strides(x3), *_strides(y3), row_stride(noise),
+        row_stride(noise_bias), float(eps), *plan.split_args, plane,
         HAS_W=weight is not None, HAS_B=bias is not None, HAS_NOISE=noise is not None,
         HAS_NOISE_B=noise_bias is not None, BLOCK_P=plan.block_p, **common)
 
@@ -627,7 +507,7 @@ def gn_backward(x3: torch.Tensor, dy3: torch.Tensor, dx3: torch.Tensor | None, w
     part = torch.empty(2, n, plan.splits_s, c, dtype=mean.dtype, device=x3.device)
     plane = n * plan.splits_s * c
     gx = dx3 if dx3 is not None else x3
-    common = dict(ACC=acc, IDX=_index_type([x3, dy3, gx]), POS_INNER=plan.pos_inner, BLOCK_C=plan.block_c,
+    common = dict(ACC=acc, IDX=index_type([x3, dy3, gx]), CHANNELS_INNER=not plan.pos_inner, BLOCK_C=plan.block_c,
                   BLOCK_S=plan.block_s, num_warps=plan.warps)
     gn_grad_sums_kernel[(plan.programs,)](x3, dy3, mean, rstd, part, c, s, cg, num_groups, *_strides(x3),
                                           *_strides(dy3), *plan.split_args, plane, **common)
@@ -644,7 +524,7 @@ def gn_backward(x3: torch.Tensor, dy3: torch.Tensor, dx3: torch.Tensor | None, w
         x3, dy3, pick(dx3), pick(weight), pick(bias), mask, pick(noise), pick(noise_bias), mean, rstd, part, part2,
         pick(dmask), pick(dnoise), pick(dnoise_bias), pick(dweight), pick(dbias),
         c, s, cg, num_groups, n // groups, groups, *_strides(x3), *_strides(dy3), *_strides(gx),
-        _row_stride(noise), _row_stride(noise_bias), *plan.split_args, plane, plan.p2, plan.cb3, plane2,
+        row_stride(noise), row_stride(noise_bias), *plan.split_args, plane, plan.p2, plan.cb3, plane2,
         HAS_W=weight is not None, HAS_B=bias is not None, HAS_NOISE=noise is not None,
         HAS_NOISE_B=noise_bias is not None, NEED_DX=dx3 is not None, NEED_DMASK=dmask is not None,
         NEED_DNOISE=dnoise is not None, NEED_DNOISE_B=dnoise_bias is not None, NEED_DW=dweight is not None,

@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .norm_common import group_scale, group_shift, param_grads
 from .runtime import accumulator_dtype, interpreting
 
 MAX_BLOCK_C = 1024  # features in one tile on a GPU: a whole row of ViT-B/L, Swin and ConvNeXt
@@ -43,30 +44,6 @@ def _row_offsets(rows, Rg, g, S, sn, ss):
 def _load(PTR, row_off, cs, sc, valid, ACC: tl.constexpr):
     """The (BLOCK_R, BLOCK_C) tile at rows ``row_off`` and features ``cs``, in ACC, zero where not valid."""
     return tl.load(PTR + row_off[:, None] + cs.to(tl.int64)[None, :] * sc, mask=valid, other=0.0).to(ACC)
-
-
-@triton.jit
-def _scale(W, MASK, NOISE, g, cs, cvalid, s_noise, HAS_W: tl.constexpr, HAS_NOISE: tl.constexpr,
-           ACC: tl.constexpr):
-    """Group g's scale w * (mask + noise[g]) of features ``cs``, in ACC."""
-    scale = tl.load(MASK + cs, mask=cvalid, other=0.0).to(ACC)
-    if HAS_NOISE:
-        scale += tl.load(NOISE + g * s_noise + cs, mask=cvalid, other=0.0).to(ACC)
-    if HAS_W:
-        scale *= tl.load(W + cs, mask=cvalid, other=0.0).to(ACC)
-    return scale
-
-
-@triton.jit
-def _shift(B, NOISE_B, g, cs, cvalid, s_noise_b, HAS_B: tl.constexpr, HAS_NOISE_B: tl.constexpr,
-           ACC: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Group g's shift b * (1 + noise_bias[g]) of features ``cs`` (zero without a bias), in ACC."""
-    shift = tl.zeros((BLOCK_C,), dtype=ACC)
-    if HAS_B:
-        shift = tl.load(B + cs, mask=cvalid, other=0.0).to(ACC)
-        if HAS_NOISE_B:
-            shift *= 1.0 + tl.load(NOISE_B + g * s_noise_b + cs, mask=cvalid, other=0.0).to(ACC)
-    return shift
 
 
 @triton.jit
@@ -92,8 +69,8 @@ def ln_forward_kernel(X, Y, W, B, MASK, NOISE, NOISE_B, MEAN, RSTD, C, S, Rg, sx
         mean = tl.sum(x, axis=1) / C
         d = tl.where(valid, x - mean[:, None], 0.0)
         rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=1) / C + eps)
-        scale = _scale(W, MASK, NOISE, g, feats, cvalid, s_noise, HAS_W, HAS_NOISE, ACC)
-        shift = _shift(B, NOISE_B, g, feats, cvalid, s_noise_b, HAS_B, HAS_NOISE_B, ACC, BLOCK_C)
+        scale = group_scale(W, MASK, NOISE, g, feats, cvalid, s_noise, HAS_W, HAS_NOISE, ACC)
+        shift = group_shift(B, NOISE_B, g, feats, cvalid, s_noise_b, HAS_B, HAS_NOISE_B, ACC)
         y = d * rstd[:, None] * scale[None, :] + shift[None, :]
         tl.store(Y + yrow[:, None] + feats.to(tl.int64)[None, :] * syc, y.to(Y.dtype.element_ty), mask=valid)
     else:
@@ -112,8 +89,8 @@ def ln_forward_kernel(X, Y, W, B, MASK, NOISE, NOISE_B, MEAN, RSTD, C, S, Rg, sx
             cs = c0 + feats
             cvalid = cs < C
             valid = rvalid[:, None] & cvalid[None, :]
-            scale = _scale(W, MASK, NOISE, g, cs, cvalid, s_noise, HAS_W, HAS_NOISE, ACC)
-            shift = _shift(B, NOISE_B, g, cs, cvalid, s_noise_b, HAS_B, HAS_NOISE_B, ACC, BLOCK_C)
+            scale = group_scale(W, MASK, NOISE, g, cs, cvalid, s_noise, HAS_W, HAS_NOISE, ACC)
+            shift = group_shift(B, NOISE_B, g, cs, cvalid, s_noise_b, HAS_B, HAS_NOISE_B, ACC)
             x = _load(X, xrow, cs, sxc, valid, ACC)
             y = (x - mean[:, None]) * rstd[:, None] * scale[None, :] + shift[None, :]
             tl.store(Y + yrow[:, None] + cs.to(tl.int64)[None, :] * syc, y.to(Y.dtype.element_ty), mask=valid)
@@ -139,7 +116,7 @@ def ln_backward_kernel(X, DY, DX, W, MASK, NOISE, MEAN, RSTD, PART_A, PART_B, C,
     feats = tl.arange(0, BLOCK_C)
     if ONE_TILE:
         cvalid = feats < C
-        scale = _scale(W, MASK, NOISE, g, feats, cvalid, s_noise, HAS_W, HAS_NOISE, ACC)
+        scale = group_scale(W, MASK, NOISE, g, feats, cvalid, s_noise, HAS_W, HAS_NOISE, ACC)
         acc_a = tl.zeros((BLOCK_C,), dtype=ACC)
         acc_b = tl.zeros((BLOCK_C,), dtype=ACC)
         for i in range(0, blocks_per_program):
@@ -181,7 +158,7 @@ def ln_backward_kernel(X, DY, DX, W, MASK, NOISE, MEAN, RSTD, PART_A, PART_B, C,
                 cs = c0 + feats
                 cvalid = cs < C
                 valid = rvalid[:, None] & cvalid[None, :]
-                scale = _scale(W, MASK, NOISE, g, cs, cvalid, s_noise, HAS_W, HAS_NOISE, ACC)
+                scale = group_scale(W, MASK, NOISE, g, cs, cvalid, s_noise, HAS_W, HAS_NOISE, ACC)
                 xhat = tl.where(valid, (_load(X, xrow, cs, sxc, valid, ACC) - mean[:, None]) * rstd[:, None], 0.0)
                 dyh = _load(DY, drow, cs, sdc, valid, ACC) * scale[None, :]
                 c1 += tl.sum(dyh * xhat, axis=1)
@@ -198,7 +175,7 @@ def ln_backward_kernel(X, DY, DX, W, MASK, NOISE, MEAN, RSTD, PART_A, PART_B, C,
                 tl.store(PART_A + slot + cs, tl.sum(dy * xhat, axis=0), mask=cvalid)
                 tl.store(PART_B + slot + cs, tl.sum(dy, axis=0), mask=cvalid)
             if NEED_DX:
-                scale = _scale(W, MASK, NOISE, g, cs, cvalid, s_noise, HAS_W, HAS_NOISE, ACC)
+                scale = group_scale(W, MASK, NOISE, g, cs, cvalid, s_noise, HAS_W, HAS_NOISE, ACC)
                 dx = rstd[:, None] * (dy * scale[None, :] - c2[:, None] - xhat * c1[:, None])
                 tl.store(DX + grow[:, None] + cs.to(tl.int64)[None, :] * sgc, dx.to(DX.dtype.element_ty), mask=valid)
 
@@ -213,49 +190,12 @@ def ln_param_grads_kernel(PART_A, PART_B, W, B, MASK, NOISE, NOISE_B, DMASK, DNO
     sums the P partial slots of ``PART_A``/``PART_B`` (G, P, C) in a fixed order into
     A_g = sum(dy * xhat) and B_g = sum(dy) over the group's rows, writes d noise[g] = w * A_g and
     d noise_bias[g] = b * B_g, and, summed over the groups in order, d mask = w * sum A_g,
-    d w = sum (mask + noise[g]) * A_g and d b = sum (1 + noise_bias[g]) * B_g."""
+    d w = sum (mask + noise[g]) * A_g and d b = sum (1 + noise_bias[g]) * B_g (:func:`param_grads`,
+    int64 offsets)."""
     cs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cvalid = cs < C
-    m = tl.load(MASK + cs, mask=cvalid, other=0.0).to(ACC)
-    w = tl.full((BLOCK_C,), 1.0, dtype=ACC)
-    if HAS_W:
-        w = tl.load(W + cs, mask=cvalid, other=0.0).to(ACC)
-    b = tl.zeros((BLOCK_C,), dtype=ACC)
-    if HAS_B:
-        b = tl.load(B + cs, mask=cvalid, other=0.0).to(ACC)
-    ps = tl.arange(0, BLOCK_P)
-    sum_a = tl.zeros((BLOCK_C,), dtype=ACC)
-    sum_dw = tl.zeros((BLOCK_C,), dtype=ACC)
-    sum_db = tl.zeros((BLOCK_C,), dtype=ACC)
-    for g in range(0, G):
-        tile_a = tl.zeros((BLOCK_P, BLOCK_C), dtype=ACC)
-        tile_b = tl.zeros((BLOCK_P, BLOCK_C), dtype=ACC)
-        for p0 in range(0, P, BLOCK_P):
-            valid = ((p0 + ps) < P)[:, None] & cvalid[None, :]
-            offs = (g * P + p0 + ps).to(tl.int64)[:, None] * C + cs[None, :]
-            tile_a += tl.load(PART_A + offs, mask=valid, other=0.0).to(ACC)
-            tile_b += tl.load(PART_B + offs, mask=valid, other=0.0).to(ACC)
-        a = tl.sum(tile_a, axis=0)
-        bb = tl.sum(tile_b, axis=0)
-        factor = m
-        if HAS_NOISE:
-            factor += tl.load(NOISE + g * s_noise + cs, mask=cvalid, other=0.0).to(ACC)
-        bias_factor = tl.full((BLOCK_C,), 1.0, dtype=ACC)
-        if HAS_NOISE_B:
-            bias_factor += tl.load(NOISE_B + g * s_noise_b + cs, mask=cvalid, other=0.0).to(ACC)
-        if NEED_DNOISE:
-            tl.store(DNOISE + g * C + cs, (w * a).to(DNOISE.dtype.element_ty), mask=cvalid)
-        if NEED_DNOISE_B:
-            tl.store(DNOISE_B + g * C + cs, (b * bb).to(DNOISE_B.dtype.element_ty), mask=cvalid)
-        sum_a += a
-        sum_dw += factor * a
-        sum_db += bias_factor * bb
-    if NEED_DMASK:
-        tl.store(DMASK + cs, (w * sum_a).to(DMASK.dtype.element_ty), mask=cvalid)
-    if NEED_DW:
-        tl.store(DW + cs, sum_dw.to(DW.dtype.element_ty), mask=cvalid)
-    if NEED_DB:
-        tl.store(DB + cs, sum_db.to(DB.dtype.element_ty), mask=cvalid)
+    param_grads(W, B, MASK, NOISE, NOISE_B, PART_A, PART_B, DMASK, DNOISE, DNOISE_B, DW, DB, cs, cs < C, C, G, P,
+                s_noise, s_noise_b, HAS_W, HAS_B, HAS_NOISE, HAS_NOISE_B, NEED_DMASK, NEED_DNOISE, NEED_DNOISE_B,
+                NEED_DW, NEED_DB, ACC, tl.int64, BLOCK_P, BLOCK_C)
 
 
 def _row_stride(t: torch.Tensor | None) -> int:

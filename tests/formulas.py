@@ -36,16 +36,24 @@ def batch_norm(x, weight, bias, mask, noise=None, noise_bias=None, running_mean=
     return torch.cat(outs).reshape(x.shape), rm, rv
 
 
-def batch_norm_grads(x, weight, bias, mask, noise, noise_bias, dy, **kwargs):
-    """Gradients of sum(y * dy) by autograd through :func:`batch_norm` in float64:
-    a dict with keys x, weight, bias, mask, noise, noise_bias."""
+def _grads(forward, x, weight, bias, mask, noise, noise_bias, dy, **kwargs):
+    """Gradients of sum(y * dy) by autograd through ``forward(x, weight, bias, mask, noise,
+    noise_bias, **kwargs) -> y`` in float64: a dict with keys x, mask and those of weight, bias,
+    noise, noise_bias that are not None (zeros for one that y does not depend on)."""
     leaves = {k: t.detach().double().requires_grad_() for k, t in
               dict(x=x, weight=weight, bias=bias, mask=mask, noise=noise, noise_bias=noise_bias).items()
               if t is not None}
-    y, _, _ = batch_norm(leaves["x"], leaves["weight"], leaves["bias"], leaves["mask"], leaves.get("noise"),
-                         leaves.get("noise_bias"), **kwargs)
+    y = forward(leaves["x"], leaves.get("weight"), leaves.get("bias"), leaves["mask"], leaves.get("noise"),
+                leaves.get("noise_bias"), **kwargs)
     grads = torch.autograd.grad((y * dy.double()).sum(), list(leaves.values()), allow_unused=True)
     return {k: torch.zeros_like(t) if g is None else g for (k, t), g in zip(leaves.items(), grads)}
+
+
+def batch_norm_grads(x, weight, bias, mask, noise, noise_bias, dy, **kwargs):
+    """Gradients of sum(y * dy) by autograd through :func:`batch_norm` in float64:
+    a dict with keys x, weight, bias, mask, noise, noise_bias."""
+    return _grads(lambda *args, **kw: batch_norm(*args, **kw)[0], x, weight, bias, mask, noise, noise_bias, dy,
+                  **kwargs)
 
 
 def random_bn_params(c, groups, seed=0):
@@ -65,13 +73,11 @@ def random_running_stats(c, seed=5):
                 running_var=on_device(torch.rand(c, generator=g) + 0.5))
 
 
-def layer_norm(x, weight, bias, mask, noise=None, noise_bias=None, eps=1e-5, groups=1, channel_dim=-1):
-    """The masked-and-perturbed LayerNorm in float64: per position over the feature axis, group g
-    scaled by weight * (mask + noise[g]) and shifted by bias * (1 + noise_bias[g])."""
+def _perturbed_affine(xhat, weight, bias, mask, noise, noise_bias, groups):
+    """``xhat`` (features last) scaled by weight * (mask + noise[g]) and shifted by
+    bias * (1 + noise_bias[g]) in float64, batch chunk g (of ``groups`` equal contiguous chunks)
+    by row g of the noises; weight/bias None mean ones/zeros."""
     d = lambda t: None if t is None else t.double()  # noqa: E731
-    moved = x.double().movedim(channel_dim, -1)
-    mu, var = moved.mean(-1, keepdim=True), moved.var(-1, unbiased=False, keepdim=True)
-    xhat = (moved - mu) / torch.sqrt(var + eps)
     outs = []
     for g, part in enumerate(xhat.chunk(groups)):
         scale = d(mask) + (0 if noise is None else d(noise)[g])
@@ -79,20 +85,23 @@ def layer_norm(x, weight, bias, mask, noise=None, noise_bias=None, eps=1e-5, gro
             scale = scale * d(weight)
         shift = 0 if bias is None else d(bias) * (1 + (0 if noise_bias is None else d(noise_bias)[g]))
         outs.append(part * scale + shift)
-    return torch.cat(outs).movedim(-1, channel_dim)
+    return torch.cat(outs)
+
+
+def layer_norm(x, weight, bias, mask, noise=None, noise_bias=None, eps=1e-5, groups=1, channel_dim=-1):
+    """The masked-and-perturbed LayerNorm in float64: per position over the feature axis, group g
+    scaled by weight * (mask + noise[g]) and shifted by bias * (1 + noise_bias[g])."""
+    moved = x.double().movedim(channel_dim, -1)
+    mu, var = moved.mean(-1, keepdim=True), moved.var(-1, unbiased=False, keepdim=True)
+    xhat = (moved - mu) / torch.sqrt(var + eps)
+    return _perturbed_affine(xhat, weight, bias, mask, noise, noise_bias, groups).movedim(-1, channel_dim)
 
 
 def layer_norm_grads(x, weight, bias, mask, noise, noise_bias, dy, **kwargs):
     """Gradients of sum(y * dy) by autograd through :func:`layer_norm` in float64: a dict with
     keys x, mask and those of weight, bias, noise, noise_bias that are not None (noise_bias
     without a bias gets zeros)."""
-    leaves = {k: t.detach().double().requires_grad_() for k, t in
-              dict(x=x, weight=weight, bias=bias, mask=mask, noise=noise, noise_bias=noise_bias).items()
-              if t is not None}
-    y = layer_norm(leaves["x"], leaves.get("weight"), leaves.get("bias"), leaves["mask"], leaves.get("noise"),
-                   leaves.get("noise_bias"), **kwargs)
-    grads = torch.autograd.grad((y * dy.double()).sum(), list(leaves.values()), allow_unused=True)
-    return {k: torch.zeros_like(t) if g is None else g for (k, t), g in zip(leaves.items(), grads)}
+    return _grads(layer_norm, x, weight, bias, mask, noise, noise_bias, dy, **kwargs)
 
 
 def group_norm(x, weight, bias, mask, noise=None, noise_bias=None, num_groups=1, eps=1e-5, groups=1):
@@ -100,29 +109,15 @@ def group_norm(x, weight, bias, mask, noise=None, noise_bias=None, num_groups=1,
     groups of C / num_groups consecutive channels and all positions (biased variance); then per
     channel, batch chunk g (of ``groups`` equal contiguous chunks) scaled by
     weight * (mask + noise[g]) and shifted by bias * (1 + noise_bias[g])."""
-    d = lambda t: None if t is None else t.double()  # noqa: E731
     n, c = x.shape[:2]
     rows = x.double().reshape(n, num_groups, -1)
     mu, var = rows.mean(-1, keepdim=True), rows.var(-1, unbiased=False, keepdim=True)
-    xhat = ((rows - mu) / torch.sqrt(var + eps)).reshape(n, c, -1)
-    outs = []
-    for g, part in enumerate(xhat.chunk(groups)):
-        scale = d(mask) + (0 if noise is None else d(noise)[g])
-        if weight is not None:
-            scale = scale * d(weight)
-        shift = 0 if bias is None else d(bias) * (1 + (0 if noise_bias is None else d(noise_bias)[g]))
-        outs.append(part * scale[:, None] + (shift[:, None] if bias is not None else 0))
-    return torch.cat(outs).reshape(x.shape)
+    xhat = ((rows - mu) / torch.sqrt(var + eps)).reshape(n, c, -1).transpose(1, 2)  # channels last
+    return _perturbed_affine(xhat, weight, bias, mask, noise, noise_bias, groups).transpose(1, 2).reshape(x.shape)
 
 
 def group_norm_grads(x, weight, bias, mask, noise, noise_bias, dy, **kwargs):
     """Gradients of sum(y * dy) by autograd through :func:`group_norm` in float64: a dict with
     keys x, mask and those of weight, bias, noise, noise_bias that are not None (noise_bias
     without a bias gets zeros)."""
-    leaves = {k: t.detach().double().requires_grad_() for k, t in
-              dict(x=x, weight=weight, bias=bias, mask=mask, noise=noise, noise_bias=noise_bias).items()
-              if t is not None}
-    y = group_norm(leaves["x"], leaves.get("weight"), leaves.get("bias"), leaves["mask"], leaves.get("noise"),
-                   leaves.get("noise_bias"), **kwargs)
-    grads = torch.autograd.grad((y * dy.double()).sum(), list(leaves.values()), allow_unused=True)
-    return {k: torch.zeros_like(t) if g is None else g for (k, t), g in zip(leaves.items(), grads)}
+    return _grads(group_norm, x, weight, bias, mask, noise, noise_bias, dy, **kwargs)

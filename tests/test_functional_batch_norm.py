@@ -8,7 +8,8 @@ from fastpurify import functional as FP
 from fastpurify.validation import InputError
 
 from .devices import TEST_DEVICE, cpu_only, on_device
-from .formulas import batch_norm, batch_norm_grads, random_bn_params, random_running_stats
+from .formulas import batch_norm, batch_norm_grads, random_running_stats
+from .norm_inputs import arena_views, assert_bitwise_deterministic, assert_every_gradient, detached, inputs, params
 
 SHAPES = [  # (shape, groups, training, channels_last)
     ((6, 3), 1, True, False),
@@ -22,30 +23,15 @@ SHAPES = [  # (shape, groups, training, channels_last)
 ]
 
 
-def params(c, groups, seed=0, requires_weight_grad=False):
-    p = random_bn_params(c, groups, seed)
-    for k, v in p.items():
-        v.requires_grad_(k in ("mask", "noise", "noise_bias") or requires_weight_grad)
-    return p
-
-
-def inputs(shape, channels_last, dtype=torch.float32, seed=1):
-    x = on_device((torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * 1.5 + 0.3).to(dtype))
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    return x.requires_grad_()
-
-
 @pytest.mark.parametrize("weight_grad", [False, True])
 @pytest.mark.parametrize("shape, groups, training, channels_last", SHAPES)
 def test_forward_and_every_gradient(backend, shape, groups, training, channels_last, weight_grad):
     c = shape[1]
-    x, p = inputs(shape, channels_last), params(c, groups, requires_weight_grad=weight_grad)
+    x, p = inputs(shape, channels_last), params(c, groups, weight_grad=weight_grad)
     s = random_running_stats(c)
     ref_stats = {k: v.clone() for k, v in s.items()}
     y = FP.perturbed_batch_norm(x, **p, **s, training=training, groups=groups)
-    ref, rm, rv = batch_norm(x.detach(), **{k: v.detach() for k, v in p.items()}, **ref_stats, training=training,
-                             groups=groups)
+    ref, rm, rv = batch_norm(x.detach(), **detached(p), **ref_stats, training=training, groups=groups)
     assert y.shape == x.shape and y.dtype == x.dtype
     if x.dim() == 4 and shape[2] * shape[3] > 1:  # the memory format is kept
         assert y.is_contiguous(memory_format=torch.channels_last) == channels_last
@@ -59,12 +45,7 @@ def test_forward_and_every_gradient(backend, shape, groups, training, channels_l
     assert all(torch.equal(s[k], after_forward[k]) for k in s), "the backward must not touch running stats"
     ref_grads = batch_norm_grads(x, p["weight"], p["bias"], p["mask"], p["noise"], p["noise_bias"], dy,
                                  **ref_stats, training=training, groups=groups)
-    for k, t in dict(x=x, **p).items():
-        if not t.requires_grad:
-            assert t.grad is None
-            continue
-        scale = ref_grads[k].abs().max().item() + 1.0
-        assert torch.allclose(t.grad.double(), ref_grads[k], atol=5e-5 * scale, rtol=1e-4), k
+    assert_every_gradient(dict(x=x, **p), ref_grads)
     assert (p["weight"].grad is not None) == weight_grad
 
 
@@ -73,7 +54,7 @@ def test_forward_and_every_gradient(backend, shape, groups, training, channels_l
 def test_half_precision_forward(backend, dtype, channels_last):
     shape = (4, 17, 9, 13)
     x = inputs(shape, channels_last, dtype).detach()
-    p = {k: v.detach() for k, v in params(17, 2).items()}
+    p = detached(params(17, 2))
     y = FP.perturbed_batch_norm(x, **p, groups=2)
     ref, _, _ = batch_norm(x.double(), **p, groups=2)
     assert y.dtype == dtype
@@ -82,7 +63,7 @@ def test_half_precision_forward(backend, dtype, channels_last):
 
 def test_groups_equal_separate_passes(backend):
     x = inputs((6, 5, 4, 4), False).detach()
-    p = {k: v.detach() for k, v in params(5, 3).items()}
+    p = detached(params(5, 3))
     together = FP.perturbed_batch_norm(x, **p, groups=3)
     for g in range(3):
         alone = FP.perturbed_batch_norm(x[2 * g:2 * g + 2], p["weight"], p["bias"], p["mask"], p["noise"][g],
@@ -92,7 +73,7 @@ def test_groups_equal_separate_passes(backend):
 
 def test_one_group_noise_as_a_vector_and_no_noise(backend):
     x = inputs((5, 4, 3, 3), False).detach()
-    p = {k: v.detach() for k, v in params(4, 1).items()}
+    p = detached(params(4, 1))
     assert torch.allclose(FP.perturbed_batch_norm(x, **p), FP.perturbed_batch_norm(
         x, p["weight"], p["bias"], p["mask"], p["noise"][0], p["noise_bias"][0]))
     plain = FP.perturbed_batch_norm(x, p["weight"], p["bias"], torch.ones(4, device=TEST_DEVICE))
@@ -105,15 +86,8 @@ def test_noise_rows_may_be_strided_views_of_an_arena(backend):
     slice of a flat vector; forward and gradients equal those of contiguous copies."""
     c, groups = 5, 2
     x = inputs((6, c, 3, 4), False).detach()
-    p = {k: v.detach() for k, v in params(c, groups).items()}
-    arena = torch.zeros(groups, 2, c + 7, device=TEST_DEVICE)
-    arena[:, 0, 3:3 + c], arena[:, 1, 3:3 + c] = p["noise"], p["noise_bias"]
-    mask_arena = torch.zeros(c + 4, device=TEST_DEVICE)
-    mask_arena[2:2 + c] = p["mask"]
-    noise, noise_bias, mask = arena[:, 0, 3:3 + c], arena[:, 1, 3:3 + c], mask_arena[2:2 + c]
-    for t in (noise, noise_bias, mask):
-        t.requires_grad_()
-    assert noise.stride() == (2 * (c + 7), 1)
+    p = detached(params(c, groups))
+    mask, noise, noise_bias = arena_views(p, c, groups)
     y = FP.perturbed_batch_norm(x, p["weight"], p["bias"], mask, noise, noise_bias, groups=groups)
     ref = FP.perturbed_batch_norm(x, p["weight"], p["bias"], *[t.clone().requires_grad_() for t in
                                                                (p["mask"], p["noise"], p["noise_bias"])],
@@ -144,15 +118,7 @@ def test_output_may_be_modified_in_place(backend, channels_last):
 def test_bitwise_deterministic(backend):
     x = inputs((8, 17, 5, 5), True)
     p = params(17, 2)
-    runs = []
-    for _ in range(2):
-        for t in (x, *p.values()):
-            t.grad = None
-        y = FP.perturbed_batch_norm(x, **p, groups=2)
-        y.backward(torch.ones_like(y) * torch.linspace(-1, 1, y.numel(), device=TEST_DEVICE).view_as(y))
-        runs.append([y.detach().clone(), x.grad.clone(), p["mask"].grad.clone(), p["noise"].grad.clone()])
-    for a, b in zip(*runs):
-        assert torch.equal(a, b)
+    assert_bitwise_deterministic(lambda x, **p: FP.perturbed_batch_norm(x, **p, groups=2), x, p)
 
 
 def test_gradcheck_float64(backend):

@@ -10,7 +10,9 @@ from fastpurify import functional as FP
 from fastpurify.validation import InputError
 
 from .devices import TEST_DEVICE, on_device
-from .formulas import layer_norm, layer_norm_grads, random_bn_params
+from .formulas import layer_norm, layer_norm_grads
+from .norm_inputs import (arena_views, assert_bitwise_deterministic, assert_every_gradient, detached, inputs,
+                          params)
 
 CASES = [  # (shape, channel_dim, groups, channels_last)
     ((3, 7), -1, 1, False),            # 2-D (N, C)
@@ -31,32 +33,6 @@ MODES = {  # which parameters exist and which require grad besides x and the mas
 ids = lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else str(v)  # noqa: E731
 
 
-def params(c, groups, noisy=True, affine=True, weight_grad=False, seed=0, dtype=torch.float32):
-    """weight, bias, mask, noise, noise_bias: the mask and noises require grad, weight and bias if asked."""
-    p = {k: v.to(dtype) for k, v in random_bn_params(c, groups, seed).items()}
-    if not noisy:
-        p["noise"] = p["noise_bias"] = None
-    if affine is not True:
-        p["bias"] = p["noise_bias"] = None
-    if not affine:
-        p["weight"] = None
-    for k, v in p.items():
-        if v is not None:
-            v.requires_grad_(k in ("mask", "noise", "noise_bias") or weight_grad)
-    return p
-
-
-def inputs(shape, channels_last=False, dtype=torch.float32, seed=1):
-    x = on_device((torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * 1.5 + 0.3).to(dtype))
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    return x.requires_grad_()
-
-
-def detached(p):
-    return {k: None if v is None else v.detach() for k, v in p.items()}
-
-
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("shape, channel_dim, groups, channels_last", CASES, ids=ids)
 def test_forward_and_every_gradient(backend, shape, channel_dim, groups, channels_last, mode):
@@ -69,15 +45,7 @@ def test_forward_and_every_gradient(backend, shape, channel_dim, groups, channel
     dy = on_device(torch.randn(shape, generator=torch.Generator().manual_seed(2)))
     y.backward(dy)
     ref = layer_norm_grads(x, p["weight"], p["bias"], p["mask"], p["noise"], p["noise_bias"], dy, **kw)
-    for k, t in dict(x=x, **p).items():
-        if t is None:
-            continue
-        if not t.requires_grad:
-            assert t.grad is None, k
-            continue
-        assert t.grad.shape == t.shape, k
-        scale = ref[k].abs().max().item() + 1.0
-        assert torch.allclose(t.grad.double(), ref[k], atol=5e-5 * scale, rtol=1e-4), k
+    assert_every_gradient(dict(x=x, **p), ref)
 
 
 @pytest.mark.parametrize("channel_dim, shape", [(-1, (4, 3, 5)), (1, (4, 5, 2, 3))])
@@ -124,14 +92,7 @@ def test_noise_rows_may_be_strided_views_of_an_arena(backend):
     c, groups = 5, 2
     x = inputs((4, c, 3, 2)).detach()
     p = detached(params(c, groups))
-    arena = torch.zeros(groups, 2, c + 7, device=TEST_DEVICE)
-    arena[:, 0, 3:3 + c], arena[:, 1, 3:3 + c] = p["noise"], p["noise_bias"]
-    mask_arena = torch.zeros(c + 4, device=TEST_DEVICE)
-    mask_arena[2:2 + c] = p["mask"]
-    noise, noise_bias, mask = arena[:, 0, 3:3 + c], arena[:, 1, 3:3 + c], mask_arena[2:2 + c]
-    for t in (noise, noise_bias, mask):
-        t.requires_grad_()
-    assert noise.stride() == (2 * (c + 7), 1)
+    mask, noise, noise_bias = arena_views(p, c, groups)
     y = FP.perturbed_layer_norm(x, p["weight"], p["bias"], mask, noise, noise_bias, groups=groups, channel_dim=1)
     ref = FP.perturbed_layer_norm(x, p["weight"], p["bias"], p["mask"], p["noise"], p["noise_bias"], groups=groups,
                                   channel_dim=1)
@@ -199,16 +160,7 @@ def test_any_layout_of_x_and_dy(backend, make_x, channel_dim):
 def test_bitwise_deterministic(backend):
     x = inputs((8, 17, 5, 5), True)
     p = params(17, 2)
-    runs = []
-    for _ in range(2):
-        for t in (x, *p.values()):
-            t.grad = None
-        y = FP.perturbed_layer_norm(x, **p, groups=2, channel_dim=1)
-        y.backward(torch.linspace(-1, 1, y.numel(), device=TEST_DEVICE).view_as(y))
-        runs.append([y.detach().clone(), x.grad.clone(), p["mask"].grad.clone(), p["noise"].grad.clone(),
-                     p["noise_bias"].grad.clone()])
-    for a, b in zip(*runs):
-        assert torch.equal(a, b)
+    assert_bitwise_deterministic(lambda x, **p: FP.perturbed_layer_norm(x, **p, groups=2, channel_dim=1), x, p)
 
 
 def test_empty_batch(backend):

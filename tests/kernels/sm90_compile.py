@@ -9,6 +9,9 @@ is recorded with its kernel, grid and the compiled binary's registers, spills an
 from the cubin with the cuobjdump that Triton ships. Prints one JSON line:
 ``{"cases": [...], "launches": [...], "kernels": {hash: {...}}, "seconds": ...}``. Exits with 3
 when this Triton lacks the API (another version).
+
+The compile tests run it through :func:`compile_both_layouts` and check its kernels with
+:func:`assert_no_spills`.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ import time
 from pathlib import Path
 
 from .resnet_shapes import BN_SHAPES, R50_BN
+
+ROOT = Path(__file__).resolve().parents[2]
 
 # GroupNorm shapes (N, C, side, num_groups, groups): PoolFormer-S12 at 224 px (GroupNorm with one
 # channel group at every stage; batch 256 as ANP's two batch groups of 128, and 128 as one) and
@@ -223,6 +228,39 @@ def group_norm_other_modes(layouts=(False, True)):
     y = FP.perturbed_group_norm(x, meta(768), meta(768), meta(768, grad=True), meta(2, 768, grad=True), num_groups=12,
                                 groups=2)
     y.backward(torch.empty_like(y))
+
+
+def compile_both_layouts(*options) -> list[dict]:
+    """For the compile tests: this module run as a script with ``options`` in two processes at once
+    (contiguous and channels_last: disjoint variants), without TRITON_INTERPRET; their JSON
+    reports. Skips the test when this Triton cannot compile ahead of time (exit status 3)."""
+    import os
+
+    import pytest
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    runs = [subprocess.Popen([sys.executable, "-m", "tests.kernels.sm90_compile", *options, "--layout", layout],
+                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for layout in ("contiguous", "channels_last")]
+    results = []
+    for run in runs:
+        out, err = run.communicate(timeout=900)
+        if run.returncode == 3:
+            pytest.skip(f"this Triton cannot compile ahead of time here: {err.strip()[-500:]}")
+        assert run.returncode == 0, f"compiling for sm_90 failed:\n{err[-6000:]}"
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    return results
+
+
+def assert_no_spills(compiled: list[dict], names: set[str]) -> None:
+    """Every kernel of ``names``, and only those, compiled; none spills registers (local memory or
+    a stack frame), none uses more than 128 registers a thread (4 programs an SM)."""
+    kernels = {h: k for run in compiled for h, k in run["kernels"].items()}
+    assert {k["name"] for k in kernels.values()} == names
+    spilled = [k for k in kernels.values() if k["n_spills"] or k["stack"]]
+    assert not spilled, f"register spills (local memory or a stack frame): {spilled}"
+    assert all(k["registers"] <= 128 for k in kernels.values()), \
+        f"at most 128 registers (4 programs an SM): {[k for k in kernels.values() if k['registers'] > 128]}"
 
 
 def main() -> None:

@@ -7,46 +7,26 @@ launch that reads or writes the activations asks for at least one program per SM
 Two processes (contiguous and channels_last: disjoint variants) compile in parallel; Triton's
 on-disk cache makes a second run take seconds."""
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 from fastpurify.kernels.runtime import SM_COUNT_WITHOUT_GPU
 
-ROOT = Path(__file__).resolve().parents[2]
+from .sm90_compile import assert_no_spills, compile_both_layouts
+
+KERNELS = {"bn_stats_kernel", "bn_normalize_kernel", "bn_grad_sums_kernel", "bn_grad_apply_kernel"}
 
 
 @pytest.fixture(scope="module")
 def compiled():
     """The launches and compiled kernels of both layouts (the ANP step at every shape, plus the
     other modes once), as ``sm90_compile`` reports them."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    runs = [subprocess.Popen([sys.executable, "-m", "tests.kernels.sm90_compile", "--all-modes", "--layout", layout],
-                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            for layout in ("contiguous", "channels_last")]
-    results = []
-    for run in runs:
-        out, err = run.communicate(timeout=900)
-        if run.returncode == 3:
-            pytest.skip(f"this Triton cannot compile ahead of time here: {err.strip()[-500:]}")
-        assert run.returncode == 0, f"compiling for sm_90 failed:\n{err[-6000:]}"
-        results.append(json.loads(out.strip().splitlines()[-1]))
-    return results
+    return compile_both_layouts("--all-modes")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests compile and run the kernels for real")
 def test_every_variant_compiles_without_spills(compiled):
-    kernels = {h: k for run in compiled for h, k in run["kernels"].items()}
-    assert {k["name"] for k in kernels.values()} == {"bn_stats_kernel", "bn_normalize_kernel", "bn_grad_sums_kernel",
-                                                     "bn_grad_apply_kernel"}
-    spilled = [k for k in kernels.values() if k["n_spills"] or k["stack"]]
-    assert not spilled, f"register spills (local memory or a stack frame): {spilled}"
-    assert all(k["registers"] <= 128 for k in kernels.values()), "at most 128 registers: 4 programs an SM"
+    assert_no_spills(compiled, KERNELS)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests compile and run the kernels for real")

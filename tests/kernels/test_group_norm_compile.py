@@ -9,20 +9,13 @@ channels over a buffer of a few KB).
 Two processes (contiguous and channels_last: disjoint variants) compile in parallel; Triton's
 on-disk cache makes a second run take seconds."""
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 from fastpurify.kernels.runtime import SM_COUNT_WITHOUT_GPU
 
-from .sm90_compile import GN_SHAPES
+from .sm90_compile import GN_SHAPES, assert_no_spills, compile_both_layouts
 
-ROOT = Path(__file__).resolve().parents[2]
 KERNELS = {"gn_stats_kernel", "gn_normalize_kernel", "gn_grad_sums_kernel", "gn_param_sums_kernel",
            "gn_grad_apply_kernel"}
 
@@ -32,28 +25,11 @@ pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests
 @pytest.fixture(scope="module")
 def compiled():
     """The launches and compiled kernels of both layouts, as ``sm90_compile --op gn`` reports them."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    runs = [subprocess.Popen([sys.executable, "-m", "tests.kernels.sm90_compile", "--op", "gn", "--all-modes",
-                              "--layout", layout], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True)
-            for layout in ("contiguous", "channels_last")]
-    results = []
-    for run in runs:
-        out, err = run.communicate(timeout=900)
-        if run.returncode == 3:
-            pytest.skip(f"this Triton cannot compile ahead of time here: {err.strip()[-500:]}")
-        assert run.returncode == 0, f"compiling for sm_90 failed:\n{err[-6000:]}"
-        results.append(json.loads(out.strip().splitlines()[-1]))
-    return results
+    return compile_both_layouts("--op", "gn", "--all-modes")
 
 
 def test_every_variant_compiles_without_spills(compiled):
-    kernels = {h: k for run in compiled for h, k in run["kernels"].items()}
-    assert {k["name"] for k in kernels.values()} == KERNELS
-    spilled = [k for k in kernels.values() if k["n_spills"] or k["stack"]]
-    assert not spilled, f"register spills (local memory or a stack frame): {spilled}"
-    assert all(k["registers"] <= 128 for k in kernels.values()), \
-        f"at most 128 registers (4 programs an SM): {[k for k in kernels.values() if k['registers'] > 128]}"
+    assert_no_spills(compiled, KERNELS)
 
 
 def test_every_launch_fills_an_h100(compiled):
