@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .files import atomic_path
+from .files import atomic_path, damage
 from .models import build_model
 from .validation import InputError
 
@@ -40,8 +40,11 @@ def read_metadata(path: str | Path) -> dict:
         return {}
     from safetensors import safe_open
 
-    with safe_open(str(path), framework="pt") as fh:
-        raw = fh.metadata() or {}
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            raw = fh.metadata() or {}
+    except Exception as err:  # safetensors raises SafetensorError (or OSError) for a damaged file
+        raise _unreadable(path, err) from None
     out = {}
     for k, v in raw.items():
         try:
@@ -60,13 +63,18 @@ def load_state_dict(path: str | Path, *, trust_pickle: bool = False) -> dict[str
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        state = load_file(str(path))
+        try:
+            state = load_file(str(path))
+        except Exception as err:  # SafetensorError for a damaged file
+            raise _unreadable(path, err) from None
     else:
         try:
             state = torch.load(path, map_location="cpu", weights_only=not trust_pickle)
         except Exception as err:  # torch raises UnpicklingError or RuntimeError, depending on version
+            if damage(path):
+                raise _unreadable(path, err) from None
             if trust_pickle:
-                raise
+                raise _unreadable(path, err) from err
             raise InputError(
                 f"{path} could not be loaded as plain weights ({type(err).__name__}: {str(err).splitlines()[0]}). "
                 "It may hold pickled Python code, which fastpurify does not run by default. Convert it to "
@@ -106,6 +114,11 @@ def load_model(path: str | Path, arch: str | None = None, num_classes: int | Non
         raise InputError(f"{path} does not fit {arch} with {num_classes} classes and {in_channels} input "
                          f"channels: {_summary(str(err))}") from None
     return model, {**meta, "arch": arch, "num_classes": num_classes, "in_channels": in_channels}
+
+
+def _unreadable(path: Path, err: Exception) -> InputError:
+    why = damage(path) or f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:300]}"
+    return InputError(f"{path} is not a readable checkpoint: {why}")
 
 
 def _summary(message: str, limit: int = 600) -> str:

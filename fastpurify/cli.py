@@ -34,7 +34,10 @@ DEMO = dict(data="digits", arch="small_cnn", attack="badnets", mode="all2one", t
 def _add_train_args(p: argparse.ArgumentParser, defaults: dict) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--data", default=defaults.get("data", "digits"),
-                   help="digits | synthetic | cifar10[:DIR] | DIR with CIFAR-10 python batches (default: %(default)s)")
+                   help="digits | synthetic | cifar10[:DIR] | DIR with CIFAR-10 python batches | imagefolder:PATH "
+                        "(train/<class>/*.jpg|png and test/..., a folder or .tar/.tar.gz/.tar.xz; decoded once, "
+                        "cached) | cifar10-jpeg[:PATH] (CIFAR-10 (JPEG copy): cifar10-jpeg.tar.xz, found in "
+                        "$FASTPURIFY_DATA, ./data or ../shared/data) (default: %(default)s)")
     g.add_argument("--size", type=int, default=defaults.get("size"), help="image size for digits/synthetic")
     g.add_argument("--channels", type=int, default=defaults.get("channels"), help="1 or 3 for digits/synthetic")
     g = p.add_argument_group("attack")
@@ -114,7 +117,8 @@ def _train(args: argparse.Namespace):
     from .models import build_model
 
     device = resolve_device(args.device)
-    splits = load_source(args.data, size=args.size, channels=args.channels, seed=args.seed)
+    splits = load_source(args.data, size=args.size, channels=args.channels, seed=args.seed,
+                         progress=False if args.no_progress else None)
     torch.manual_seed(args.seed)
     model = build_model(args.arch, num_classes=splits.num_classes, in_channels=splits.channels)
     attack = make_attack(args.attack, num_classes=splits.num_classes, target=args.target, mode=args.mode,

@@ -42,6 +42,12 @@ def _deterministic():
     yield
 
 
+@pytest.fixture(autouse=True)
+def _image_cache(tmp_path_factory, monkeypatch):
+    """Decoded image folders are cached in the session's temporary folder, never in ~/.cache."""
+    monkeypatch.setenv("FASTPURIFY_CACHE", str(tmp_path_factory.getbasetemp() / "fastpurify-cache"))
+
+
 @pytest.fixture(params=["torch", "triton"])
 def backend(request, monkeypatch):
     """Run a test on each backend of fastpurify.functional, on tests/devices.py's TEST_DEVICE (on

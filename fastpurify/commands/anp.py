@@ -30,8 +30,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_options(p)
     g = p.add_argument_group("data")
-    g.add_argument("--data", default="digits", help="digits | synthetic | cifar10[:DIR] | DIR | FILE.npz/.pt/"
-                   ".safetensors with images and labels (default: %(default)s)")
+    g.add_argument("--data", default="digits", help="digits | synthetic | cifar10[:DIR] | DIR | imagefolder:PATH "
+                   "(a folder or .tar/.tar.gz/.tar.xz of train/<class>/*.jpg|png and test/...) | cifar10-jpeg[:PATH] | "
+                   "FILE.npz/.pt/.safetensors with images and labels (default: %(default)s)")
     g.add_argument("--size", type=int, default=None, help="image size for digits/synthetic (default: the model's)")
     g.add_argument("--clean-images", type=int, default=500,
                    help="the first N images of the test split (or file) are the defender's clean set; the rest "
@@ -124,7 +125,8 @@ def _run(args: argparse.Namespace) -> int:
     model, meta = load_model(args.model, args.arch, args.num_classes, args.in_channels,
                              trust_pickle=args.trust_pickle)
     size = args.size or (meta.get("image_size") or [None])[0]
-    splits = load_source(args.data, size=size, channels=meta.get("in_channels"), seed=args.seed)
+    splits = load_source(args.data, size=size, channels=meta.get("in_channels"), seed=args.seed,
+                         progress=False if args.no_progress else None)
     images, labels = splits.test
     n = args.clean_images
     if n >= images.shape[0]:

@@ -44,8 +44,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_options(p)
     g = p.add_argument_group("data")
-    g.add_argument("--data", default=None, help="digits | synthetic | cifar10[:DIR] | DIR | FILE.npz/.pt/.safetensors "
-                   "with images and labels (a test split only) (default: the checkpoint's training data, else digits)")
+    g.add_argument("--data", default=None, help="digits | synthetic | cifar10[:DIR] | DIR | imagefolder:PATH (a "
+                   "folder or .tar/.tar.gz/.tar.xz of train/<class>/*.jpg|png and test/...) | cifar10-jpeg[:PATH] | "
+                   "FILE.npz/.pt/.safetensors with images and labels (a test split only) (default: the checkpoint's "
+                   "training data, else digits)")
     g.add_argument("--size", type=int, default=None, help="image size for digits/synthetic (default: the model's)")
     g.add_argument("--clean-images", type=int, default=None,
                    help="the clean-extra-set setting: the first N images of the test split (or file) are the "
@@ -166,7 +168,8 @@ def _inputs(args, meta: dict, attack) -> PBEInputs:
     data = args.data or (meta.get("poison") or {}).get("data") or "digits"
     recorded = _recorded_poisoning(meta, data)
     size = args.size or (meta.get("image_size") or [None])[0]
-    splits = load_source(data, size=size, channels=meta.get("in_channels"), seed=recorded.get("seed", args.seed))
+    splits = load_source(data, size=size, channels=meta.get("in_channels"), seed=recorded.get("seed", args.seed),
+                         progress=False if args.no_progress else None)
     images, labels = splits.test
     if labels.numel() and int(labels.max()) >= meta["num_classes"]:
         raise InputError(f"the data has labels up to {int(labels.max())} but the model has {meta['num_classes']} "

@@ -7,6 +7,7 @@ All images are float tensors (N, C, H, W) with pixels in [0, 1]; labels are int6
 from .cifar10 import CIFAR10_FILES, load_cifar10
 from .convert import as_tensors, infer_num_classes
 from .digits import load_digits
+from .image_folder import ImageFolderData, load_image_folder
 from .sampler import DeviceBatchSampler, augment_batch, make_generator
 from .sources import DataSplits, load_source
 from .split import train_test_split
@@ -16,11 +17,13 @@ __all__ = [
     "CIFAR10_FILES",
     "DataSplits",
     "DeviceBatchSampler",
+    "ImageFolderData",
     "as_tensors",
     "augment_batch",
     "infer_num_classes",
     "load_cifar10",
     "load_digits",
+    "load_image_folder",
     "load_source",
     "make_generator",
     "synthetic_dataset",

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..files import damage
 from ..validation import InputError
 from .convert import as_tensors
 
@@ -50,7 +51,10 @@ def load_tensor_file(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
                                  f"labels), got {type(loaded).__name__}")
     except InputError:
         raise
-    except Exception as err:  # unreadable, or pickled objects that the safe loaders refuse
+    except Exception as err:  # damaged, or pickled objects that the safe loaders refuse
+        why = damage(path)
+        if why:
+            raise InputError(f"{path} is not a readable data file: {why}") from None
         raise InputError(f"{path} could not be read safely as arrays ({type(err).__name__}: "
                          f"{str(err).splitlines()[0] if str(err) else ''})") from None
     return as_tensors(_pick(arrays, path))

@@ -72,3 +72,18 @@ def test_unknown_architecture(tmp_path):
     torch.save(trained_like().state_dict(), tmp_path / "m.pt")
     with pytest.raises(InputError, match="--arch"):
         load_model(tmp_path / "m.pt")
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+@pytest.mark.parametrize("damage", [lambda b: b[:len(b) // 2], lambda b: b[:100], lambda b: b"\x00" * len(b),
+                                    lambda b: b""])
+def test_a_damaged_checkpoint_is_named(tmp_path, suffix, damage):
+    path = tmp_path / f"m{suffix}"
+    if suffix == ".safetensors":
+        save_model(trained_like(), path, metadata={"arch": "small_cnn", "num_classes": 4, "in_channels": 1})
+    else:
+        torch.save(trained_like().state_dict(), path)
+    path.write_bytes(damage(path.read_bytes()))
+    for trust_pickle in (False, True):
+        with pytest.raises(InputError, match=f"{path} is not a readable checkpoint"):
+            load_model(path, "small_cnn", 4, 1, trust_pickle=trust_pickle)
