@@ -123,9 +123,11 @@ def _check_vectors(c: int, unit: str, **tensors: torch.Tensor | None) -> None:
                 raise InputError(f"{name} must have shape ({c},) for {c} {unit}, got {tuple(t.shape)}")
 
 
-def _group_affine(weight, bias, mask, noise, noise_bias, groups: int, c: int):
-    """Each group's scale ``weight * (mask + noise[g])`` (G, C) and shift ``bias * (1 + noise_bias[g])``
-    (G, C), or None without a bias; a None weight is ones, None noises are zeros."""
+def group_affine(weight, bias, mask, noise, noise_bias, groups: int, c: int):
+    """Each batch group's scale ``weight * (mask + noise[g])`` (G, C) and shift ``bias * (1 + noise_bias[g])``
+    (G, C), or None without a bias; a None weight is ones, None noises are zeros; ``noise``/``noise_bias``
+    are (groups, C). With mask 1 and no noise, row g is bitwise ``weight`` and ``bias``: the one place
+    the ANP affine rule is computed outside the kernels."""
     scale = mask.expand(groups, c) if noise is None else mask + noise
     if weight is not None:
         scale = weight * scale
@@ -149,12 +151,11 @@ def _per_group(t: torch.Tensor | None, name: str, groups: int, c: int) -> torch.
 def _perturbed_batch_norm_torch(x, weight, bias, mask, noise, noise_bias, running_mean, running_var, training,
                                 momentum, eps, groups):
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    scale, shift = group_affine(weight, bias, mask, noise, noise_bias, groups, x.shape[1])
     outs = []
     for g, xg in enumerate(x.chunk(groups)):
-        scale = mask if noise is None else mask + noise[g]
-        shift = bias if noise_bias is None else bias * (1 + noise_bias[g])
-        y = F.batch_norm(xg.to(compute), running_mean, running_var, (weight * scale).to(compute),
-                         shift.to(compute), training, momentum, eps)
+        y = F.batch_norm(xg.to(compute), running_mean, running_var, scale[g].to(compute), shift[g].to(compute),
+                         training, momentum, eps)
         outs.append(y.to(x.dtype))
     return outs[0] if groups == 1 else torch.cat(outs)
 
@@ -236,7 +237,8 @@ def perturbed_layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: tor
     reductions in float32 (float64 for float64); y is a new tensor in x's dtype and memory layout.
     """
     axis = _check_layer_norm(x, channel_dim)
-    noise, noise_bias = _check_layer_norm_params(x, x.shape[axis], weight, bias, mask, noise, noise_bias, eps, groups)
+    noise, noise_bias = _check_norm_params(x, x.shape[axis], "features", weight, bias, mask, noise, noise_bias, eps,
+                                           groups)
     if backend_for(x) == "triton" and x.numel() > 0:
         return _PerturbedLayerNorm.apply(x, weight, bias, mask, noise, noise_bias, eps, groups, axis)
     return _perturbed_layer_norm_torch(x, weight, bias, mask, noise, noise_bias, eps, groups, axis)
@@ -256,8 +258,9 @@ def _check_layer_norm(x, channel_dim) -> int:
     return 1 if channel_dim == 1 and last > 1 else -1
 
 
-def _check_layer_norm_params(x, c, weight, bias, mask, noise, noise_bias, eps, groups):
-    """Validate the parameters of :func:`perturbed_layer_norm`; noise/noise_bias as (groups, C) or None."""
+def _check_norm_params(x, c, unit, weight, bias, mask, noise, noise_bias, eps, groups):
+    """Validate the parameters of :func:`perturbed_layer_norm` / :func:`perturbed_group_norm` (C = ``c``
+    ``unit``); noise/noise_bias as (groups, C) or None."""
     for name, t in (("weight", weight), ("bias", bias), ("mask", mask), ("noise", noise), ("noise_bias", noise_bias)):
         if not isinstance(t, torch.Tensor) and (t is not None or name == "mask"):
             raise InputError(f"{name} must be a tensor{'' if name == 'mask' else ' or None'}, got {type(t).__name__}")
@@ -265,7 +268,7 @@ def _check_layer_norm_params(x, c, weight, bias, mask, noise, noise_bias, eps, g
     n = x.shape[0]
     _check_groups(n, groups)
     check_positive(eps, "eps")
-    _check_vectors(c, "features", weight=weight, bias=bias, mask=mask)
+    _check_vectors(c, unit, weight=weight, bias=bias, mask=mask)
     return _per_group(noise, "noise", groups, c), _per_group(noise_bias, "noise_bias", groups, c)
 
 
@@ -274,7 +277,7 @@ def _perturbed_layer_norm_torch(x, weight, bias, mask, noise, noise_bias, eps, g
     with mask 1 and no noise it is bitwise ``F.layer_norm(x, (C,), weight, bias, eps)``)."""
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32
     c = x.shape[axis]
-    scale, shift = _group_affine(weight, bias, mask, noise, noise_bias, groups, c)
+    scale, shift = group_affine(weight, bias, mask, noise, noise_bias, groups, c)
     moved = x.movedim(axis, -1)
     outs = [F.layer_norm(part.to(compute), (c,), scale[g].to(compute), None if shift is None else shift[g].to(compute),
                          eps) for g, part in enumerate(moved.chunk(groups))]
@@ -377,31 +380,22 @@ def _check_group_norm(x, weight, bias, mask, noise, noise_bias, num_groups, eps,
         raise InputError(f"x must be a tensor (N, C) or (N, C, *spatial), got "
                          f"{'shape ' + str(tuple(x.shape)) if isinstance(x, torch.Tensor) else type(x).__name__}")
     _check_float("x", x)
-    for name, t in (("weight", weight), ("bias", bias), ("mask", mask), ("noise", noise), ("noise_bias", noise_bias)):
-        if not isinstance(t, torch.Tensor) and (t is not None or name == "mask"):
-            raise InputError(f"{name} must be a tensor{'' if name == 'mask' else ' or None'}, got {type(t).__name__}")
-    _check_same_device(x=x, weight=weight, bias=bias, mask=mask, noise=noise, noise_bias=noise_bias)
-    n, c = x.shape[:2]
+    c = x.shape[1]
     if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1 or c % num_groups:
         raise InputError(f"num_groups must be a positive integer dividing the {c} channels of x (dim 1), "
                          f"got {num_groups!r}")
-    _check_groups(n, groups)
-    check_positive(eps, "eps")
-    _check_vectors(c, "channels", weight=weight, bias=bias, mask=mask)
-    return _per_group(noise, "noise", groups, c), _per_group(noise_bias, "noise_bias", groups, c)
+    return _check_norm_params(x, c, "channels", weight, bias, mask, noise, noise_bias, eps, groups)
 
 
 def _perturbed_group_norm_torch(x, weight, bias, mask, noise, noise_bias, num_groups, eps, groups):
     """Per batch chunk, ``F.group_norm`` with the chunk's scale and shift folded into its affine:
     with mask 1 and no noise this is F.group_norm itself, bit for bit (float32/float64)."""
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    scale, shift = group_affine(weight, bias, mask, noise, noise_bias, groups, x.shape[1])
     outs = []
     for g, xg in enumerate(x.chunk(groups)):
-        scale = mask if noise is None else mask + noise[g]
-        scale = scale if weight is None else weight * scale
-        shift = None if bias is None else (bias if noise_bias is None else bias * (1 + noise_bias[g]))
-        y = F.group_norm(xg.to(compute), num_groups, scale.to(compute), None if shift is None else shift.to(compute),
-                         eps)
+        y = F.group_norm(xg.to(compute), num_groups, scale[g].to(compute),
+                         None if shift is None else shift[g].to(compute), eps)
         outs.append(y.to(x.dtype))
     y = outs[0] if groups == 1 else torch.cat(outs)
     if y.stride() == x.stride() and y is not x:
@@ -630,7 +624,7 @@ def perturbed_channel_affine(y: torch.Tensor, bias: torch.Tensor | None, mask: t
     _check_vectors(c, "output channels", bias=bias, mask=mask)
     noise = _per_group(noise, "noise", groups, c)
     noise_bias = _per_group(noise_bias, "noise_bias", groups, c)
-    scale, shift = _group_affine(None, bias, mask, noise, noise_bias, groups, c)
+    scale, shift = group_affine(None, bias, mask, noise, noise_bias, groups, c)
     # (groups, C) -> broadcastable against y viewed as (groups, N / groups, ...)
     view = (groups, 1, c) + (1,) * (y.dim() - 2) if channel_dim == 1 else (groups,) + (1,) * (y.dim() - 1) + (c,)
     yg = y.reshape(groups, n // groups, *y.shape[1:])
@@ -638,4 +632,3 @@ def perturbed_channel_affine(y: torch.Tensor, bias: torch.Tensor | None, mask: t
     if shift is not None:
         out = out + shift.view(view).to(y.dtype)
     return out.reshape(y.shape)
-

@@ -42,8 +42,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import functional as FP
-from .neurons import DEFAULT_KINDS, layer_kind, neuron_layers, num_neurons
-from .substitution import call_with_affine, per_group_affine
+from .neurons import DEFAULT_KINDS, layer_kind, layer_norm_axis, neuron_layers, num_neurons
+from .substitution import call_with_affine
 from .validation import InputError
 
 
@@ -148,10 +148,12 @@ class _GenericNeurons(_Neurons):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         noise, noise_bias = self._perturbation()
-        weight, bias = self.weight, getattr(self, "bias", None)
-        parts = [x] if self.batch_groups == 1 else x.chunk(self.batch_groups)
-        outs = [call_with_affine(self, self._own_forward, part,
-                                 *per_group_affine(weight, bias, self.neuron_mask, noise, noise_bias, g))
+        groups, c = self.batch_groups, self.num_neurons
+        rows = lambda t: None if t is None else t.view(groups, c)  # noqa: E731  ((C,) for one group)
+        scale, shift = FP.group_affine(self.weight, getattr(self, "bias", None), self.neuron_mask, rows(noise),
+                                       rows(noise_bias), groups, c)
+        parts = [x] if groups == 1 else x.chunk(groups)
+        outs = [call_with_affine(self, self._own_forward, part, scale[g], None if shift is None else shift[g])
                 for g, part in enumerate(parts)]
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 
@@ -206,29 +208,30 @@ _OUTPUTS = ((nn.Conv1d, PerturbedConv1d), (nn.Conv2d, PerturbedConv2d), (nn.Conv
             (nn.Linear, PerturbedLinear))
 
 
-# The exact types whose forward a fused class reproduces: (module, class name) -> (fused class,
-# LayerNorm channel axis). timm's and torchvision's classes are matched by name, so fastpurify
-# never imports them; a subclass of any of these (its own forward or not) takes the generic path.
+# The exact types whose forward a fused class reproduces: (module, class name) -> fused class (a
+# LayerNorm's feature axis is neurons.layer_norm_axis'). timm's and torchvision's classes are
+# matched by name, so fastpurify never imports them; a subclass of any of these (its own forward
+# or not) takes the generic path.
 _FUSED = {
-    ("torch.nn.modules.batchnorm", "BatchNorm1d"): (PerturbedBatchNorm1d, None),
-    ("torch.nn.modules.batchnorm", "BatchNorm2d"): (PerturbedBatchNorm2d, None),
-    ("torch.nn.modules.normalization", "LayerNorm"): (PerturbedLayerNorm, -1),
-    ("torch.nn.modules.normalization", "GroupNorm"): (PerturbedGroupNorm, None),
-    ("torchvision.models.convnext", "LayerNorm2d"): (PerturbedLayerNorm, 1),
-    ("timm.layers.norm", "LayerNorm"): (PerturbedLayerNorm, -1),
-    ("timm.layers.norm", "LayerNorm2d"): (PerturbedLayerNorm, 1),
-    ("timm.layers.norm", "GroupNorm"): (PerturbedGroupNorm, None),
-    ("timm.layers.norm", "GroupNorm1"): (PerturbedGroupNorm, None),
-    ("timm.layers.norm_act", "BatchNormAct2d"): (PerturbedBatchNormAct2d, None),
-    ("timm.layers.norm_act", "GroupNormAct"): (PerturbedGroupNormAct, None),
-    ("timm.layers.norm_act", "GroupNorm1Act"): (PerturbedGroupNormAct, None),
-    ("timm.layers.norm_act", "LayerNormAct"): (PerturbedLayerNormAct, -1),
-    ("timm.layers.norm_act", "LayerNormAct2d"): (PerturbedLayerNormAct, 1),
+    ("torch.nn.modules.batchnorm", "BatchNorm1d"): PerturbedBatchNorm1d,
+    ("torch.nn.modules.batchnorm", "BatchNorm2d"): PerturbedBatchNorm2d,
+    ("torch.nn.modules.normalization", "LayerNorm"): PerturbedLayerNorm,
+    ("torch.nn.modules.normalization", "GroupNorm"): PerturbedGroupNorm,
+    ("torchvision.models.convnext", "LayerNorm2d"): PerturbedLayerNorm,
+    ("timm.layers.norm", "LayerNorm"): PerturbedLayerNorm,
+    ("timm.layers.norm", "LayerNorm2d"): PerturbedLayerNorm,
+    ("timm.layers.norm", "GroupNorm"): PerturbedGroupNorm,
+    ("timm.layers.norm", "GroupNorm1"): PerturbedGroupNorm,
+    ("timm.layers.norm_act", "BatchNormAct2d"): PerturbedBatchNormAct2d,
+    ("timm.layers.norm_act", "GroupNormAct"): PerturbedGroupNormAct,
+    ("timm.layers.norm_act", "GroupNorm1Act"): PerturbedGroupNormAct,
+    ("timm.layers.norm_act", "LayerNormAct"): PerturbedLayerNormAct,
+    ("timm.layers.norm_act", "LayerNormAct2d"): PerturbedLayerNormAct,
 }
 
 
-def _fused_twin(module: nn.Module) -> tuple[type, int | None] | None:
-    """The fused class (and LayerNorm axis) for a layer of an exact known type, else None.
+def _fused_twin(module: nn.Module) -> type | None:
+    """The fused class for a layer of an exact known type, else None.
     timm's layers qualify only with ``_fast_norm`` off (on, their forward is another op)."""
     cls = type(module)
     twin = _FUSED.get((cls.__module__, cls.__name__))
@@ -251,9 +254,9 @@ def _perturbed(module: nn.Module) -> nn.Module:
     if layer_kind(module) == "conv_linear":
         module.__class__ = next(new for base, new in _OUTPUTS if isinstance(module, base))
     elif twin is not None:
-        module.__class__, axis = twin
-        if axis is not None:
-            module.channel_dim = axis
+        if issubclass(twin, PerturbedLayerNorm):
+            module.channel_dim = layer_norm_axis(module)  # read from the original class's name
+        module.__class__ = twin
     else:
         module.__class__ = _generic_class(type(module))
     module._init_neurons(num_neurons(module), module.weight)

@@ -41,8 +41,8 @@ CONV_LINEAR = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 # Norms that are no nn.LayerNorm but scale each feature of a position by a weight: the ANP rule
 # applies to that weight (they have no shift). timm's classes are matched by module and name, so
 # fastpurify never imports timm.
-RMS_NORMS = ("RmsNorm", "RmsNorm2d", "RmsNormFp32", "RmsNorm2dFp32", "SimpleNorm", "SimpleNorm2d",
-             "SimpleNormFp32", "SimpleNorm2dFp32")
+RMS_NORMS = frozenset({"RmsNorm", "RmsNorm2d", "RmsNormFp32", "RmsNorm2dFp32", "SimpleNorm", "SimpleNorm2d",
+                       "SimpleNormFp32", "SimpleNorm2dFp32"})
 KIND_OPTIONS = ("mask_layers options: 'batchnorm', 'layernorm', 'groupnorm' (the default masks all three) and "
                 "'conv_linear' (CLI: --mask-layers batchnorm,layernorm,groupnorm,conv_linear)")
 
@@ -68,23 +68,19 @@ def layer_norm_axis(module: nn.Module) -> int:
     return 1 if type(module).__name__ in ("LayerNorm2d", "LayerNormAct2d") else -1
 
 
-def _is_rms_norm(module: nn.Module) -> bool:
-    rms = getattr(nn, "RMSNorm", None)
-    if rms is not None and isinstance(module, rms):
-        return True
-    return any(c.__module__.startswith("timm.") and c.__name__ in RMS_NORMS for c in type(module).__mro__)
-
-
-def _timm_class(module: nn.Module, prefix: str) -> bool:
-    return any(c.__module__.startswith("timm.") and c.__name__.startswith(prefix) for c in type(module).__mro__)
+def _timm_names(module: nn.Module) -> set[str]:
+    """The names of the timm classes in a layer's ancestry (timm is matched by name, never imported)."""
+    return {c.__name__ for c in type(module).__mro__ if c.__module__.startswith("timm.")}
 
 
 def _kind(module: nn.Module) -> str | None:
-    if isinstance(module, _BatchNorm) or _timm_class(module, "EvoNorm2dB"):
+    timm = _timm_names(module)
+    if isinstance(module, _BatchNorm) or any(n.startswith("EvoNorm2dB") for n in timm):
         return "batchnorm"
-    if isinstance(module, nn.LayerNorm) or _is_rms_norm(module):
+    rms = getattr(nn, "RMSNorm", None)
+    if isinstance(module, nn.LayerNorm) or (rms is not None and isinstance(module, rms)) or timm & RMS_NORMS:
         return "layernorm"
-    if isinstance(module, nn.GroupNorm) or _timm_class(module, "EvoNorm2dS"):
+    if isinstance(module, nn.GroupNorm) or any(n.startswith("EvoNorm2dS") for n in timm):
         return "groupnorm"
     if isinstance(module, CONV_LINEAR):
         return "conv_linear"

@@ -5,7 +5,9 @@ forward, an RMS norm, a norm with an ``*Fp32`` twist): for the duration of one c
 ``weight`` and ``bias`` entries are the tensors given (e.g. ``weight * (mask + delta)``), and
 whatever its forward does with them runs unchanged. With ``weight * 1`` and ``bias * (1 + 0)``
 the values are bitwise the layer's own, so the result is exactly the original layer's. Shared by
-the fast layers and the reference, which both need it and neither imports the other.
+the fast layers and the reference, which both need it and neither imports the other. The
+perturbed scale and shift themselves come from each side's own rule (``functional.group_affine``
+for the fast layers).
 """
 
 from __future__ import annotations
@@ -30,11 +32,3 @@ def call_with_affine(module: nn.Module, forward: Callable, x: torch.Tensor, weig
     finally:
         params.update(saved)
 
-
-def per_group_affine(weight: torch.Tensor, bias: torch.Tensor | None, mask: torch.Tensor,
-                     noise: torch.Tensor | None, noise_bias: torch.Tensor | None, group: int):
-    """Group ``group``'s scale ``weight * (mask + noise[g])`` and shift ``bias * (1 + noise_bias[g])``
-    (``noise``/``noise_bias``: (groups, C), (C,) or None; a None bias stays None)."""
-    scale = mask if noise is None else mask + noise.view(-1, mask.numel())[group]
-    shift = bias if bias is None or noise_bias is None else bias * (1 + noise_bias.view(-1, mask.numel())[group])
-    return weight * scale, shift

@@ -301,7 +301,8 @@ def anp(model: nn.Module, clean_data: Any, *, eps: float = 0.4, steps: int = 1, 
         info = dict(device=str(device), grouped=grouped, cuda_graph=run is not None, channels_last=channels_last,
                     tf32=tf32 and device.type == "cuda", precision=precision, backend=FP.backend_for(engine.images),
                     num_neurons=engine.arena.num_neurons, num_layers=len(engine.arena.layers),
-                    layer_paths=layer_paths(engine.model), mask_layers=list(mask_layers), micro_batch=engine.micro_batch, world_size=D.world_size(),
+                    layer_paths=layer_paths(engine.model), mask_layers=list(mask_layers),
+                    micro_batch=engine.micro_batch, world_size=D.world_size(),
                     checkpointed_blocks=len(engine.checkpointed))
         done = 0
         for i in range(iterations):
