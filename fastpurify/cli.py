@@ -10,6 +10,8 @@
     fastpurify pbe --model CKPT [--clean-images N] --out DIR   PBE on a clean extra set or, progressively,
                                          on the (poisoned) training set; ACC/ASR per round, figures
     fastpurify bench anp|pgd|pbe                          throughput: fastpurify vs reference
+    fastpurify reproduce anp|pbe --data cifar10-jpeg ...  the papers' CIFAR-10 tables: backdoored subjects
+                                         (cached), the defense with the paper's settings, table.md/json/png
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from . import __version__
 from .commands import anp as anp_command
 from .commands import bench as bench_command
 from .commands import pbe as pbe_command
+from .commands import reproduce as reproduce_command
 from .validation import InputError, check_fraction, check_positive, check_positive_int
 
 DEMO = dict(data="digits", arch="small_cnn", attack="badnets", mode="all2one", target=0, rate=0.1, epochs=15,
@@ -103,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     anp_command.add_parser(sub)
     pbe_command.add_parser(sub)
     bench_command.add_parser(sub)
+    reproduce_command.add_parser(sub)
     return parser
 
 
@@ -260,7 +264,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"demo": cmd_demo, "train": cmd_train, "anp": anp_command.run, "pbe": pbe_command.run,
-            "bench": bench_command.run}
+            "bench": bench_command.run, "reproduce": reproduce_command.run}
 
 
 def main(argv: list[str] | None = None) -> int:

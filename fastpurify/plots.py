@@ -128,3 +128,24 @@ def precision_recall(report, path: str | Path, *,
     ax.legend(loc="best", fontsize="small")
     ax.set_title(title)
     return _save(plt, fig, path)
+
+
+def reproduction_bars(rows: list[dict], methods: Sequence[str], path: str | Path, *, title: str) -> Path:
+    """ACC and ASR per attack (a reproduction table's rows): one bar per method (``"<method> ACC"``
+    and ``"<method> ASR"`` cells in percent), the std over seeds as error bars."""
+    plt, fig, axes = _figure(width=8.0, height=3.4)
+    fig.clf()
+    width = 0.8 / len(methods)
+    for k, metric in enumerate(("ACC", "ASR")):
+        ax = fig.add_subplot(1, 2, k + 1)
+        for j, name in enumerate(methods):
+            cells = [row["cells"].get(f"{name} {metric}") for row in rows]
+            xs = [i + (j - (len(methods) - 1) / 2) * width for i in range(len(rows))]
+            ax.bar(xs, [c["mean"] if c else 0.0 for c in cells], width,
+                   yerr=[c["std"] if c else 0.0 for c in cells], label=name, capsize=2)
+        ax.set_xticks(range(len(rows)), [r["attack"] for r in rows])
+        ax.set_ylim(0, 100)
+        ax.set_ylabel(f"{metric} (%)")
+    fig.axes[0].legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    return _save(plt, fig, path)

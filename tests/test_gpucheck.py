@@ -93,8 +93,7 @@ def test_stages_that_would_only_skip_get_no_time(tmp_path):
     assert "no such file" in cannot_run("cifar", dry_run=False, cifar=str(tmp_path / "missing.tar.xz"))
     tarball = tmp_path / "cifar10-jpeg.tar.xz"
     tarball.write_bytes(b"")
-    assert cannot_run("cifar", dry_run=False, cifar=str(tarball)) == "the fidelity run (fastpurify reproduce) is " \
-        "not written yet"  # the loader (fastpurify.data.load_image_folder) exists; the run is a later item
+    assert cannot_run("cifar", dry_run=False, cifar=str(tarball)) is None
     assert cannot_run("anp", dry_run=True, cifar=None) is None
 
 
@@ -179,3 +178,30 @@ def test_the_committed_table_of_gpu_checks_is_generated_from_their_json():
         "bench/results/README.md is stale: run python -m fastpurify.gpucheck.results_table bench/results"
     for _, r in runs(results):  # every committed run names its device and commit
         assert r["environment"].get("device") and r["gpucheck"]["commit"] != "unknown"
+
+
+@pytest.mark.usefixtures("torch_backend")
+def test_the_cifar_stage_runs_both_reproductions_in_a_dry_run(tmp_path):
+    """The real-data stage on a tiny stand-in for the CIFAR-10 tarball (the same layout and classes)."""
+    from fastpurify.gpucheck import fidelity
+    from fastpurify.gpucheck.record import StageRecord
+    from fastpurify.gpucheck.summary import evaluate
+
+    from .data.image_folders import image_set, write_archive
+
+    classes = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+    files, _ = image_set(classes=classes, per_class=(70, 30), size=(32, 32))
+    tarball = write_archive(tmp_path / "cifar10-jpeg.tar.xz", files, top="cifar10-jpeg")
+    record = StageRecord(tmp_path / "out", "cifar", 120.0, dry_run=True)
+    opts = type("Options", (), {"cifar": str(tarball), "dry_run": True})()
+    fidelity.run(record, opts)
+    record.finish()
+    data = json.loads((tmp_path / "out" / "cifar.json").read_text())
+    assert data["status"] == "ok", data["steps"]
+    assert [s["name"] for s in data["steps"]] == ["reproduce anp", "reproduce pbe"]
+    assert data["anp"]["rows"][0]["attack"] == "badnets" and data["pbe"]["runs"][0]["pbe"]["clean"]["acc"] >= 0
+    assert "# ANP reproduction on CIFAR-10 (JPEG copy)" in data["table"] and "# PBE reproduction" in data["table"]
+    assert (tmp_path / "out" / "cifar" / "anp" / "table.json").is_file()
+    rows = {r["target"]: r for r in evaluate({"cifar": data}, 10.0, 120.0)}
+    assert rows["CIFAR-10 (JPEG copy): ANP, ResNet-18"]["measured"].startswith("badnets: before ")
+    assert rows["CIFAR-10 (JPEG copy): PBE"]["result"] == "measured"

@@ -1,14 +1,18 @@
-"""Stage ``cifar``: the fidelity run on real data, CIFAR-10 (JPEG copy) — a backdoored model trained
-on the GPU, then fast ANP and PBE, ACC / ASR before and after, with times.
+"""Stage ``cifar``: the real-data run, CIFAR-10 (JPEG copy) — ``fastpurify reproduce anp`` and
+``reproduce pbe`` sized to the stage's share of the budget.
 
 It needs the tarball inside the checkout (``--cifar PATH``; only the checkout travels to a GPU
-machine), the image-folder loader of the CIFAR-10 issue (``fastpurify.data.load_image_folder``,
-there now) and the fidelity run itself (``fastpurify reproduce``, a later item of that issue).
-Until all are there the stage is skipped with the reason; nothing else fails.
+machine). One backdoored CIFAR ResNet-18 per attack (poison rate 10 %) serves both defenses, its
+training capped by the budget (``reproduce --budget``); ANP runs the paper's 2,000 iterations when
+the stage has the time (else 500), PBE the clean-extra-set setting (and the setting without clean
+data when the stage has several minutes). The papers' full tables, with their own architectures
+and seeds, are a separate ``fastpurify reproduce`` run. A dry run does the same at smoke sizes on
+the CPU.
 """
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 LOADER = "load_image_folder"
@@ -21,16 +25,43 @@ def unavailable(cifar: str | None) -> str | None:
                "checkout and pass --cifar PATH)"
     if not Path(cifar).is_file():
         return f"--cifar {cifar}: no such file"
-    import fastpurify.data as data
-
-    if not hasattr(data, LOADER):
-        return (f"fastpurify.data.{LOADER} does not exist yet: the image-folder loader is the CIFAR-10 issue's "
-                "first item and has not landed")
-    return NOT_WRITTEN  # until the run below exists; then: return None
+    return None
 
 
-NOT_WRITTEN = "the fidelity run (fastpurify reproduce) is not written yet"
+def plan(seconds: float, dry_run: bool) -> tuple[dict, dict, dict]:
+    """(shared, anp-only, pbe-only) keywords of :func:`fastpurify.reproduce.reproduce` for a stage
+    of ``seconds``: the subjects' training gets about a third of it."""
+    if dry_run:
+        shared = dict(arch="small_cnn", attacks=("badnets",), rate=0.1, train_images=600, test_images=300,
+                      clean_images=40, epochs=1, budget=None, device="cpu")
+        return shared, dict(anp_iterations=5), dict(pbe_adv_epochs=1, pbe_clean_epochs=1, pbe_settings=("clean",))
+    attacks = ("badnets", "blend") if seconds >= 240 else ("badnets",)
+    shared = dict(arch="cifar_resnet18", attacks=attacks, rate=0.1, budget=max(10.0, 0.35 * seconds))
+    anp = dict(anp_iterations=2000 if seconds >= 150 else 500)
+    pbe = dict(pbe_settings=("clean", "no-clean") if seconds >= 400 else ("clean",))
+    return shared, anp, pbe
 
 
 def run(record, opts) -> None:
-    record.finish("skipped", unavailable(opts.cifar) or NOT_WRITTEN)
+    why = unavailable(opts.cifar)
+    if why:
+        record.finish("skipped", why)
+        return
+    from ..reproduce import reproduce
+
+    shared, anp, pbe = plan(record.left(), opts.dry_run)
+    out = record.path.parent / "cifar"
+    cache = Path(tempfile.mkdtemp(prefix="fastpurify-gpucheck-subjects-"))  # a bare machine: nothing to reuse
+    record.put(plan={"shared": {k: list(v) if isinstance(v, tuple) else v for k, v in shared.items()},
+                     "anp": anp, "pbe": {k: list(v) if isinstance(v, tuple) else v for k, v in pbe.items()}})
+    tables = []
+    for defense, own, need in (("anp", anp, 0.0), ("pbe", pbe, 10.0)):
+        def step(defense=defense, own=own):
+            return reproduce(defense, f"cifar10-jpeg:{opts.cifar}", out=out / defense, subject_cache=cache,
+                             progress=False, **shared, **own)
+        table = record.run_step(f"reproduce {defense}", step, need=need)
+        if table is not None:
+            record.put(**{defense: {"rows": table["rows"], "runs": table["runs"], "config": table["config"],
+                                    "device": table["device"], "seconds": table["seconds"]}})
+            tables.append((out / defense / "table.md").read_text())
+            record.put(table="\n".join(tables))

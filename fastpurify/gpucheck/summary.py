@@ -124,6 +124,25 @@ def _large(model: str):
     return measure
 
 
+def _fidelity(defense: str, methods: tuple[str, ...]):
+    """CIFAR-10 (JPEG copy): ACC / ASR before -> after each method, per attack (mean over seeds).
+    The papers' values are not in fastpurify (see fastpurify/reproduce/papers.py), so the row is
+    reported as measured, not judged."""
+    def measure(stages):
+        rows = (stages.get("cifar", {}).get(defense) or {}).get("rows")
+        if not rows:
+            return None
+        parts = []
+        for row in rows:
+            c = row["cells"]
+            after = [f"{m} {c[m + ' ACC']['mean']:.1f} / {c[m + ' ASR']['mean']:.1f}" for m in methods
+                     if m + " ACC" in c]
+            parts.append(f"{row['attack']}: before {c['before ACC']['mean']:.1f} / {c['before ASR']['mean']:.1f}; "
+                         + "; ".join(after))
+        return " — ".join(parts) + " (ACC / ASR %)", None
+    return measure
+
+
 TARGETS = (
     Target("compiled tests pass", "all", _tests),
     Target("compute-sanitizer memcheck", "clean", _sanitizer("memcheck")),
@@ -141,6 +160,10 @@ TARGETS = (
     Target("PBE round vs reference", ">= 3x", _ratio("pbe", "pbe", "fast", "ratio_vs_reference", 3)),
     Target("ANP on ResNet-50, 224 px, batch 64", "measured, peak memory", _large("resnet50")),
     Target("ANP on ViT-B/16", "measured, peak memory", _large("vit_b_16")),
+    Target("CIFAR-10 (JPEG copy): ANP, ResNet-18", "paper ACC - 2, ASR <= paper + 2 (paper values not in fastpurify)",
+           _fidelity("anp", ("threshold", "clean-rule"))),
+    Target("CIFAR-10 (JPEG copy): PBE", "paper ACC - 2, ASR <= paper + 2 (paper values not in fastpurify)",
+           _fidelity("pbe", ("clean-set", "no-clean"))),
 )
 
 

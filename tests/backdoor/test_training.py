@@ -52,3 +52,41 @@ def test_predict_restores_training_flags():
     model.features[1].eval()  # a mixed state must come back exactly
     predict_logits(model, torch.rand(5, 1, 8, 8), batch_size=2)
     assert model.training and not model.features[1].training and model.features[4].training
+
+
+def test_the_fast_recipe_one_cycle_bf16_channels_last():
+    """The GPU recipe's code path on the CPU: one-cycle lr, Nesterov, bf16 autocast, channels_last.
+    It learns, it reports how it ran, and the model comes back float32 in the default layout."""
+    (tx, ty), test = train_test_split(*synthetic_dataset(n=400, num_classes=4, channels=3, size=12), 0.25)
+    torch.manual_seed(0)
+    model = small_cnn(num_classes=4, in_channels=3, width=8)
+    h = train_classifier(model, tx, ty, epochs=6, lr=0.1, batch_size=32, padding=0, flip=False, schedule="onecycle",
+                         nesterov=True, precision="bf16", channels_last=True, label_smoothing=0.1, progress=False)
+    assert h.settings["schedule"] == "onecycle" and h.settings["precision"] == "bf16" and h.settings["channels_last"]
+    assert h.loss[-1] < h.loss[0] and h.accuracy[-1] > 0.8
+    conv = model.features[0].weight
+    assert conv.dtype == torch.float32 and conv.is_contiguous()
+    assert (predict_logits(model, test[0]).argmax(1) == test[1]).float().mean() > 0.8
+
+
+def test_one_cycle_schedule_shape():
+    from fastpurify.training import learning_rate_schedule
+
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.4, momentum=0.9)
+    sched = learning_rate_schedule(opt, "onecycle", 0.4, 100)
+    lrs = []
+    for _ in range(100):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx(0.4 / 25) and max(lrs) == pytest.approx(0.4, rel=1e-3)
+    assert lrs.index(max(lrs)) in (24, 25) and lrs[-1] < 0.4 / 100
+
+
+@pytest.mark.parametrize("kwargs, message", [(dict(schedule="step"), "schedule must be one of"),
+                                             (dict(precision="fp8"), "precision"),
+                                             (dict(label_smoothing=1.0), "label_smoothing")])
+def test_trainer_rejects_bad_options(kwargs, message):
+    x, y = synthetic_dataset(n=16, num_classes=4, channels=1, size=8, seed=0)
+    with pytest.raises(Exception, match=message):
+        train_classifier(small_cnn(num_classes=4, in_channels=1, width=4), x, y, epochs=1, progress=False, **kwargs)

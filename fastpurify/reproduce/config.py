@@ -1,0 +1,135 @@
+"""The settings of a reproduction run: the papers' defaults per defense, the subject-training
+recipe per device, and the checks every setting goes through before any work starts."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+
+from ..backdoor import ATTACKS
+from ..purification import DEFAULT_SCHEDULE
+from ..validation import InputError, check_fraction, check_positive, check_positive_int
+
+DEFENSES = ("anp", "pbe")
+PBE_SETTINGS = ("clean", "no-clean")
+
+
+@dataclass(frozen=True)
+class TrainRecipe:
+    """How a subject is trained (:func:`fastpurify.training.train_classifier`)."""
+
+    epochs: int
+    batch_size: int
+    lr: float
+    schedule: str
+    nesterov: bool
+    precision: str
+    weight_decay: float = 5e-4
+    label_smoothing: float = 0.0
+
+
+def default_recipe(device_type: str) -> TrainRecipe:
+    """The GPU recipe: batch 512, one-cycle to lr 0.2 (Nesterov), bf16 autocast, channels_last
+    (on CUDA), 30 epochs. The CPU recipe: batch 128, cosine from 0.05, fp32, 15 epochs."""
+    if device_type == "cuda":
+        return TrainRecipe(epochs=30, batch_size=512, lr=0.2, schedule="onecycle", nesterov=True, precision="bf16")
+    return TrainRecipe(epochs=15, batch_size=128, lr=0.05, schedule="cosine", nesterov=False, precision="fp32")
+
+
+@dataclass(frozen=True)
+class ReproduceConfig:
+    """One reproduction: which defense, on which subjects, with which settings.
+
+    Subjects: ``arch`` trained on the training split less a ``reserve_fraction`` held out for the
+    defender (optionally first cut to a random ``train_images``), poisoned by each attack at
+    ``rate`` (target ``target``, all-to-one), one per seed. The defender's clean images are
+    ``clean_images`` of the reserve (default ``clean_fraction`` of the training split). ACC and
+    ASR are measured on the test split (optionally a random ``test_images`` of it).
+    """
+
+    defense: str
+    attacks: tuple[str, ...] = ("badnets", "blend")
+    seeds: int = 1
+    arch: str = "cifar_resnet18"
+    rate: float = 0.05
+    target: int = 0
+    reserve_fraction: float = 0.1
+    clean_fraction: float = 0.01
+    clean_images: int | None = None
+    train_images: int | None = None
+    test_images: int | None = None
+    recipe: TrainRecipe = field(default_factory=lambda: default_recipe("cpu"))
+    # ANP (the paper's settings) and its two pruning rules
+    anp_iterations: int = 2000
+    anp_batch_size: int = 128
+    threshold: float = 0.2
+    max_drop: float = 0.02
+    # PBE (the engine's defaults are the paper's)
+    pbe_settings: tuple[str, ...] = PBE_SETTINGS
+    pbe_adv_epochs: int = 3
+    pbe_clean_epochs: int = 17
+    pbe_schedule: tuple[float, ...] = DEFAULT_SCHEDULE
+    pbe_eps: float = 6 / 255
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def paper_config(defense: str, device_type: str = "cpu", **overrides) -> ReproduceConfig:
+    """The paper's setting for ``defense`` (papers.SETTINGS), with ``overrides`` applied and checked.
+
+    ANP: CIFAR ResNet-18, poison rate 5 % (the authors' code), 1 % of the training set (500 of
+    CIFAR-10's 50,000) as the defender's clean images. PBE: PreAct-ResNet-18, rate 10 %, a 5 %
+    clean extra set, and the setting without clean data.
+
+    Overrides named like :class:`TrainRecipe` fields (``epochs``, ``batch_size``, ``lr``, ...)
+    change the device's training recipe; the others are :class:`ReproduceConfig` fields.
+    """
+    if defense not in DEFENSES:
+        raise InputError(f"unknown defense {defense!r}: choose one of {DEFENSES}")
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    recipe_keys = set(TrainRecipe.__dataclass_fields__)
+    config_keys = set(ReproduceConfig.__dataclass_fields__) - {"defense", "recipe"}
+    unknown = set(overrides) - recipe_keys - config_keys
+    if unknown:
+        raise InputError(f"unknown reproduction setting(s) {', '.join(sorted(unknown))}: use "
+                         f"{', '.join(sorted(recipe_keys | config_keys))}")
+    recipe = replace(default_recipe(device_type), **{k: v for k, v in overrides.items() if k in recipe_keys})
+    base = ReproduceConfig(defense=defense, recipe=recipe)
+    if defense == "pbe":
+        base = replace(base, arch="preact_resnet18", rate=0.1, clean_fraction=0.05)
+    config = replace(base, **{k: v for k, v in overrides.items() if k in config_keys})
+    check_config(config)
+    return config
+
+
+def check_config(c: ReproduceConfig) -> None:
+    """Every setting in range, with an error that says what is accepted."""
+    if not c.attacks:
+        raise InputError("give at least one attack (--attacks badnets,blend,sig,wanet)")
+    for a in c.attacks:
+        if a not in ATTACKS:
+            raise InputError(f"unknown attack {a!r}: choose from {', '.join(ATTACKS)}")
+    if len(set(c.attacks)) != len(c.attacks):
+        raise InputError(f"--attacks lists an attack twice: {','.join(c.attacks)}")
+    check_positive_int(c.seeds, "--seeds")
+    check_fraction(c.rate, "--rate")
+    check_fraction(c.reserve_fraction, "the reserve fraction")
+    check_fraction(c.clean_fraction, "the clean fraction")
+    for name in ("clean_images", "train_images", "test_images"):
+        if getattr(c, name) is not None:
+            check_positive_int(getattr(c, name), f"--{name.replace('_', '-')}")
+    check_positive_int(c.recipe.epochs, "--epochs")
+    check_positive_int(c.recipe.batch_size, "--batch-size")
+    check_positive(c.recipe.lr, "--lr")
+    check_positive_int(c.anp_iterations, "--iterations")
+    check_positive_int(c.anp_batch_size, "--anp-batch-size")
+    check_fraction(c.threshold, "--threshold", low_open=False)
+    check_fraction(c.max_drop, "--max-drop", low_open=False, high_open=False)
+    if not c.pbe_settings or any(s not in PBE_SETTINGS for s in c.pbe_settings):
+        raise InputError(f"--pbe-settings must list some of {', '.join(PBE_SETTINGS)}, got {','.join(c.pbe_settings)}")
+    if c.pbe_adv_epochs < 0 or c.pbe_clean_epochs < 0 or c.pbe_adv_epochs + c.pbe_clean_epochs == 0:
+        raise InputError(f"--pbe-epochs ADV,CLEAN must be two counts >= 0, not both 0; got "
+                         f"{c.pbe_adv_epochs},{c.pbe_clean_epochs}")
+    if not c.pbe_schedule or any(not 0 < f <= 1 for f in c.pbe_schedule):
+        raise InputError(f"--pbe-schedule must be fractions in (0, 1], got {c.pbe_schedule}")
+    check_positive(c.pbe_eps, "--pbe-eps")

@@ -1,0 +1,76 @@
+"""The defenses of a reproduction, run on one subject with the papers' settings: ANP (masks from
+the fast engine, pruned by the paper's threshold and by the clean-data rule) and PBE (with a
+clean extra set, and progressively without clean data). Every number is measured on the test
+split; every time is the defense's own (evaluation excluded)."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from ..backdoor import evaluate
+from ..engines.anp import anp as fast_anp
+from ..engines.pbe import pbe as fast_pbe
+from ..pruning import prune, prune_by_clean_accuracy
+from .config import ReproduceConfig
+from .subjects import SplitData, Subject, defender_clean
+
+
+def _metrics(m: dict) -> dict:
+    return {"acc": m["acc"], "asr": m.get("asr")}
+
+
+def run_anp(subject: Subject, data: SplitData, config: ReproduceConfig, *, device: torch.device,
+            precision: str, seed: int, progress: bool) -> dict:
+    """ANP masks on the defender's clean images, then two prunings: every neuron with mask <=
+    ``threshold`` (the paper) and the clean-data rule (the most neurons whose clean accuracy on
+    the defender's images drops by at most ``max_drop``); ACC / ASR of each on the test split."""
+    clean = defender_clean(data, config)
+    result = fast_anp(subject.model, clean, iterations=config.anp_iterations, batch_size=config.anp_batch_size,
+                      seed=seed, device=device, precision=precision, progress=progress)
+    start = time.perf_counter()
+    by_threshold = prune(subject.model, result.masks, threshold=config.threshold)
+    threshold_seconds = time.perf_counter() - start
+    choice = prune_by_clean_accuracy(subject.model, result.masks, *clean, max_drop=config.max_drop)
+    rule_seconds = time.perf_counter() - start - threshold_seconds
+    pruned = sum(int((m <= config.threshold).sum()) for m in result.masks.values())
+    return {
+        "clean_images": int(clean[1].numel()),
+        "mask_seconds": round(result.seconds, 3),
+        "engine": {k: result.engine.get(k) for k in ("name", "device", "backend", "cuda_graph", "precision")},
+        "num_neurons": result.num_neurons,
+        "threshold": {"value": config.threshold, "pruned": pruned, "seconds": round(threshold_seconds, 3),
+                      **_metrics(evaluate(by_threshold, *data.test, subject.attack))},
+        "clean_rule": {"max_drop": config.max_drop, "pruned": choice.point.pruned, "threshold": choice.point.value,
+                       "seconds": round(rule_seconds, 3),
+                       **_metrics(evaluate(choice.model, *data.test, subject.attack))},
+    }
+
+
+def run_pbe(subject: Subject, data: SplitData, config: ReproduceConfig, *, device: torch.device,
+            precision: str, seed: int, progress: bool) -> dict:
+    """PBE in each setting asked for: ``clean`` (one round on the defender's clean extra set; the
+    paper's AFT) and ``no-clean`` (the progressive rounds on the poisoned training set, with the
+    ground truth used only to report each extra set's poisoned share)."""
+    kw = dict(test_data=data.test, attack=subject.attack, eps=config.pbe_eps, adv_epochs=config.pbe_adv_epochs,
+              clean_epochs=config.pbe_clean_epochs, seed=seed, device=device, precision=precision,
+              progress=progress)
+    out = {}
+    if "clean" in config.pbe_settings:
+        clean = defender_clean(data, config)
+        _, report = fast_pbe(subject.model, clean_data=clean, **kw)
+        last = report.rounds[-1]
+        out["clean"] = {"clean_images": int(clean[1].numel()), "seconds": round(report.seconds, 3),
+                        "acc": last.acc, "asr": last.asr, "engine": report.engine.get("device")}
+    if "no-clean" in config.pbe_settings:
+        p = subject.poisoned
+        _, report = fast_pbe(subject.model, train_data=(p.images, p.labels), poison_indices=p.poison_indices,
+                             schedule=config.pbe_schedule, **kw)
+        last = report.rounds[-1]
+        out["no-clean"] = {"train_images": int(p.labels.numel()), "seconds": round(report.seconds, 3),
+                           "acc": last.acc, "asr": last.asr, "engine": report.engine.get("device"),
+                           "rounds": [{"fraction": r.fraction, "size": r.size, "acc": r.acc, "asr": r.asr,
+                                       "poisoned_fraction": r.poisoned_fraction,
+                                       "average_precision": r.average_precision} for r in report.rounds]}
+    return out

@@ -1,0 +1,196 @@
+"""``fastpurify reproduce anp|pbe``: the papers' settings, the split, cached subjects, the budget,
+the table, bad input (small, CPU), and the reduced pipeline on the real CIFAR-10 (JPEG copy)."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastpurify.cli import main
+from fastpurify.data import load_source
+from fastpurify.reproduce import paper_config
+from fastpurify.reproduce.subjects import epochs_within, get_subject, split_data, subject_key
+from fastpurify.reproduce.table import aggregate, markdown
+from fastpurify.validation import InputError
+
+pytestmark = pytest.mark.usefixtures("torch_backend")
+CIFAR10_JPEG = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10-jpeg.tar.xz"
+
+
+def test_the_papers_settings_and_overrides():
+    anp, pbe = paper_config("anp"), paper_config("pbe")
+    assert (anp.arch, anp.rate, anp.clean_fraction, anp.anp_iterations, anp.threshold) == (
+        "cifar_resnet18", 0.05, 0.01, 2000, 0.2)
+    assert (pbe.arch, pbe.rate, pbe.clean_fraction, pbe.pbe_settings) == (
+        "preact_resnet18", 0.1, 0.05, ("clean", "no-clean"))
+    assert pbe.pbe_eps == pytest.approx(6 / 255) and (pbe.pbe_adv_epochs, pbe.pbe_clean_epochs) == (3, 17)
+    gpu = paper_config("anp", "cuda", epochs=7)
+    assert (gpu.recipe.epochs, gpu.recipe.batch_size, gpu.recipe.schedule, gpu.recipe.precision) == (
+        7, 512, "onecycle", "bf16")
+    assert paper_config("anp").recipe.precision == "fp32"
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(attacks=("badnets", "trojan")), "unknown attack 'trojan'"),
+    (dict(attacks=()), "at least one attack"),
+    (dict(seeds=0), "--seeds"),
+    (dict(rate=1.5), "--rate must lie in (0, 1)"),
+    (dict(pbe_settings=("clean", "sometimes")), "--pbe-settings"),
+    (dict(pbe_adv_epochs=0, pbe_clean_epochs=0), "--pbe-epochs"),
+    (dict(colour="red"), "unknown reproduction setting(s) colour"),
+])
+def test_bad_settings_say_what_is_accepted(overrides, message):
+    with pytest.raises(InputError, match=None) as info:
+        paper_config("anp", **overrides)
+    assert message in str(info.value)
+    with pytest.raises(InputError, match="unknown defense"):
+        paper_config("fineprune")
+
+
+def test_the_split_holds_out_a_clean_reserve():
+    splits = load_source("synthetic", size=8, seed=0)
+    config = paper_config("pbe", train_images=1000, clean_images=60, test_images=200)
+    data = split_data(splits, config)
+    assert data.train[1].numel() == 900 and data.reserve[1].numel() == 100 and data.test[1].numel() == 200
+    # disjoint: no reserve image is a training image
+    flat = lambda x: {tuple(v.tolist()) for v in x.reshape(x.shape[0], -1)[:, :6]}  # noqa: E731
+    assert not flat(data.train[0]) & flat(data.reserve[0])
+    again = split_data(splits, config)
+    assert torch.equal(again.reserve[0], data.reserve[0])  # the same split for every run and seed
+    with pytest.raises(InputError, match="the defender needs 150 clean images but the reserve holds only 100"):
+        split_data(splits, paper_config("pbe", train_images=1000, clean_images=150))
+    with pytest.raises(InputError, match="--train-images 99999 is more than the 2048 images"):
+        split_data(splits, paper_config("pbe", train_images=99999))
+
+
+def test_subjects_are_cached_by_what_decides_their_weights(tmp_path):
+    splits = load_source("synthetic", size=8, seed=0)
+    config = paper_config("anp", arch="small_cnn", rate=0.1, epochs=1, train_images=400, clean_images=20)
+    data = split_data(splits, config)
+    kw = dict(recipe=config.recipe, device=torch.device("cpu"), cache=tmp_path, progress=False)
+    first = get_subject(data, config, "badnets", 0, **kw)
+    second = get_subject(data, config, "badnets", 0, **kw)
+    assert not first.record["cached"] and second.record["cached"]
+    for a, b in zip(first.model.state_dict().values(), second.model.state_dict().values()):
+        assert torch.equal(a, b)
+    assert second.before == first.before and torch.equal(second.poisoned.poison_indices, first.poisoned.poison_indices)
+    keys = {subject_key(data, config, "badnets", 0, config.recipe), subject_key(data, config, "badnets", 1, config.recipe),
+            subject_key(data, config, "blend", 0, config.recipe),
+            subject_key(data, paper_config("anp", arch="small_cnn", rate=0.2, epochs=1, train_images=400), "badnets", 0,
+                        config.recipe)}
+    assert len(keys) == 4
+
+
+def test_the_budget_caps_the_epochs():
+    splits = load_source("synthetic", size=8, seed=0)
+    config = paper_config("anp", arch="small_cnn", epochs=50, train_images=1000)
+    data = split_data(splits, config)
+    cpu = torch.device("cpu")
+    tight, info = epochs_within(1e-6, data, config, config.recipe, cpu, subjects=2)
+    assert tight.epochs == 1 and info["epochs_used"] == 1 and info["probe_seconds_per_epoch"] > 0
+    loose, info = epochs_within(1e6, data, config, config.recipe, cpu, subjects=2)
+    assert loose.epochs == 50 and info["epochs_asked"] == 50
+
+
+def _run(attack, seed, before, after_asr):
+    return {"attack": attack, "seed": seed, "before": {"acc": before, "asr": 0.99},
+            "anp": {"mask_seconds": 2.0, "threshold": {"acc": before - 0.05, "asr": after_asr, "pruned": 10},
+                    "clean_rule": {"acc": before - 0.01, "asr": 0.5, "pruned": 3}}}
+
+
+def test_the_table_is_mean_and_std_over_seeds_beside_the_paper():
+    runs = [_run("badnets", 0, 0.80, 0.10), _run("badnets", 1, 0.90, 0.20), _run("blend", 0, 0.70, 0.05)]
+    rows = aggregate("anp", runs)
+    assert [r["attack"] for r in rows] == ["badnets", "blend"] and rows[0]["seeds"] == [0, 1]
+    acc = rows[0]["cells"]["before ACC"]
+    assert acc["mean"] == pytest.approx(85.0) and acc["std"] == pytest.approx(7.0710678) and acc["n"] == 2
+    assert rows[0]["cells"]["threshold ASR"]["mean"] == pytest.approx(15.0)
+    text = markdown("anp", rows, {"data": "X", "lines": [("subjects", "tiny")]},
+                    {"badnets": {"before": [93.5, 100.0], "anp": [90.0, None]}})
+    assert "| badnets | 2 | 85.0 ± 7.1 | 99.0 ± 0.0 | 80.0 ± 7.1 | 15.0 ± 7.1 | 10 ± 0 |" in text
+    badnets = next(line for line in text.splitlines() if line.startswith("| badnets"))
+    assert badnets.endswith("| 93.5 / 100 | 90 / ? |")
+    assert "| blend | 1 | 70.0 | 99.0 | 65.0 | 5.0 | 10 |" in text and text.count("n/a") == 2
+    assert "not filled in" not in text
+    assert "give them with --paper-numbers" in markdown("anp", rows, {"data": "X", "lines": []}, {})
+
+
+def test_paper_numbers_file_is_checked(tmp_path, capsys):
+    bad = tmp_path / "paper.json"
+    bad.write_text(json.dumps({"badnets": {"fineprune": [1, 2]}}))
+    assert main(["reproduce", "anp", "--data", "digits", "--paper-numbers", str(bad), "--out",
+                 str(tmp_path / "out")]) == 2
+    assert "unknown method 'fineprune' for anp; use before, anp" in capsys.readouterr().err
+    bad.write_text("{not json")
+    assert main(["reproduce", "pbe", "--data", "digits", "--paper-numbers", str(bad)]) == 2
+    assert "not a readable JSON file" in capsys.readouterr().err
+    assert main(["reproduce", "pbe", "--pbe-epochs", "3", "--data", "digits"]) == 2
+    assert "--pbe-epochs must be 2 comma-separated whole numbers" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_reproduce_on_digits_from_the_command_line(tmp_path, capsys):
+    """Both defenses, two seeds, one attack; the second command reuses the first's subjects."""
+    paper = tmp_path / "paper.json"
+    paper.write_text(json.dumps({"badnets": {"before": [93.7, 100.0], "pbe": [91.0, 1.5]}}))
+    common = ["--data", "digits", "--arch", "small_cnn", "--attacks", "badnets", "--seeds", "2", "--rate", "0.1",
+              "--epochs", "3", "--clean-images", "64", "--subject-cache", str(tmp_path / "subjects"), "--no-progress"]
+    assert main(["reproduce", "anp", *common, "--iterations", "5", "--out", str(tmp_path / "anp")]) == 0
+    out = capsys.readouterr().out
+    assert out.count("subject trained in") == 2 and "threshold 0.2: pruned" in out
+    assert main(["reproduce", "pbe", *common, "--pbe-epochs", "1,1", "--pbe-schedule", "0.2,0.5",
+                 "--paper-numbers", str(paper), "--out", str(tmp_path / "pbe")]) == 0
+    out = capsys.readouterr().out
+    assert out.count("subject cached") == 2 and "PBE no-clean" in out
+    for defense in ("anp", "pbe"):
+        table = json.loads((tmp_path / defense / "table.json").read_text())
+        assert table["defense"] == defense and table["data"] == "digits" and len(table["runs"]) == 2
+        assert table["config"]["arch"] == "small_cnn" and table["rows"][0]["attack"] == "badnets"
+        cells = table["rows"][0]["cells"]
+        assert all(0.0 <= c["mean"] <= 100.0 for h, c in cells.items() if c["unit"] == "%")
+        assert (tmp_path / defense / "table.md").is_file() and (tmp_path / defense / "runs" / "badnets-seed1.json").is_file()
+    pbe = json.loads((tmp_path / "pbe" / "table.json").read_text())
+    run = pbe["runs"][0]["pbe"]
+    assert run["clean"]["clean_images"] == 64 and [r["fraction"] for r in run["no-clean"]["rounds"]] == [0.2, 0.5]
+    assert "| 93.7 / 100 | n/a | 91 / 1.5 |" in (tmp_path / "pbe" / "table.md").read_text()
+
+
+@pytest.mark.skipif(not CIFAR10_JPEG.is_file(), reason=f"the CIFAR-10 (JPEG copy) tarball is not at {CIFAR10_JPEG} "
+                    "(the repository's ../shared/data/cifar10-jpeg.tar.xz)")
+def test_reduced_reproduction_on_real_cifar10(tmp_path, capsys):
+    """The whole pipeline on real images at CPU scale: 5,000 training images, a small BN CNN, 15
+    epochs, BadNets at 10 %; ANP then PBE on the same (cached) subject. A real training run: it
+    takes the machine's two cores (the suite's other tests run on one)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    try:
+        _reduced_reproduction(tmp_path, capsys)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _reduced_reproduction(tmp_path, capsys):
+    common = ["--data", f"cifar10-jpeg:{CIFAR10_JPEG}", "--arch", "small_cnn", "--attacks", "badnets", "--rate", "0.1",
+              "--train-images", "5000", "--test-images", "1000", "--clean-images", "250", "--epochs", "15",
+              "--subject-cache", str(tmp_path / "subjects"), "--no-progress"]
+    assert main(["reproduce", "anp", *common, "--iterations", "100", "--out", str(tmp_path / "anp")]) == 0
+    assert main(["reproduce", "pbe", *common, "--pbe-epochs", "1,3", "--pbe-schedule", "0.1,0.3",
+                 "--out", str(tmp_path / "pbe")]) == 0
+    out = capsys.readouterr().out
+    assert "subject trained in" in out and "subject cached" in out
+    anp = json.loads((tmp_path / "anp" / "table.json").read_text())
+    pbe = json.loads((tmp_path / "pbe" / "table.json").read_text())
+    assert anp["data"] == pbe["data"] == "CIFAR-10 (JPEG copy)"
+    run = anp["runs"][0]
+    assert run["subject"]["train_images"] == 4500 and run["anp"]["clean_images"] == 250
+    # a real backdoored subject: the trigger works, the clean accuracy is far above chance
+    assert run["before"]["asr"] > 0.8 and run["before"]["acc"] > 0.35
+    assert pbe["runs"][0]["before"] == run["before"]
+    for table in (anp, pbe):
+        text = (tmp_path / table["defense"] / "table.md").read_text()
+        assert text.startswith(f"# {table['defense'].upper()} reproduction on CIFAR-10 (JPEG copy)")
+        assert "| badnets | 1 |" in text and "1000 test images" in text
+    after = pbe["runs"][0]["pbe"]
+    assert set(after) == {"clean", "no-clean"} and all(0 <= after[s]["asr"] <= 1 for s in after)
