@@ -97,7 +97,23 @@ def test_bench_anp_smoke_writes_json(tmp_path, capsys):
     assert all(v["median_ms"] > 0 and len(v["block_ms"]) == 3 for v in result["variants"])
     assert result["variants"][0]["ratio_vs_reference"] == 1.0
     assert {"date", "torch", "triton", "device"} <= set(result["environment"])
+    assert result["settings"]["interleaved"] is True  # on the CPU the variants' blocks are interleaved
+    assert all(v["note"].endswith("interleaved") for v in result["variants"])
     assert "x ref" in capsys.readouterr().out
+
+
+def test_interleaved_blocks_alternate_their_order():
+    from fastpurify.benchmarks.common import time_interleaved
+
+    calls = []
+    steps = {name: ((lambda n=name: calls.append(n)), "") for name in ("reference", "a", "b")}
+    timings = time_interleaved(steps, torch.device("cpu"), warmup=1, iterations=2, repeats=3)
+    assert calls[:3] == ["reference", "a", "b"]  # the warm-up
+    blocks = calls[3:]
+    assert blocks == ["reference"] * 2 + ["a"] * 2 + ["b"] * 2 + ["b"] * 2 + ["a"] * 2 + ["reference"] * 2 + \
+        ["reference"] * 2 + ["a"] * 2 + ["b"] * 2
+    assert [t.name for t in timings] == ["reference", "a", "b"] and all(len(t.block_ms) == 3 for t in timings)
+    assert timings[0].ratio_vs_reference == 1.0 and timings[1].peak_memory_mb is None
 
 
 def test_bench_rejects_unknown_variants(tmp_path, capsys):

@@ -15,7 +15,9 @@ Variants (each isolates one of DESIGN.md §4's wins):
 - ``fast-separate``: fastpurify with the clean and perturbed passes run separately, no CUDA graph
   (frozen weights, fused BatchNorm, flat-arena updates: wins 1 and 4);
 - ``fast-eager``: fastpurify with the two-group batch, no CUDA graph (adds win 3);
-- ``fast``: fastpurify as it runs by default (on CUDA adds the graph, channels_last, TF32: win 5);
+- ``fast``: fastpurify as it runs by default (on CUDA adds the graph, channels_last, TF32: win 5;
+  on the CPU it runs the passes separately, as ``fast-separate``: the two-group batch does not pay
+  there);
 - ``fast-bf16``: ``fast`` under bfloat16 autocast.
 """
 
@@ -32,8 +34,8 @@ from ..neurons import DEFAULT_KINDS, check_kinds
 from ..pruning import select_neurons
 from ..reference.anp import ANPState
 from ..validation import check_positive_int
-from .common import (choose_variants, compile_model, environment, run_variants, skipped_lines, synthetic_subject, table,
-                     time_variant)
+from .common import (build_variants, choose_variants, compile_model, environment, run_variants, skipped_lines,
+                     synthetic_subject, table, time_interleaved, time_variant)
 
 VARIANTS = ("reference", "reference-frozen", "reference-compile", "fast-separate", "fast-eager", "fast", "fast-bf16")
 ANP_KW = dict(eps=0.4, steps=1, alpha=0.2, lr=0.2, momentum=0.9, clamp_noise=True)
@@ -52,7 +54,7 @@ def _reference_step(model, images, labels, batch_size, device, *, frozen=False, 
     return lambda: state.iteration(*sampler.sample(), noise)
 
 
-def _fast_step(model, images, labels, batch_size, device, *, grouped=True, graph=True, precision="fp32",
+def _fast_step(model, images, labels, batch_size, device, *, grouped=None, graph=True, precision="fp32",
                large: dict | None = None) -> Callable:
     channels_last = use_channels_last(None, device, images)
     engine = ANPEngine(model, (batch_size, *images.shape[1:]), device=device, grouped=grouped,
@@ -73,7 +75,8 @@ def _build(name, model, images, labels, batch_size, device, large: dict | None =
         return _reference_step(model, images, labels, batch_size, device, frozen=name == "reference-frozen",
                                compiled=name == "reference-compile",
                                mask_layers=(large or {}).get("mask_layers", DEFAULT_KINDS))
-    return _fast_step(model, images, labels, batch_size, device, grouped=name != "fast-separate",
+    grouped = {"fast-separate": False, "fast-eager": True}.get(name)  # None: the engine's default for the device
+    return _fast_step(model, images, labels, batch_size, device, grouped=grouped,
                       graph=name in ("fast", "fast-bf16"), precision="bf16" if name == "fast-bf16" else "fp32",
                       large=large)
 
@@ -96,14 +99,16 @@ def run_anp_benchmark(*, arch: str = "cifar_resnet18", batch_size: int = 128, nu
                       variants: tuple[str, ...] | None = None, warmup: int = 3, iterations: int = 10,
                       repeats: int = 5, end_to_end_iterations: int = 0, precision_check_iterations: int = 0,
                       mask_layers=DEFAULT_KINDS, micro_batch: int | None = None, checkpoint: bool = False,
-                      progress: Callable[[str], None] | None = print) -> dict:
+                      interleave: bool | None = None, progress: Callable[[str], None] | None = print) -> dict:
     """Time the variants and return the result dict (JSON-ready). Defaults: the issue's setting,
     CIFAR ResNet-18 at batch 128 on 500 images (synthetic pixels: the speed does not depend on
     them). ``end_to_end_iterations``: also time one whole ``fastpurify.anp`` call of that many
     iterations. ``precision_check_iterations``: also count the pruned neurons bf16 changes.
     Large models: ``mask_layers`` (every variant), ``micro_batch`` and ``checkpoint`` (the fast
     variants; e.g. ``arch="torchvision:vit_b_16", image_size=224``); each variant's peak device
-    memory is recorded on CUDA."""
+    memory is recorded on CUDA. ``interleave`` (None: off CUDA) builds every variant first and
+    times them in interleaved blocks (:func:`time_interleaved`; no peak memory then), the fair
+    comparison on a machine whose speed drifts."""
     device = resolve_device(device)
     for name, value in (("batch_size", batch_size), ("num_images", num_images), ("iterations", iterations),
                         ("repeats", repeats)):
@@ -115,18 +120,31 @@ def run_anp_benchmark(*, arch: str = "cifar_resnet18", batch_size: int = 128, nu
     model, images, labels = synthetic_subject(arch, num_images, device, num_classes=num_classes, channels=channels,
                                               image_size=image_size)
 
+    def note(step):
+        return "CUDA graph" if getattr(step, "graphed", False) else ""
+
     def measure(name):
         step = _build(name, model, images, labels, batch_size, device, large)
         return time_variant(name, step, device, warmup=warmup, iterations=iterations, repeats=repeats,
-                            note="CUDA graph" if getattr(step, "graphed", False) else "")
+                            note=note(step))
 
+    interleave = device.type != "cuda" if interleave is None else interleave
     with tf32_enabled(device.type == "cuda"):
-        timings, skipped = run_variants(variants, measure, device, progress=progress)
+        if interleave:
+            steps, skipped = build_variants(variants, lambda n: _build(n, model, images, labels, batch_size, device,
+                                                                       large), progress=progress)
+            if progress:
+                progress(f"  timing {len(steps)} variants in interleaved blocks ...")
+            timings = time_interleaved({n: (s, note(s)) for n, s in steps.items()}, device, warmup=warmup,
+                                       iterations=iterations, repeats=repeats)
+        else:
+            timings, skipped = run_variants(variants, measure, device, progress=progress)
     result = {"benchmark": "anp", "environment": environment(device),
               "settings": dict(arch=arch, batch_size=batch_size, num_images=num_images, image_size=image_size,
                                channels=channels, num_classes=num_classes, warmup=warmup,
                                mask_layers=list(mask_layers), micro_batch=micro_batch, checkpoint=checkpoint,
-                               iterations_per_block=iterations, repeats=repeats, tf32=device.type == "cuda", **ANP_KW),
+                               iterations_per_block=iterations, repeats=repeats, interleaved=interleave,
+                               tf32=device.type == "cuda", **ANP_KW),
               "variants": [t.as_dict() for t in timings], "skipped": skipped}
     if end_to_end_iterations:
         if progress:

@@ -129,10 +129,35 @@ def time_variant(name: str, step: Callable[[], object], device: torch.device, *,
     for _ in range(repeats):
         _, seconds = timed(lambda: [step() for _ in range(iterations)], device)
         blocks.append(seconds / iterations * 1000)
+    return _timing(name, blocks, items, unit, peak_memory_mb(device), note)
+
+
+def time_interleaved(steps: dict[str, tuple[Callable[[], object], str]], device: torch.device, *, warmup: int,
+                     iterations: int, repeats: int, items: int = 1, unit: str = "iterations") -> list[Timing]:
+    """Every variant's ``(step, note)`` warmed up, then timed in interleaved blocks: repeat r times
+    one block of ``iterations`` steps of each variant in turn (the order reversed every other
+    repeat), so that a machine whose speed drifts (a shared CPU, clocks) slows every variant alike.
+    No peak memory (every variant is alive at once)."""
+    for step, _ in steps.values():
+        for _ in range(warmup):
+            step()
+    sync(device)
+    blocks: dict[str, list[float]] = {name: [] for name in steps}
+    for r in range(repeats):
+        for name in (list(steps) if r % 2 == 0 else list(reversed(steps))):
+            step = steps[name][0]
+            _, seconds = timed(lambda: [step() for _ in range(iterations)], device)
+            blocks[name].append(seconds / iterations * 1000)
+    timings = [_timing(name, blocks[name], items, unit, None, note + (" " if note else "") + "interleaved")
+               for name, (_, note) in steps.items()]
+    add_ratios(timings)
+    return timings
+
+
+def _timing(name: str, blocks: list[float], items: int, unit: str, peak: float | None, note: str) -> Timing:
     med = statistics.median(blocks)
-    return Timing(name, round(med, 4), round(min(blocks), 4), round(max(blocks), 4),
-                  round(items * 1000 / med, 3), unit, peak_memory_mb(device), [round(b, 4) for b in blocks],
-                  note=note)
+    return Timing(name, round(med, 4), round(min(blocks), 4), round(max(blocks), 4), round(items * 1000 / med, 3),
+                  unit, peak, [round(b, 4) for b in blocks], note=note)
 
 
 def choose_variants(variants: Sequence[str] | None, known: Sequence[str], device: torch.device, *,
@@ -178,21 +203,34 @@ def run_variants(names: Sequence[str], measure: Callable[[str], Timing], device:
     """``measure(name)`` for each variant in turn, peak memory counted per variant. A variant in
     ``optional`` that fails (torch.compile without a working compiler, say) is skipped and
     recorded with the error instead of ending the run."""
-    timings, skipped = [], []
-    for name in names:
+    def one(name: str) -> Timing:
         reset_memory(device)
+        return measure(name)
+
+    done, skipped = build_variants(names, one, progress=progress, optional=optional)
+    timings = list(done.values())
+    add_ratios(timings)
+    return timings, skipped
+
+
+def build_variants(names: Sequence[str], build: Callable[[str], object], *,
+                   progress: Callable[[str], None] | None = print,
+                   optional: Iterable[str] = (COMPILED,)) -> tuple[dict[str, object], list[dict]]:
+    """``build(name)`` for each variant in turn (its step, to be timed later, or its timing), by
+    name; a variant in ``optional`` whose ``build`` fails is skipped and recorded with the error."""
+    built, skipped = {}, []
+    for name in names:
         if progress:
             progress(f"  {name} ...")
         try:
-            timings.append(measure(name))
+            built[name] = build(name)
         except Exception as err:  # noqa: BLE001 - only for the optional variants, re-raised otherwise
             if name not in optional:
                 raise
             skipped.append({"name": name, "reason": f"{type(err).__name__}: {str(err)[:300]}"})
             if progress:
                 progress(f"    skipped: {skipped[-1]['reason']}")
-    add_ratios(timings)
-    return timings, skipped
+    return built, skipped
 
 
 def add_ratios(timings: list[Timing]) -> None:

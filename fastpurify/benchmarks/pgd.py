@@ -47,8 +47,8 @@ from ..engines.pgd import pgd as fast_pgd
 from ..engines.runtime import resolve_device, tf32_enabled, to_memory_format
 from ..reference import pgd as reference_pgd
 from ..validation import check_positive_int
-from .common import (choose_variants, compile_model, environment, run_variants, skipped_lines, synthetic_subject, table,
-                     time_variant, timed)
+from .common import (build_variants, choose_variants, compile_model, environment, run_variants, skipped_lines,
+                     synthetic_subject, table, time_interleaved, time_variant, timed)
 
 VARIANTS = ("reference", "reference-frozen", "reference-compile", "fast-eager", "fast-graph", "fast", "fast-bf16")
 CUDA_ONLY = ("fast-graph", "fast-bf16")
@@ -132,12 +132,14 @@ def run_pgd_benchmark(*, arch: str = "preact_resnet18", batch_size: int = 512, n
                       image_size: int = 32, channels: int = 3, num_classes: int = 10, device=None,
                       variants: tuple[str, ...] | None = None, warmup: int = 3, iterations: int = 4,
                       repeats: int = 5, steps: int = 10, random_start: bool = True, check: bool = True,
-                      end_to_end_images: int = 0, progress: Callable[[str], None] | None = print) -> dict:
+                      end_to_end_images: int = 0, interleave: bool | None = None,
+                      progress: Callable[[str], None] | None = print) -> dict:
     """Time the variants and return the result dict (JSON-ready). Defaults: the issue's setting,
     PGD-10 at batch 512 on PreAct-ResNet-18 with CIFAR shapes (synthetic pixels: the speed does
     not depend on them), 4 chunks per block. ``check``: compare each fast variant's examples of
     the first chunk with the reference's. ``end_to_end_images``: also time one whole
-    ``fastpurify.pgd`` call and one ``fastpurify.reference.pgd`` call on that many images."""
+    ``fastpurify.pgd`` call and one ``fastpurify.reference.pgd`` call on that many images.
+    ``interleave`` (None: off CUDA): time the variants in interleaved blocks (no peak memory)."""
     device = resolve_device(device)
     for name, value in (("batch_size", batch_size), ("num_images", num_images), ("iterations", iterations),
                         ("repeats", repeats), ("steps", steps)):
@@ -151,11 +153,7 @@ def run_pgd_benchmark(*, arch: str = "preact_resnet18", batch_size: int = 512, n
     reference_first: list[torch.Tensor] = []
     checks: dict[str, dict] = {}
 
-    def measure(name):
-        attack = build_attack(name, model, device, pgd_kw)
-        timing = time_variant(name, chunk_step(attack, images, labels, batch_size), device, warmup=warmup,
-                              iterations=iterations, repeats=repeats, items=batch_size, unit="images")
-        timing.note = _note(name, attack)
+    def check_against_reference(name, attack):
         if check and name == "reference":
             reference_first.append(attack(*first, make_generator(0, device)))
         elif check and name.startswith("fast"):
@@ -164,13 +162,31 @@ def run_pgd_benchmark(*, arch: str = "preact_resnet18", batch_size: int = 512, n
                                                                                          make_generator(0, device)))
             adv = attack(*first, make_generator(0, device))
             checks[name] = agreement(adv, reference_first[0], first[0], pgd_kw["eps"])
+
+    def measure(name):
+        attack = build_attack(name, model, device, pgd_kw)
+        timing = time_variant(name, chunk_step(attack, images, labels, batch_size), device, warmup=warmup,
+                              iterations=iterations, repeats=repeats, items=batch_size, unit="images")
+        timing.note = _note(name, attack)
+        check_against_reference(name, attack)
         return timing
 
-    timings, skipped = run_variants(variants, measure, device, progress=progress)
+    interleave = device.type != "cuda" if interleave is None else interleave
+    if interleave:
+        attacks, skipped = build_variants(variants, lambda n: build_attack(n, model, device, pgd_kw), progress=progress)
+        for name, attack in attacks.items():
+            check_against_reference(name, attack)
+        if progress:
+            progress(f"  timing {len(attacks)} variants in interleaved blocks ...")
+        timings = time_interleaved({n: (chunk_step(a, images, labels, batch_size), _note(n, a))
+                                    for n, a in attacks.items()}, device, warmup=warmup, iterations=iterations,
+                                   repeats=repeats, items=batch_size, unit="images")
+    else:
+        timings, skipped = run_variants(variants, measure, device, progress=progress)
     result = {"benchmark": "pgd", "environment": environment(device),
               "settings": dict(arch=arch, batch_size=batch_size, num_images=num_images, image_size=image_size,
                                channels=channels, num_classes=num_classes, warmup=warmup,
-                               iterations_per_block=iterations, repeats=repeats, **pgd_kw),
+                               iterations_per_block=iterations, repeats=repeats, interleaved=interleave, **pgd_kw),
               "variants": [t.as_dict() for t in timings], "skipped": skipped}
     if checks:
         result["equivalence"] = {"against": "reference", "images": batch_size, "seed": 0, "variants": checks}

@@ -65,8 +65,8 @@ def test_triton_kernels_equal_the_reference(cnn, monkeypatch):
 def test_separate_passes_equal_the_grouped_batch(cnn):
     data = clean_set()
     kw = dict(iterations=8, batch_size=16, progress=False, device="cpu")
-    grouped, separate = fastpurify.anp(cnn, data, **kw), fastpurify.anp(cnn, data, grouped=False, **kw)
-    assert grouped.engine["grouped"] and not separate.engine["grouped"]
+    grouped, separate = fastpurify.anp(cnn, data, grouped=True, **kw), fastpurify.anp(cnn, data, **kw)
+    assert grouped.engine["grouped"] and not separate.engine["grouped"]  # by default separate off CUDA
     assert max_gap(grouped.masks, separate.masks) < 1e-9
 
 
@@ -113,8 +113,8 @@ class NaNAfter(nn.Module):
 
 def test_non_finite_loss_stops_and_keeps_the_last_finite_masks(cnn):
     data = clean_set()
-    kw = dict(batch_size=8, progress=False, device="cpu")
-    # steps=1: two forward passes per iteration, so the 9th pass is in iteration 5
+    kw = dict(batch_size=8, progress=False, device="cpu", grouped=True)
+    # steps=1 and the two-group batch: two forward passes per iteration, so the 9th is in iteration 5
     with pytest.raises(ANPDiverged, match="iteration 5") as err:
         fastpurify.anp(NaNAfter(cnn, calls=9), data, iterations=10, check_every=3, **kw)
     finite = fastpurify.anp(NaNAfter(cnn, calls=10 ** 6), data, iterations=4, **kw)

@@ -76,6 +76,11 @@ def test_checkpointing_changes_nothing_but_memory():
     ckpt = fastpurify.anp(net, data, device="cpu", checkpoint=True, **ANP)
     assert ckpt.engine["checkpointed_blocks"] == 2 and plain.engine["checkpointed_blocks"] == 0
     assert max_gap(plain.masks, ckpt.masks) < 1e-12
+    # both ways of running the mask step's two passes: separately (the CPU default; each pass's
+    # gradient taken in its own mode, which the recompute sees) and as one two-group batch
+    assert not ckpt.engine["grouped"]
+    grouped = fastpurify.anp(net, data, device="cpu", checkpoint=True, grouped=True, **ANP)
+    assert grouped.engine["grouped"] and max_gap(plain.masks, grouped.masks) < 1e-12
     assert ckpt.engine["peak_memory_bytes"] > 0 and ckpt.engine["peak_memory_kind"] == "process peak RSS"
     with pytest.warns(UserWarning, match="no blocks to checkpoint"):
         fastpurify.anp(plain_net(), data, device="cpu", mask_layers="conv_linear", checkpoint=True,
