@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -79,7 +80,6 @@ def reproduce(defense: str, data: str = "cifar10-jpeg", *, out: str | Path, budg
     files = write_table(out, defense, runs, header, published, extra)
     print((out / "table.md").read_text())
     print("wrote " + ", ".join(str(f) for f in files))
-    import json
     return json.loads((out / "table.json").read_text())
 
 

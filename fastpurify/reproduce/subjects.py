@@ -102,10 +102,11 @@ class Subject:
 
 
 def _fingerprint(t: torch.Tensor) -> list:
-    flat = t.reshape(t.shape[0], -1).double() if t.dim() > 1 else t.double()
-    weights = torch.arange(1, flat.shape[0] + 1, dtype=torch.float64)
-    return [list(t.shape), round(float(flat.sum()), 6), round(float((flat.sum(dim=-1) if flat.dim() > 1 else flat)
-                                                                    @ weights), 3)]
+    """Shape, sum and a position-weighted sum of the per-row sums, accumulated in float64 without
+    a float64 copy of the data."""
+    rows = t.reshape(t.shape[0], -1).sum(dim=1, dtype=torch.float64) if t.dim() > 1 else t.double()
+    weights = torch.arange(1, rows.shape[0] + 1, dtype=torch.float64, device=rows.device)
+    return [list(t.shape), round(float(rows.sum()), 6), round(float(rows @ weights), 3)]
 
 
 def subject_key(data: SplitData, config: ReproduceConfig, attack: str, seed: int, recipe: TrainRecipe) -> str:
