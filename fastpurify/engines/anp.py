@@ -213,8 +213,8 @@ class ANPEngine:
 
 def use_grouped(grouped: bool | None, device: torch.device) -> bool:
     """The two-group batch where it pays: by default on CUDA only. Measured with ``fastpurify bench
-    anp`` on a 2-core CPU: separate passes 1.33x the reference (small CNN, 24 px, batch 128) and
-    1.46x (CIFAR ResNet-18), the two-group batch 1.08x and 1.16x (bench/results/)."""
+    anp`` on a 2-core CPU (interleaved blocks): separate passes 1.24x the reference (small CNN, 24 px,
+    batch 128) and 1.42x (CIFAR ResNet-18), the two-group batch 0.98x and 1.25x (bench/results/)."""
     return device.type == "cuda" if grouped is None else bool(grouped)
 
 

@@ -15,9 +15,6 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-LOADER = "load_image_folder"
-
-
 def unavailable(cifar: str | None) -> str | None:
     """Why the stage cannot run, or None."""
     if not cifar:
@@ -52,8 +49,7 @@ def run(record, opts) -> None:
     shared, anp, pbe = plan(record.left(), opts.dry_run)
     out = record.path.parent / "cifar"
     cache = Path(tempfile.mkdtemp(prefix="fastpurify-gpucheck-subjects-"))  # a bare machine: nothing to reuse
-    record.put(plan={"shared": {k: list(v) if isinstance(v, tuple) else v for k, v in shared.items()},
-                     "anp": anp, "pbe": {k: list(v) if isinstance(v, tuple) else v for k, v in pbe.items()}})
+    record.put(plan={"shared": shared, "anp": anp, "pbe": pbe})
     tables = []
     for defense, own, need in (("anp", anp, 0.0), ("pbe", pbe, 10.0)):
         def step(defense=defense, own=own):

@@ -12,7 +12,7 @@ import torch
 from ..backdoor import evaluate
 from ..engines.anp import anp as fast_anp
 from ..engines.pbe import pbe as fast_pbe
-from ..pruning import prune, prune_by_clean_accuracy
+from ..pruning import count_pruned, prune, prune_by_clean_accuracy
 from .config import ReproduceConfig
 from .subjects import SplitData, Subject, defender_clean
 
@@ -34,7 +34,7 @@ def run_anp(subject: Subject, data: SplitData, config: ReproduceConfig, *, devic
     threshold_seconds = time.perf_counter() - start
     choice = prune_by_clean_accuracy(subject.model, result.masks, *clean, max_drop=config.max_drop)
     rule_seconds = time.perf_counter() - start - threshold_seconds
-    pruned = sum(int((m <= config.threshold).sum()) for m in result.masks.values())
+    pruned = count_pruned(result.masks, threshold=config.threshold)
     return {
         "clean_images": int(clean[1].numel()),
         "mask_seconds": round(result.seconds, 3),

@@ -36,7 +36,8 @@ SPLIT_SEED = 0  # the data split is the same for every subject seed, as in the p
 @dataclass
 class SplitData:
     """The training images of the subjects, the defender's reserve (clean, never poisoned) and
-    the test images; ``name`` says where they came from."""
+    the test images; ``name`` says where they came from, ``fingerprint`` what the training
+    images and labels are (:func:`_fingerprint`, taken once: it is part of every subject's key)."""
 
     train: tuple[torch.Tensor, torch.Tensor]
     reserve: tuple[torch.Tensor, torch.Tensor]
@@ -44,6 +45,7 @@ class SplitData:
     num_classes: int
     name: str
     full_train_size: int
+    fingerprint: dict
 
 
 def _random_subset(data: tuple[torch.Tensor, torch.Tensor], n: int | None, generator: torch.Generator,
@@ -74,8 +76,9 @@ def split_data(splits: DataSplits, config: ReproduceConfig) -> SplitData:
         raise InputError(f"the defender needs {need} clean images but the reserve holds only {n_reserve} "
                          f"({config.reserve_fraction:.0%} of {n} training images); lower --clean-images")
     reserve, rest = order[:n_reserve], order[n_reserve:].sort().values
-    return SplitData((train[0][rest], train[1][rest]), (train[0][reserve], train[1][reserve]), test,
-                     splits.num_classes, splits.name, n)
+    images, labels = train[0][rest], train[1][rest]
+    return SplitData((images, labels), (train[0][reserve], train[1][reserve]), test, splits.num_classes, splits.name,
+                     n, {"images": _fingerprint(images), "labels": _fingerprint(labels)})
 
 
 def clean_count(config: ReproduceConfig, full_train_size: int) -> int:
@@ -111,8 +114,7 @@ def _fingerprint(t: torch.Tensor) -> list:
 
 def subject_key(data: SplitData, config: ReproduceConfig, attack: str, seed: int, recipe: TrainRecipe) -> str:
     """A hash of everything that decides the subject's weights."""
-    spec = {"format": FORMAT, "data": data.name, "images": _fingerprint(data.train[0]),
-            "labels": _fingerprint(data.train[1]), "arch": config.arch, "num_classes": data.num_classes,
+    spec = {"format": FORMAT, "data": data.name, **data.fingerprint, "arch": config.arch, "num_classes": data.num_classes,
             "attack": attack, "target": config.target, "rate": config.rate, "seed": seed, "recipe": asdict(recipe)}
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
 
