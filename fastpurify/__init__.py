@@ -33,6 +33,7 @@ _LAZY = {
     "prune": "fastpurify.pruning",
     "prune_by_clean_accuracy": "fastpurify.pruning",
     "sweep": "fastpurify.pruning",
+    "choose_pruning": "fastpurify.selection",
     "load_masks": "fastpurify.masks",
     "save_masks": "fastpurify.masks",
 }

@@ -168,13 +168,16 @@ def load_masks(path: str | Path) -> dict[str, torch.Tensor]:
 class ANPResult:
     """ANP's output (the reference and the fast engine): masks by layer name (model
     order), the mask loss of every iteration, the wall time, the settings, and what the engine
-    did (device, precision, CUDA graph, ...)."""
+    did (device, precision, CUDA graph, ...). A seed ensemble (``seeds=K``) also keeps each
+    member's masks and losses; ``masks`` is then their aggregate."""
 
     masks: dict[str, torch.Tensor]
     loss: list[float] = field(default_factory=list)
     seconds: float = 0.0
     settings: dict[str, Any] = field(default_factory=dict)
     engine: dict[str, Any] = field(default_factory=dict)
+    members: list[dict[str, torch.Tensor]] = field(default_factory=list)
+    member_loss: list[list[float]] = field(default_factory=list)
 
     @property
     def num_neurons(self) -> int:

@@ -63,6 +63,28 @@ def pruning_curve(xs: Sequence[float], acc: Sequence[float], asr: Sequence[float
     return _save(plt, fig, path)
 
 
+def selection_curve(selection, path: str | Path, *, title: str = "ANP: the trigger-free pruning choice") -> Path:
+    """The ``auto`` rule's curve: clean accuracy, the adversary's error rate and the share of its
+    errors on one class (in %) against the neurons pruned; the chosen number and the bound marked."""
+    plt, fig, ax = _figure()
+    xs = [p.pruned for p in selection.points]
+    ax.plot(xs, [100 * p.acc for p in selection.points], marker="o", color="#228833", label="clean ACC")
+    ax.plot(xs, [100 * p.adv_error for p in selection.points], marker=".", color="#bbbbbb",
+            label="clean images the adversary flips")
+    if selection.target is not None:
+        ax.plot(xs, [100 * (p.target_share or 0.0) for p in selection.points], marker="s", color="#aa3377",
+                label=f"share of those on the suspected target (class {selection.target})")
+    ax.axhline(100 * selection.settings["max_target_share"], color="#aa3377", linestyle=":", linewidth=1)
+    ax.axvline(selection.pruned, color="#cc3311", linestyle="--", label=f"chosen: {selection.pruned} pruned")
+    ax.set_xlabel("neurons pruned (smallest scores first)")
+    ax.set_ylabel("%")
+    ax.set_ylim(-2, 102)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize=7)
+    ax.set_title(title)
+    return _save(plt, fig, path)
+
+
 def _acc_asr_lines(ax, xs: Sequence[float], acc: Sequence[float], asr: Sequence[float | None]) -> None:
     """ACC and, where known, ASR in % against ``xs`` on a 0-100 axis with a grid and legend."""
     ax.plot(xs, [100 * a for a in acc], marker="o", color="#228833", label="ACC (clean accuracy)")

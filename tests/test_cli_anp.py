@@ -75,6 +75,13 @@ def test_pickled_model_needs_trust_pickle(tmp_path, capsys):
     (["--clean-images", "5000"], "--clean-images must be below 359"),
     (["--data", "missing.npz"], "data file not found"),
     (["--sweep-values", "a,b"], "--sweep-values must be comma-separated thresholds"),
+    (["--select", "auto", "--threshold", "0.3"], "--select auto chooses the number of neurons itself"),
+    (["--select", "number"], "--select number needs its value: --number VALUE"),
+    (["--select", "fraction", "--number", "3"], "--select fraction does not take --number"),
+    (["--seeds", "0"], "--seeds must be a positive integer"),
+    (["--seeds", "2", "--engine", "reference"], "runs on the fast engine"),
+    (["--max-target-share", "2"], "--max-target-share must lie in [0, 1]"),
+    (["--select-eps", "0"], "--select-eps must be positive"),
 ])
 def test_anp_bad_arguments_exit_2(tmp_path, checkpoint, capsys, args, message):
     argv = ["anp", "--model", str(checkpoint), "--data", "digits", "--out", str(tmp_path / "out"), *FAST, *args]
@@ -93,7 +100,7 @@ def test_bench_anp_smoke_writes_json(tmp_path, capsys):
     assert main(["bench", "anp", "--smoke", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     names = [v["name"] for v in result["variants"]]
-    assert names == ["reference", "reference-frozen", "fast-separate", "fast-eager", "fast"]
+    assert names == ["reference", "reference-frozen", "fast-separate", "fast-eager", "fast", "fast-seeds4"]
     assert all(v["median_ms"] > 0 and len(v["block_ms"]) == 3 for v in result["variants"])
     assert result["variants"][0]["ratio_vs_reference"] == 1.0
     assert {"date", "torch", "triton", "device"} <= set(result["environment"])
@@ -119,3 +126,26 @@ def test_interleaved_blocks_alternate_their_order():
 def test_bench_rejects_unknown_variants(tmp_path, capsys):
     assert main(["bench", "anp", "--smoke", "--variants", "fast,turbo", "--out", str(tmp_path / "x.json")]) == 2
     assert "unknown benchmark variant" in capsys.readouterr().err
+
+
+def test_anp_seed_ensemble_with_the_auto_selection(tmp_path, checkpoint, capsys):
+    out = tmp_path / "out"
+    args = ["anp", "--model", str(checkpoint), "--data", "digits", "--out", str(out), "--seeds", "2", "--select",
+            "auto", "--acc-budget", "1", *FAST]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    report = json.loads((out / "report.json").read_text())
+    assert report["ensemble"]["seeds"] == [0, 1] and report["settings"]["seeds"] == 2
+    assert report["pruning"]["rule"] == "auto" and report["pruning"]["value"] is None
+    selection = report["selection"]
+    assert selection["pruned"] == report["pruning"]["pruned"] and selection["reason"] in printed
+    assert selection["points"][0]["pruned"] == 0 and len(selection["points"]) > 1
+    assert all(0 <= p["concentration"] <= 1 and sum(p["histogram"]) >= 0 for p in selection["points"])
+    members = [load_masks(out / "members" / f"masks_seed{s}.json") for s in (0, 1)]
+    mean = load_masks(out / "masks.json")
+    for name in mean:
+        assert torch.allclose(mean[name], (members[0][name] + members[1][name]) / 2, atol=1e-6)
+    pruned, meta = load_model(out / "pruned_model.safetensors")
+    zeroed = sum(int((m.weight == 0).sum()) for m in pruned.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    assert zeroed == meta["pruned"]["neurons"] == selection["pruned"]
+    assert (out / "selection.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

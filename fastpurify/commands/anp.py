@@ -23,6 +23,8 @@ from .options import (add_augment_options, add_engine_and_output_options, add_la
                       process_group)
 
 PRUNE_RULES = ("threshold", "number", "fraction", "max_drop")
+SELECT_RULES = ("auto", "threshold", "number", "fraction", "max-drop")
+DEFAULT_SEEDS, DEFAULT_SELECT = 1, "threshold"
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -49,7 +51,24 @@ def add_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--no-clamp-noise", action="store_true", help="the official script's unclamped noise")
     add_augment_options(g)
     g.add_argument("--seed", type=int, default=0)
-    g = p.add_argument_group("pruning (one rule; default: --threshold 0.2, the paper's)")
+    g.add_argument("--seeds", type=int, default=DEFAULT_SEEDS,
+                   help="a seed ensemble: train K mask sets at once (seeds SEED..SEED+K-1, each exactly its single "
+                        "run) and prune by their aggregate (default: %(default)s)")
+    g.add_argument("--aggregate", choices=["mean", "rank"], default="mean",
+                   help="the ensemble's score per neuron: the mean mask or the mean rank (default: %(default)s)")
+    g = p.add_argument_group("pruning (one rule; default: --select %s)" % DEFAULT_SELECT)
+    g.add_argument("--select", choices=SELECT_RULES, default=None,
+                   help="auto: the fewest neurons whose pruning spreads the errors a neuron adversary forces on the "
+                        "clean images (no trigger needed; docs/anp-selection.md); threshold|number|fraction|max-drop: "
+                        "the value given with that option (default: the rule of the value option given, else "
+                        f"{DEFAULT_SELECT})")
+    g.add_argument("--max-target-share", type=float, default=0.05,
+                   help="auto: the share of the adversarial examples on the suspected target at which its pull "
+                        "counts as gone (default: %(default)s)")
+    g.add_argument("--acc-budget", type=float, default=0.1,
+                   help="auto: the most clean accuracy (a fraction) pruning may cost (default: %(default)s)")
+    g.add_argument("--select-eps", type=float, default=32 / 255,
+                   help="auto: the adversary's L-inf bound on the pixels (default: 32/255)")
     rule = g.add_mutually_exclusive_group()
     rule.add_argument("--threshold", type=float, default=None, help="prune every neuron with mask <= T")
     rule.add_argument("--number", type=int, default=None, help="prune the K smallest masks")
@@ -64,9 +83,26 @@ def add_parser(sub) -> argparse.ArgumentParser:
     return p
 
 
-def _rule(args) -> tuple[str, float]:
-    chosen = [(k, getattr(args, k)) for k in PRUNE_RULES if getattr(args, k) is not None]
-    return chosen[0] if chosen else ("threshold", 0.2)
+VALUE_DEFAULTS = {"threshold": 0.2}
+
+
+def _rule(args) -> tuple[str, float | None]:
+    """The pruning rule and its value: ``--select`` (its value from its option, or the default),
+    else the rule of the value option given, else the default rule."""
+    given = [(k, getattr(args, k)) for k in PRUNE_RULES if getattr(args, k) is not None]
+    select = args.select.replace("-", "_") if args.select else (given[0][0] if given else DEFAULT_SELECT)
+    if select == "auto":
+        if given:
+            raise InputError(f"--select auto chooses the number of neurons itself; drop --{given[0][0].replace('_', '-')}")
+        return "auto", None
+    if given and given[0][0] != select:
+        raise InputError(f"--select {args.select} does not take --{given[0][0].replace('_', '-')}")
+    value = getattr(args, select)
+    if value is None:
+        value = VALUE_DEFAULTS.get(select)
+    if value is None:
+        raise InputError(f"--select {args.select} needs its value: --{select.replace('_', '-')} VALUE")
+    return select, value
 
 
 def _sweep_values(args) -> list[float] | list[int] | None:
@@ -92,13 +128,18 @@ def _attack(args, meta: dict, num_classes: int):
 
 
 def _check(args) -> None:
-    for name in ("iterations", "batch_size", "clean_images", "steps"):
+    for name in ("iterations", "batch_size", "clean_images", "steps", "seeds"):
         check_positive_int(getattr(args, name), "--" + name.replace("_", "-"))
-    for name in ("threshold", "fraction", "max_drop"):
+    for name in ("threshold", "fraction", "max_drop", "max_target_share", "acc_budget"):
         if getattr(args, name) is not None:
             check_fraction(getattr(args, name), "--" + name.replace("_", "-"), low_open=False, high_open=False)
     if args.number is not None and args.number < 0:
         raise InputError(f"--number must be >= 0, got {args.number}")
+    if not args.select_eps > 0:
+        raise InputError(f"--select-eps must be positive, got {args.select_eps}")
+    if args.seeds > 1 and args.engine != "fast":
+        raise InputError("--seeds K > 1 (a seed ensemble) runs on the fast engine; drop --engine reference")
+    _rule(args)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -118,7 +159,9 @@ def _run(args: argparse.Namespace) -> int:
     from ..engines.anp import anp as fast_anp
     from ..engines.runtime import resolve_device
     from ..files import write_json, write_text
+    from ..masks import save_masks
     from ..pruning import count_pruned, format_sweep, prune, prune_by_clean_accuracy, sweep
+    from ..selection import choose_pruning
     from ..reference import anp as reference_anp
 
     _check(args)
@@ -153,7 +196,7 @@ def _run(args: argparse.Namespace) -> int:
                               cuda_graph=False if args.no_cuda_graph else None,
                               channels_last=False if args.no_channels_last else None, tf32=not args.no_tf32,
                               mask_layers=args.mask_layers, micro_batch=micro_batch_option(args),
-                              checkpoint=args.checkpoint, **settings)
+                              checkpoint=args.checkpoint, seeds=args.seeds, aggregate=args.aggregate, **settings)
         else:
             result = reference_anp(model.to(resolve_device(args.device)), clean, mask_layers=args.mask_layers,
                                    **settings)
@@ -167,13 +210,22 @@ def _run(args: argparse.Namespace) -> int:
     model = model.cpu()
     result.save(out / "mask_values.txt")
     result.save(out / "masks.json")
+    for k, member in enumerate(result.members):  # a seed ensemble: every member's own masks too
+        save_masks(member, out / "members" / f"masks_seed{args.seed + k}.json", settings={"seed": args.seed + k})
     print(f"ANP: {args.iterations} iterations in {result.seconds:.1f} s "
           f"({args.iterations / result.seconds:.1f} it/s) on {result.engine.get('device', args.device or 'cpu')}"
           + peak_text(result.engine))
     print(f"masked {result.num_neurons} neurons in {len(result.masks)} layers" + _paths_text(result.engine))
 
     rule, value = _rule(args)
-    if rule == "max_drop":
+    selection = None
+    if rule == "auto":
+        selection = choose_pruning(model, result.masks, *clean, max_target_share=args.max_target_share,
+                                   max_acc_drop=args.acc_budget, eps=args.select_eps, progress=not args.no_progress)
+        k = selection.pruned
+        pruned_model = prune(model, result.masks, number=k)
+        print(f"auto pruning: {selection.reason}")
+    elif rule == "max_drop":
         choice = prune_by_clean_accuracy(model, result.masks, *clean, max_drop=value)
         pruned_model, k = choice.model, choice.point.pruned
     else:
@@ -189,7 +241,7 @@ def _run(args: argparse.Namespace) -> int:
     before, after = evaluate(model, *held_out, attack), evaluate(pruned_model, *held_out, attack)
     save_model(pruned_model, out / "pruned_model.safetensors",
                metadata={**meta, "pruned": {"neurons": k, "rule": rule, "value": value}})
-    figures = _figures(args, result, points, rule, value, by, out)
+    figures = _figures(args, result, points, rule, value, by, out, selection)
     report = {"fastpurify": __version__, "command": "anp", "model": str(args.model), "arch": meta["arch"],
               "data": splits.name, "clean_images": n, "evaluated_images": int(held_out[1].numel()),
               "engine": args.engine, "engine_info": result.engine, "settings": result.settings,
@@ -198,13 +250,17 @@ def _run(args: argparse.Namespace) -> int:
               "peak_memory_bytes": result.engine.get("peak_memory_bytes"),
               "peak_memory_kind": result.engine.get("peak_memory_kind"),
               "pruning": {"rule": rule, "value": value, "pruned": k}, "before": before, "after": after,
+              "selection": None if selection is None else selection.as_dict(),
+              "ensemble": None if not result.members else {
+                  "seeds": [args.seed + i for i in range(args.seeds)], "aggregate": args.aggregate,
+                  "final_loss": [losses[-1] for losses in result.member_loss]},
               "attack": None if attack is None else repr(attack), "figures": figures,
               "sweep": [{"by": p.by, "value": p.value, "pruned": p.pruned, "acc": p.acc, "asr": p.asr}
                         for p in points]}
     write_json(out / "report.json", report)
     print(table, end="")
     asr = lambda m: f", ASR {m['asr']:.1%}" if "asr" in m else ""  # noqa: E731
-    print(f"pruned {k} of {result.num_neurons} neurons ({rule} {value}); on {held_out[1].numel()} held-out images: "
+    print(f"pruned {k} of {result.num_neurons} neurons ({rule}{'' if value is None else f' {value}'}); on {held_out[1].numel()} held-out images: "
           f"before ACC {before['acc']:.1%}{asr(before)}; after ACC {after['acc']:.1%}{asr(after)}")
     print(f"wrote {out}/mask_values.txt, masks.json, sweep.txt, pruned_model.safetensors, report.json"
           + "".join(f", {Path(f).name}" for f in figures))
@@ -216,8 +272,8 @@ def _default_numbers(total: int) -> list[int]:
     return list(range(0, min(total, step * 20) + 1, step))
 
 
-def _figures(args, result, points, rule, value, by, out: Path) -> list[str]:
-    from ..plots import mask_distribution, pruning_curve
+def _figures(args, result, points, rule, value, by, out: Path, selection=None) -> list[str]:
+    from ..plots import mask_distribution, pruning_curve, selection_curve
 
     if not plotting_enabled(args):
         return []
@@ -227,6 +283,8 @@ def _figures(args, result, points, rule, value, by, out: Path) -> list[str]:
     files = [mask_distribution(result.masks, out / "mask_distribution.png", threshold=threshold),
              pruning_curve(xs, [p.acc for p in swept], [p.asr for p in swept], out / "pruning_curve.png",
                            xlabel="pruning threshold (mask <= t)" if by == "threshold" else "neurons pruned")]
+    if selection is not None:
+        files.append(selection_curve(selection, out / "selection.png"))
     return [str(f) for f in files]
 
 

@@ -46,6 +46,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--threshold", type=float, default=None, help="prune masks <= T (default: 0.2)")
     g.add_argument("--max-drop", type=float, default=None,
                    help="the clean-data rule's allowed clean-accuracy drop, a fraction (default: 0.02)")
+    g.add_argument("--anp-seeds", type=int, default=None,
+                   help="a seed ensemble of K mask sets per subject, pruned by their mean mask (default: 1)")
     g = p.add_argument_group("PBE")
     g.add_argument("--pbe-settings", default=None, help="clean, no-clean or both (default: clean,no-clean)")
     g.add_argument("--pbe-epochs", default=None, help="ADV,CLEAN epochs per round (default: 3,17)")
@@ -82,7 +84,7 @@ def options(args: argparse.Namespace) -> dict:
         attacks=tuple(a.strip() for a in args.attacks.split(",") if a.strip()), seeds=args.seeds, arch=args.arch,
         rate=args.rate, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, train_images=args.train_images,
         test_images=args.test_images, clean_images=args.clean_images, anp_iterations=args.iterations,
-        threshold=args.threshold, max_drop=args.max_drop,
+        threshold=args.threshold, max_drop=args.max_drop, anp_seeds=args.anp_seeds,
         pbe_settings=None if args.pbe_settings is None else tuple(s.strip() for s in args.pbe_settings.split(",")),
         pbe_adv_epochs=None if adv_clean is None else adv_clean[0],
         pbe_clean_epochs=None if adv_clean is None else adv_clean[1],

@@ -33,6 +33,7 @@ from .. import distributed as D
 from .. import functional as FP
 from ..arena import NeuronArena
 from ..data import DeviceBatchSampler, as_tensors, make_generator
+from ..ensemble import AGGREGATES, EnsembleArena, MemberSamplers, aggregate_masks
 from ..inference import anp_mode
 from ..layers import convert, layer_paths
 from ..masks import ANPResult
@@ -70,7 +71,8 @@ class ANPEngine:
     def __init__(self, model: nn.Module, images_shape: tuple[int, ...], *, device: torch.device, eps: float,
                  steps: int, alpha: float, lr: float, momentum: float, clamp_noise: bool, grouped: bool | None = None,
                  channels_last: bool = False, precision: str = "fp32", mask_layers=DEFAULT_KINDS,
-                 micro_batch: int | None = None, global_batch: int | None = None, checkpoint: bool = False):
+                 micro_batch: int | None = None, global_batch: int | None = None, checkpoint: bool = False,
+                 members: int = 1):
         net = convert(model, mask_layers).to(device)  # a copy; the caller's model is untouched
         for p in net.parameters():
             p.requires_grad_(False)  # 1. frozen weights
@@ -80,7 +82,8 @@ class ANPEngine:
         anp_mode(net)  # BatchNorm on batch statistics, as the official script; no dropout
         self.checkpointed = checkpoint_blocks(net) if checkpoint else []
         self.model = to_memory_format(net, channels_last)
-        self.arena = NeuronArena(self.model)
+        self.members = members  # a seed ensemble: ``images`` holds the members' batches one after another
+        self.arena = NeuronArena(self.model) if members == 1 else EnsembleArena(self.model, members)
         self.device, self.precision, self.grouped = device, precision, use_grouped(grouped, device)
         self.eps, self.steps, self.alpha, self.lr, self.momentum = eps, steps, alpha, lr, momentum
         self.clamp_noise = clamp_noise
@@ -88,7 +91,7 @@ class ANPEngine:
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         self.images = torch.zeros(images_shape, dtype=dtype, device=device).contiguous(memory_format=fmt)
         self.labels = torch.zeros(images_shape[0], dtype=torch.long, device=device)
-        self.loss = torch.zeros((), dtype=dtype, device=device)
+        self.loss = torch.zeros(() if members == 1 else (members,), dtype=dtype, device=device)
         self.finite = torch.ones((), dtype=torch.bool, device=device)
         self._previous_mask = torch.empty_like(self.arena.mask)
         self.global_batch = global_batch or images_shape[0]
@@ -111,7 +114,8 @@ class ANPEngine:
         return logits_in(self.model, images, self.device, self.precision)
 
     def _cross_entropy(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(self._logits(images), labels)
+        """The mean cross-entropy; for an ensemble each member's, as a (K,) vector."""
+        return _member_cross_entropy(self._logits(images), labels, self.members)
 
     def _mask_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """alpha * CE(clean) + (1 - alpha) * CE(perturbed) on one micro-batch."""
@@ -119,7 +123,9 @@ class ANPEngine:
         if self.grouped:  # 3. clean and perturbed passes as one two-group batch
             arena.set_mode("grouped")
             clean, perturbed = self._logits(torch.cat([x, x])).chunk(2)
-            return self.alpha * F.cross_entropy(clean, y) + (1 - self.alpha) * F.cross_entropy(perturbed, y)
+            k = self.members
+            return (self.alpha * _member_cross_entropy(clean, y, k)
+                    + (1 - self.alpha) * _member_cross_entropy(perturbed, y, k))
         arena.set_mode("perturbed")
         loss_rob = self._cross_entropy(x, y)
         arena.set_mode("clean")
@@ -133,10 +139,10 @@ class ANPEngine:
         arena = self.arena
         arena.set_mode("perturbed")
         rob = self._weighted((1 - self.alpha) * self._cross_entropy(x, y))
-        arena.gather_mask_grad(rob, accumulate=accumulate)
+        arena.gather_mask_grad(rob.sum(), accumulate=accumulate)
         arena.set_mode("clean")
         nat = self._weighted(self.alpha * self._cross_entropy(x, y))
-        arena.gather_mask_grad(nat, accumulate=True)
+        arena.gather_mask_grad(nat.sum(), accumulate=True)
         return nat.detach() + rob.detach()
 
     def _weighted(self, loss: torch.Tensor) -> torch.Tensor:
@@ -149,7 +155,8 @@ class ANPEngine:
         for _ in range(self.steps):
             arena.set_mode("perturbed")
             for i, part in enumerate(self.chunks):  # ascend CE
-                arena.gather_noise_grad(self._weighted(self._cross_entropy(x[part], y[part])), accumulate=i > 0)
+                arena.gather_noise_grad(self._weighted(self._cross_entropy(x[part], y[part])).sum(),
+                                        accumulate=i > 0)
             grad = D.all_reduce_sum_(arena.noise_grad)
             FP.noise_sign_step_(arena.perturbation, grad.view(-1), self.eps / self.steps, self.eps,
                                 self.clamp_noise)
@@ -159,7 +166,7 @@ class ANPEngine:
                 loss = self._separate_mask_grads(x[part], y[part], accumulate=i > 0)
             else:
                 loss = self._weighted(self._mask_loss(x[part], y[part]))
-                arena.gather_mask_grad(loss, accumulate=i > 0)
+                arena.gather_mask_grad(loss.sum(), accumulate=i > 0)
             total = loss.detach() if total is None else total + loss.detach()
         grad = arena.mask_grad
         if D.world_size() > 1:  # one collective: the mask gradient and the loss together
@@ -168,15 +175,17 @@ class ANPEngine:
             total = both[-1]
         with torch.no_grad():
             self.loss.copy_(total)
-            self.finite.logical_and_(torch.isfinite(self.loss))
+            self.finite.logical_and_(torch.isfinite(self.loss).all())
             self._previous_mask.copy_(arena.mask)
             FP.mask_sgd_step_(arena.mask, grad, arena.momentum, self.lr, self.momentum)
             torch.where(self.finite, arena.mask, self._previous_mask, out=arena.mask)  # skip once non-finite
 
-    def iterate(self, sampler: DeviceBatchSampler, noise_generator: torch.Generator,
+    def iterate(self, sampler: DeviceBatchSampler | MemberSamplers,
+                noise_generator: torch.Generator | list[torch.Generator],
                 run: Callable[[], None] | None = None, shard: slice = slice(None)) -> None:
         """One whole iteration: draw the batch (and keep this process's ``shard`` of it), draw
-        the noise, run the step (``run``: the captured graph, default the eager :meth:`step`)."""
+        the noise, run the step (``run``: the captured graph, default the eager :meth:`step`). An
+        ensemble takes :class:`MemberSamplers` and one noise generator per member."""
         images, labels = sampler.sample()
         self.load_batch(images[shard], labels[shard])
         self.arena.draw_noise(self.eps, noise_generator)
@@ -209,6 +218,14 @@ class ANPEngine:
                 t.copy_(s)
         self.set_micro_batch(keep)
         return per_sample
+
+
+def _member_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, members: int) -> torch.Tensor:
+    """The mean cross-entropy of one run, or with ``members`` > 1 each member's mean over its own
+    equal share of the batch (a (K,) vector)."""
+    if members == 1:
+        return F.cross_entropy(logits, labels)
+    return F.cross_entropy(logits, labels, reduction="none").view(members, -1).mean(1)
 
 
 def use_grouped(grouped: bool | None, device: torch.device) -> bool:
@@ -256,7 +273,8 @@ def anp(model: nn.Module, clean_data: Any, *, eps: float = 0.4, steps: int = 1, 
         device: torch.device | str | None = None, progress: bool = True, grouped: bool | None = None,
         cuda_graph: bool | None = None, channels_last: bool | None = None, tf32: bool = True,
         precision: str = "fp32", check_every: int = 50, mask_layers: Iterable[str] | str = DEFAULT_KINDS,
-        micro_batch: int | str | None = None, checkpoint: bool = False) -> ANPResult:
+        micro_batch: int | str | None = None, checkpoint: bool = False, seeds: int = 1,
+        aggregate: str = "mean", batched: bool | None = None) -> ANPResult:
     """Learn ANP masks for ``model`` on the defender's clean data; ``model`` is never modified.
 
     ``clean_data``: ``(images, labels)`` tensors or arrays, a Dataset or a DataLoader (anything
@@ -278,6 +296,16 @@ def anp(model: nn.Module, clean_data: Any, *, eps: float = 0.4, steps: int = 1, 
     Conv/Linear neurons get exactly the whole-batch gradients; BatchNorm normalises each
     micro-batch with its own statistics (a declared approximation: docs/large-models.md).
 
+    Seed ensemble: ``seeds=K`` (K > 1) trains K independent mask sets, member k exactly the
+    single run with seed ``seed + k`` (its own batches, augmentations and noise). ``batched``
+    (None: on CUDA) runs them at once, as K batch groups of one batch through the network
+    (:mod:`fastpurify.ensemble`; not combined with ``micro_batch``, ``checkpoint`` or a process
+    group); otherwise one after another, which is faster on the CPU (measured: the 4x batch is
+    memory-bound there). ``result.members`` holds every member's masks, ``result.member_loss``
+    their losses; ``result.masks`` (what pruning uses) is their ``aggregate``: "mean" (the mean
+    mask, default: the paper's threshold keeps its meaning; measured in docs/anp-selection.md) or
+    "rank" (the mean normalised rank). ``result.loss`` is the members' mean loss.
+
     Under an initialised ``torch.distributed`` process group (e.g. ``torchrun``), the run is
     data-parallel: every rank draws the same batch, keeps its own equal share, and the mask and
     noise gradients are summed over the ranks (one all-reduce per update): the masks equal one
@@ -286,6 +314,15 @@ def anp(model: nn.Module, clean_data: Any, *, eps: float = 0.4, steps: int = 1, 
     check_anp_settings(eps=eps, steps=steps, alpha=alpha, lr=lr, momentum=momentum, iterations=iterations,
                        batch_size=batch_size)
     mask_layers = check_kinds(mask_layers)
+    check_positive_int(seeds, "seeds")
+    if seeds > 1 and not use_batched(batched, D.local_device(device) if D.world_size() > 1 else resolve_device(device)):
+        kw = dict(eps=eps, steps=steps, alpha=alpha, lr=lr, momentum=momentum, iterations=iterations,
+                  batch_size=batch_size, clamp_noise=clamp_noise, augment=augment, padding=padding, flip=flip,
+                  device=device, progress=progress, grouped=grouped, cuda_graph=cuda_graph,
+                  channels_last=channels_last, tf32=tf32, precision=precision, check_every=check_every,
+                  mask_layers=mask_layers, micro_batch=micro_batch, checkpoint=checkpoint)
+        return _one_after_another(model, clean_data, seed, seeds, aggregate, kw)
+    _check_ensemble(seeds, aggregate, micro_batch, checkpoint)
     shard = _rank_batch(batch_size)
     local = shard.stop - shard.start
     fixed = check_micro_batch(micro_batch, local, "batch per process" if D.world_size() > 1 else "batch")
@@ -301,20 +338,26 @@ def anp(model: nn.Module, clean_data: Any, *, eps: float = 0.4, steps: int = 1, 
     settings = dict(eps=eps, steps=steps, alpha=alpha, lr=lr, momentum=momentum, iterations=iterations,
                     batch_size=batch_size, clamp_noise=clamp_noise, augment=augment, padding=padding, flip=flip,
                     seed=seed, num_images=n, mask_layers=list(mask_layers))
+    if seeds > 1:
+        settings.update(seeds=seeds, aggregate=aggregate)
     D.check_agree({**settings, "checksum": float(images.double().sum())}, "the ANP settings and clean data")
-    sampler = DeviceBatchSampler(images, labels, batch_size, seed=seed, augment=augment, padding=padding, flip=flip,
-                                 device=device)
+    options = dict(augment=augment, padding=padding, flip=flip, device=device)
+    if seeds == 1:
+        sampler = DeviceBatchSampler(images, labels, batch_size, seed=seed, **options)
+        noise_generator = make_generator(seed + 1, device)
+    else:  # member k: the batches and noise of a single run with seed + k
+        sampler = MemberSamplers(images, labels, batch_size, [seed + k for k in range(seeds)], **options)
+        noise_generator = [make_generator(seed + k + 1, device) for k in range(seeds)]
     channels_last = use_channels_last(channels_last, device, images)
-    engine = ANPEngine(model, (local, *images.shape[1:]), device=device, eps=eps, steps=steps, alpha=alpha,
+    engine = ANPEngine(model, (seeds * local, *images.shape[1:]), device=device, eps=eps, steps=steps, alpha=alpha,
                        lr=lr, momentum=momentum, clamp_noise=clamp_noise, grouped=grouped,
                        channels_last=channels_last, precision=precision, mask_layers=mask_layers,
-                       global_batch=batch_size, checkpoint=checkpoint)
+                       global_batch=seeds * batch_size, checkpoint=checkpoint, members=seeds)
     if checkpoint and not engine.checkpointed:
         warnings.warn(f"checkpoint=True but {type(model).__name__} has no blocks to checkpoint (children of a "
                       "Sequential holding two or more layers with parameters); running without", UserWarning,
                       stacklevel=2)
-    noise_generator = make_generator(seed + 1, device)
-    losses = torch.zeros(iterations, dtype=engine.loss.dtype, device=device)
+    losses = torch.zeros(iterations, *engine.loss.shape, dtype=engine.loss.dtype, device=device)
     bar = None
     if progress and D.is_main():
         from tqdm.auto import tqdm
@@ -322,34 +365,90 @@ def anp(model: nn.Module, clean_data: Any, *, eps: float = 0.4, steps: int = 1, 
     reset_peak_memory(device)
     start = time.perf_counter()
     with tf32_enabled(tf32 and device.type == "cuda"):
-        engine.set_micro_batch(_choose_micro_batch(engine, micro_batch == "auto", fixed, local))
+        engine.set_micro_batch(_choose_micro_batch(engine, micro_batch == "auto", fixed, seeds * local))
         run = engine.capture() if use_graph else None
         info = dict(device=str(device), grouped=engine.grouped, cuda_graph=run is not None, channels_last=channels_last,
                     tf32=tf32 and device.type == "cuda", precision=precision, backend=FP.backend_for(engine.images),
                     num_neurons=engine.arena.num_neurons, num_layers=len(engine.arena.layers),
                     layer_paths=layer_paths(engine.model), mask_layers=list(mask_layers),
-                    micro_batch=engine.micro_batch, world_size=D.world_size(),
+                    micro_batch=engine.micro_batch, world_size=D.world_size(), members=seeds, batched=seeds > 1,
                     checkpointed_blocks=len(engine.checkpointed))
         done = 0
         for i in range(iterations):
-            engine.iterate(sampler, noise_generator, run, shard)
+            engine.iterate(sampler, noise_generator, run, shard if seeds == 1 else slice(None))
             losses[i] = engine.loss
             if (i + 1) % check_every == 0 or i + 1 == iterations:
                 finite = bool(engine.finite)  # the one host synchronisation per check_every iterations
                 if bar is not None:
                     bar.update(i + 1 - done)
-                    bar.set_postfix(loss=f"{float(losses[i]):.4f}")
+                    bar.set_postfix(loss=f"{float(losses[i].mean()):.4f}")
                 done = i + 1
                 if not finite:
-                    bad = int((~torch.isfinite(losses[:i + 1])).nonzero()[0])
+                    bad = int((~torch.isfinite(losses[:i + 1].reshape(i + 1, -1)).all(1)).nonzero()[0])
                     if bar is not None:
                         bar.close()
-                    result = ANPResult(engine.arena.masks(), losses[:bad].tolist(), time.perf_counter() - start,
-                                       settings, {**info, "stopped_at": bad + 1, **peak_memory(device)})
+                    result = _result(engine, losses[:bad], time.perf_counter() - start, settings,
+                                     {**info, "stopped_at": bad + 1, **peak_memory(device)}, aggregate)
                     raise ANPDiverged(bad + 1, result)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
     if bar is not None:
         bar.close()
-    return ANPResult(engine.arena.masks(), losses.tolist(), seconds, settings, {**info, **peak_memory(device)})
+    return _result(engine, losses, seconds, settings, {**info, **peak_memory(device)}, aggregate)
+
+
+def _result(engine: ANPEngine, losses: torch.Tensor, seconds: float, settings: dict, info: dict,
+            aggregate: str) -> ANPResult:
+    """The run's result; for an ensemble every member's masks and losses and their aggregate."""
+    if engine.members == 1:
+        return ANPResult(engine.arena.masks(), losses.tolist(), seconds, settings, info)
+    members = engine.arena.member_masks()
+    return ANPResult(aggregate_masks(members, aggregate), losses.mean(1).tolist(), seconds, settings, info,
+                     members=members, member_loss=losses.t().tolist())
+
+
+def use_batched(batched: bool | None, device: torch.device) -> bool:
+    """A seed ensemble as one batched run where it pays: by default on CUDA only. On a 2-core CPU
+    (small CNN, 32 px, batch 128, K = 4; bench/results/anp-cpu-small_cnn-seeds4-2026-11-26.json) the
+    batched run took 5.9x one seed's time per iteration against 4x for the members one after another
+    (the 4x batch's activations are memory-bound there)."""
+    return device.type == "cuda" if batched is None else bool(batched)
+
+
+def _one_after_another(model: nn.Module, clean_data: Any, seed: int, seeds: int, aggregate: str, kw: dict) -> ANPResult:
+    """A seed ensemble as ``seeds`` single runs, one after another (each exactly the run with its seed)."""
+    if aggregate not in AGGREGATES:
+        raise InputError(f"aggregate must be one of {AGGREGATES}, got {aggregate!r}")
+    runs = []
+    for k in range(seeds):
+        try:
+            runs.append(anp(model, clean_data, seed=seed + k, **kw))
+        except ANPDiverged as err:  # the members so far, and this one's last finite masks
+            done = runs + [err.result]
+            raise ANPDiverged(err.iteration, _combined(done, seed, seeds, aggregate)) from None
+    return _combined(runs, seed, seeds, aggregate)
+
+
+def _combined(runs: list[ANPResult], seed: int, seeds: int, aggregate: str) -> ANPResult:
+    members = [r.masks for r in runs]
+    n = min(len(r.loss) for r in runs)
+    loss = [sum(r.loss[i] for r in runs) / len(runs) for i in range(n)]
+    settings = {**runs[0].settings, "seed": seed, "seeds": seeds, "aggregate": aggregate}
+    engine = {**runs[0].engine, "members": seeds, "batched": False,
+              "peak_memory_bytes": max((r.engine.get("peak_memory_bytes") or 0) for r in runs) or None}
+    return ANPResult(aggregate_masks(members, aggregate), loss, sum(r.seconds for r in runs), settings, engine,
+                     members=members, member_loss=[r.loss for r in runs])
+
+
+def _check_ensemble(seeds: int, aggregate: str, micro_batch, checkpoint: bool) -> None:
+    if aggregate not in AGGREGATES:
+        raise InputError(f"aggregate must be one of {AGGREGATES}, got {aggregate!r}")
+    if seeds == 1:
+        return
+    if micro_batch is not None or checkpoint:
+        raise InputError("seeds > 1 (a seed ensemble) is not combined with micro_batch or checkpoint (the ensemble "
+                         "multiplies the batch by the number of seeds); use seeds=1 for memory-bound models")
+    if D.world_size() > 1:
+        raise InputError("seeds > 1 (a seed ensemble) is not supported under a process group; run the seeds in one "
+                         "process or one seed per launch")

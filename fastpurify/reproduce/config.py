@@ -63,6 +63,7 @@ class ReproduceConfig:
     anp_batch_size: int = 128
     threshold: float = 0.2
     max_drop: float = 0.02
+    anp_seeds: int = 1  # > 1: a seed ensemble, pruned by its mean mask
     # PBE (the engine's defaults are the paper's)
     pbe_settings: tuple[str, ...] = PBE_SETTINGS
     pbe_adv_epochs: int = 3
@@ -112,6 +113,7 @@ def check_config(c: ReproduceConfig) -> None:
     if len(set(c.attacks)) != len(c.attacks):
         raise InputError(f"--attacks lists an attack twice: {','.join(c.attacks)}")
     check_positive_int(c.seeds, "--seeds")
+    check_positive_int(c.anp_seeds, "--anp-seeds")
     check_fraction(c.rate, "--rate")
     check_fraction(c.reserve_fraction, "the reserve fraction")
     check_fraction(c.clean_fraction, "the clean fraction")

@@ -13,6 +13,7 @@ from ..backdoor import evaluate
 from ..engines.anp import anp as fast_anp
 from ..engines.pbe import pbe as fast_pbe
 from ..pruning import count_pruned, prune, prune_by_clean_accuracy
+from ..selection import choose_pruning
 from .config import ReproduceConfig
 from .subjects import SplitData, Subject, defender_clean
 
@@ -23,18 +24,24 @@ def _metrics(m: dict) -> dict:
 
 def run_anp(subject: Subject, data: SplitData, config: ReproduceConfig, *, device: torch.device,
             precision: str, seed: int, progress: bool) -> dict:
-    """ANP masks on the defender's clean images, then two prunings: every neuron with mask <=
-    ``threshold`` (the paper) and the clean-data rule (the most neurons whose clean accuracy on
-    the defender's images drops by at most ``max_drop``); ACC / ASR of each on the test split."""
+    """ANP masks on the defender's clean images (``anp_seeds`` > 1: a seed ensemble's mean mask),
+    then three prunings: every neuron with mask <= ``threshold`` (the paper), the clean-data rule
+    (the most neurons whose clean accuracy on the defender's images drops by at most
+    ``max_drop``) and the trigger-free ``auto`` rule (:func:`fastpurify.selection.choose_pruning`,
+    its defaults); ACC / ASR of each on the test split."""
     clean = defender_clean(data, config)
     result = fast_anp(subject.model, clean, iterations=config.anp_iterations, batch_size=config.anp_batch_size,
-                      seed=seed, device=device, precision=precision, progress=progress)
+                      seed=seed, device=device, precision=precision, progress=progress, seeds=config.anp_seeds)
     start = time.perf_counter()
     by_threshold = prune(subject.model, result.masks, threshold=config.threshold)
     threshold_seconds = time.perf_counter() - start
     choice = prune_by_clean_accuracy(subject.model, result.masks, *clean, max_drop=config.max_drop)
     rule_seconds = time.perf_counter() - start - threshold_seconds
     pruned = count_pruned(result.masks, threshold=config.threshold)
+    start = time.perf_counter()
+    selection = choose_pruning(subject.model, result.masks, *clean, progress=progress)
+    auto_seconds = time.perf_counter() - start
+    auto_model = prune(subject.model, result.masks, number=selection.pruned)
     return {
         "clean_images": int(clean[1].numel()),
         "mask_seconds": round(result.seconds, 3),
@@ -45,6 +52,9 @@ def run_anp(subject: Subject, data: SplitData, config: ReproduceConfig, *, devic
         "clean_rule": {"max_drop": config.max_drop, "pruned": choice.point.pruned, "threshold": choice.point.value,
                        "seconds": round(rule_seconds, 3),
                        **_metrics(evaluate(choice.model, *data.test, subject.attack))},
+        "auto": {"pruned": selection.pruned, "reason": selection.reason, "seconds": round(auto_seconds, 3),
+                 "settings": selection.settings, **_metrics(evaluate(auto_model, *data.test, subject.attack))},
+        "seeds": config.anp_seeds,
     }
 
 

@@ -66,7 +66,9 @@ def reproduce(defense: str, data: str = "cifar10-jpeg", *, out: str | Path, budg
             print(f"  ANP {result['mask_seconds']:.1f} s; threshold {config.threshold}: pruned "
                   f"{result['threshold']['pruned']}, ACC {result['threshold']['acc']:.1%}, ASR "
                   f"{result['threshold']['asr']:.1%}; clean rule: pruned {result['clean_rule']['pruned']}, ACC "
-                  f"{result['clean_rule']['acc']:.1%}, ASR {result['clean_rule']['asr']:.1%}", flush=True)
+                  f"{result['clean_rule']['acc']:.1%}, ASR {result['clean_rule']['asr']:.1%}; auto: pruned "
+                  f"{result['auto']['pruned']}, ACC {result['auto']['acc']:.1%}, ASR {result['auto']['asr']:.1%}",
+                  flush=True)
         else:
             run["pbe"] = result = run_pbe(subject, split, config, **kw)
             for setting, r in result.items():
@@ -114,9 +116,11 @@ def _header_lines(config: ReproduceConfig, split: SplitData, recipe, budget_info
         ("device", f"{device}, defenses in {precision}"),
     ]
     if config.defense == "anp":
+        ensemble = f", mean mask of a {config.anp_seeds}-seed ensemble" if config.anp_seeds > 1 else ""
         lines.append(("ANP", f"{config.anp_iterations} iterations, batch {config.anp_batch_size}, eps 0.4, alpha 0.2, "
-                             f"lr 0.2; pruned at threshold {config.threshold:g} and by the clean-data rule (clean "
-                             f"ACC drop <= {config.max_drop * 100:g} points on the defender's images)"))
+                             f"lr 0.2{ensemble}; pruned at threshold {config.threshold:g}, by the clean-data rule "
+                             f"(clean ACC drop <= {config.max_drop * 100:g} points on the defender's images) and by "
+                             "the trigger-free auto rule (docs/anp-selection.md)"))
     else:
         lines.append(("PBE", f"eps {config.pbe_eps * 255:.3g}/255, {config.pbe_adv_epochs} adversarial + "
                              f"{config.pbe_clean_epochs} clean epochs per round; settings "

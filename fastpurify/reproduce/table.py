@@ -33,6 +33,8 @@ COLUMNS: dict[str, list[tuple[str, Getter, str]]] = {
         ("clean-rule ACC", _get("anp", "clean_rule", "acc"), "%"),
         ("clean-rule ASR", _get("anp", "clean_rule", "asr"), "%"),
         ("rule pruned", _get("anp", "clean_rule", "pruned"), "n"),
+        ("auto ACC", _get("anp", "auto", "acc"), "%"), ("auto ASR", _get("anp", "auto", "asr"), "%"),
+        ("auto pruned", _get("anp", "auto", "pruned"), "n"),
         ("ANP s", _get("anp", "mask_seconds"), "s"),
     ],
     "pbe": [

@@ -1,0 +1,47 @@
+"""What the measurement scripts share: the subjects (CIFAR-10 CPU scale, cached; digits) and their mask sets.
+Paths from the environment: CIFAR (the data source), SUBJECTS (the subject cache), MASKS, DIGITS."""
+import os
+import torch
+from fastpurify.backdoor import BadNets, Blend
+from fastpurify.data import load_digits, load_source, train_test_split
+from fastpurify.ensemble import aggregate_masks
+from fastpurify.models import small_cnn
+from fastpurify.reproduce.config import paper_config
+from fastpurify.reproduce.subjects import defender_clean, get_subject, split_data, subjects_folder
+
+_CIFAR = {}
+
+
+def cifar():
+    """(config, split, cache) of the CPU-scale CIFAR-10 subjects, loaded once."""
+    if not _CIFAR:
+        cfg = paper_config("anp", "cpu", arch="small_cnn", attacks=("badnets", "blend"), seeds=3, rate=0.1,
+                           train_images=20000, epochs=12, clean_images=500)
+        _CIFAR["v"] = (cfg, split_data(load_source(os.environ.get("CIFAR", "cifar10-jpeg"), progress=False), cfg),
+                       subjects_folder(os.environ.get("SUBJECTS", "subjects")))
+    return _CIFAR["v"]
+
+
+def subject(name):
+    """(model, attack, the defender's clean images, the test images) of "digits-<attack>-<seed>" or "<attack>-s<seed>"."""
+    if name.startswith("digits"):
+        images, labels = load_digits(size=16)
+        _, test = train_test_split(images, labels, 0.2, seed=0)
+        model = small_cnn(num_classes=10, in_channels=1, width=32)
+        model.load_state_dict(torch.load(os.path.join(os.environ.get("DIGITS", "."), f"{name}.pt")))
+        attack = Blend(num_classes=10, target=0) if "blend" in name else BadNets(num_classes=10, target=0)
+        return model.eval(), attack, (test[0][:100], test[1][:100]), (test[0][100:], test[1][100:])
+    cfg, split, cache = cifar()
+    attack, seed = name.split("-s")
+    s = get_subject(split, cfg, attack, int(seed), recipe=cfg.recipe, device=torch.device("cpu"), cache=cache,
+                    progress=False)
+    return s.model, s.attack, defender_clean(split, cfg), split.test
+
+
+def mask_sets(name):
+    """Each member's masks (m0..m3), their mean and their mean rank."""
+    saved = torch.load(os.path.join(os.environ.get("MASKS", "masks"), f"{name}.pt"))
+    sets = {f"m{k}": m for k, m in enumerate(saved["members"])}
+    sets["mean"] = saved["mean"]
+    sets["rank"] = aggregate_masks(saved["members"], "rank")
+    return sets

@@ -1,0 +1,32 @@
+"""Each pruning rule on each subject and mask set: pruned, ACC, ASR on the test split."""
+import os, sys, json, torch, time
+from common import mask_sets, subject
+from fastpurify.selection import choose_pruning
+from fastpurify.backdoor import evaluate
+from fastpurify.pruning import prune, count_pruned, prune_by_clean_accuracy
+torch.set_num_threads(int(sys.argv[3]) if len(sys.argv) > 3 else 1)
+names, sets = sys.argv[1].split(","), sys.argv[2].split(",")
+kw = json.loads(sys.argv[4]) if len(sys.argv) > 4 else {}
+out = {}
+for name in names:
+    model, attack, clean, test = subject(name)
+    masks_by = mask_sets(name)
+    before = evaluate(model, *test, attack)
+    for label in sets:
+        masks = masks_by[label]
+        row = {"before": [before["acc"], before["asr"]]}
+        k_thr = count_pruned(masks, threshold=0.2)
+        m = evaluate(prune(model, masks, number=k_thr), *test, attack)
+        row["threshold"] = [k_thr, m["acc"], m["asr"]]
+        choice = prune_by_clean_accuracy(model, masks, *clean, max_drop=0.02)
+        m = evaluate(choice.model, *test, attack)
+        row["clean_rule"] = [choice.point.pruned, m["acc"], m["asr"]]
+        t = time.time()
+        sel = choose_pruning(model, masks, *clean, **kw)
+        m = evaluate(prune(model, masks, number=sel.pruned) if sel.pruned else model, *test, attack)
+        row["auto"] = [sel.pruned, m["acc"], m["asr"], round(time.time() - t, 1), [(p.pruned, round(p.acc, 3), round(p.concentration, 3), p.top_class) for p in sel.points]]
+        out[f"{name}/{label}"] = row
+        f = lambda r: f"k={r[0]:3d} ACC {100*r[1]:.1f} ASR {100*r[2]:.1f}"
+        print(f"{name:12s} {label:5s} before ACC {100*before['acc']:.1f} ASR {100*before['asr']:.1f} | thr {f(row['threshold'])} | clean {f(row['clean_rule'])} | auto {f(row['auto'])} ({row['auto'][3]} s)", flush=True)
+tag = sys.argv[5] if len(sys.argv) > 5 else "rules"
+json.dump(out, open(os.environ.get("OUT", ".") + f"/{tag}-{'_'.join(names)[:60]}.json", "w"))

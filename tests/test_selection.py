@@ -1,0 +1,120 @@
+"""The trigger-free pruning choice (fastpurify.selection): its statistic, its pruned copies, the
+rule's walk over the candidates, and its refusals. (Its effectiveness on real subjects is
+measured in docs/anp-selection.md and asserted on digits in tests/test_end_to_end.py.)"""
+
+import pytest
+import torch
+
+from fastpurify import InputError
+from fastpurify.models import small_cnn
+from fastpurify.pruning import prune
+from fastpurify import selection as S
+
+pytestmark = pytest.mark.usefixtures("torch_backend")
+
+
+def test_error_concentration_counts_the_wrong_predictions_only():
+    labels = torch.tensor([0, 1, 2, 3, 4, 5])
+    predictions = torch.tensor([0, 3, 3, 3, 1, 5])  # wrong: 3, 3, 1 (the 3 of image 3 is right)
+    assert S.error_concentration(predictions, labels) == (0.5, 2 / 3, 3)
+    assert S.error_concentration(labels.clone(), labels) == (0.0, 0.0, None)
+    assert S.error_histogram(predictions, labels, 6) == (0.5, (0, 1, 0, 2, 0, 0))
+    point = S.SelectionPoint(0, 1.0, 0.5, (0, 1, 0, 2, 0, 0), 3, 2 / 3)
+    assert S.share_of(point, 3) == 2 / 3 and S.share_of(point, 0) == 0.0
+
+
+def _subject():
+    torch.manual_seed(0)
+    model = small_cnn(num_classes=10, in_channels=3, width=8).eval()
+    g = torch.Generator().manual_seed(0)
+    images, labels = torch.rand(24, 3, 12, 12, generator=g), torch.randint(0, 10, (24,), generator=g)
+    masks = {n: torch.rand(m.num_features, generator=g) for n, m in model.named_modules()
+             if isinstance(m, torch.nn.BatchNorm2d)}
+    return model, masks, images, labels
+
+
+@pytest.mark.parametrize("probe", S.PROBES)
+def test_probe_prunes_what_prune_prunes_and_leaves_the_model(probe):
+    model, masks, images, labels = _subject()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    probe_ = S.PruningProbe(model, masks, images, labels, probe=probe, eps=S.DEFAULT_EPS[probe], steps=2,
+                            batch_size=10)
+    for k in (0, 3, 9):
+        probe_.prune_to(k)
+        with torch.no_grad():
+            assert torch.equal(probe_.net(images), prune(model, masks, number=k).eval()(images))
+        point = probe_.point()
+        assert point.pruned == k and 0 <= point.concentration <= 1 and 0 <= point.adv_error <= 1
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    with pytest.raises(InputError, match="only grows"):
+        probe_.prune_to(2)
+
+
+def test_the_input_adversary_flips_more_than_the_clean_model_errs():
+    model, masks, images, labels = _subject()
+    point = S.PruningProbe(model, masks, images, labels, probe="inputs", eps=32 / 255, steps=5, batch_size=24).point()
+    assert point.adv_error > 1 - point.acc - 1e-9
+
+
+def _scripted(monkeypatch, curve):
+    """Replace the adversary by a scripted curve {k: (clean acc, histogram of the adversarial labels)}."""
+    def point(self):
+        acc, hist = curve[self.pruned]
+        top = max(range(len(hist)), key=hist.__getitem__)
+        return S.SelectionPoint(self.pruned, acc, 1.0, tuple(hist), top, hist[top] / sum(hist))
+    monkeypatch.setattr(S.PruningProbe, "point", point)
+
+
+def _choose(**kw):
+    model, masks, images, labels = _subject()  # 48 neurons: candidates 0, 1, ..., 24 at max_fraction 0.5
+    assert sum(m.numel() for m in masks.values()) == 48
+    return S.choose_pruning(model, masks, images, labels, candidates=24, **kw)
+
+
+def _pull(share):
+    """A histogram of 100 adversarial labels: ``share`` of them on class 2, the rest spread."""
+    on = round(100 * share)
+    rest = 100 - on
+    return [rest // 9 + (i < rest % 9) if i != 2 else 0 for i in range(10)][:2] + [on] + \
+        [rest // 9 + (i < rest % 9) for i in range(2, 9)]
+
+
+def test_auto_prunes_where_the_pull_to_the_suspected_target_ends_plus_the_margin(monkeypatch):
+    shares = [0.8, 0.7, 0.5, 0.3, 0.2, 0.1, 0.04, 0.03, 0.0] + [0.0] * 16
+    _scripted(monkeypatch, {k: (0.9 - 0.001 * k, _pull(s)) for k, s in enumerate(shares)})
+    choice = _choose()
+    assert choice.target == 2
+    assert [round(p.target_share, 2) for p in choice.points[:7]] == [0.8, 0.7, 0.5, 0.3, 0.2, 0.1, 0.04]
+    assert choice.pruned == 8 and "fell to 0.04 (<= 0.05) at 6 neurons" in choice.reason  # ceil(6 * 1.25) = 8
+    assert [p.pruned for p in choice.points] == list(range(9))  # the walk stops once the choice is made
+
+
+def test_auto_prunes_nothing_without_a_sign_of_a_backdoor(monkeypatch):
+    _scripted(monkeypatch, {k: (0.9, _pull(0.3)) for k in range(25)})
+    choice = _choose()
+    assert choice.pruned == 0 and "no sign of a backdoor" in choice.reason and len(choice.points) == 1
+
+
+def test_auto_stops_at_the_accuracy_budget_and_falls_back(monkeypatch):
+    curve = {k: (0.9 if k < 6 else 0.7, _pull(0.8 - 0.1 * k)) for k in range(25)}
+    _scripted(monkeypatch, curve)
+    choice = _choose(max_acc_drop=0.1)
+    assert [p.pruned for p in choice.points] == list(range(7))  # k = 6 breaks the budget: the walk stops
+    assert choice.pruned == 5 and "the lowest, 0.30" in choice.reason  # 0.3 <= half of 0.8
+    _scripted(monkeypatch, {k: (0.9 if k < 3 else 0.7, _pull(0.8 - 0.1 * k)) for k in range(25)})
+    choice = _choose(max_acc_drop=0.1)
+    assert choice.pruned == 0 and "halves the share" in choice.reason  # 0.6 at best: not half of 0.8
+
+
+def test_candidate_numbers():
+    assert S.candidate_numbers(96, 0.5, 50) == list(range(49))
+    assert S.candidate_numbers(4800, 0.2, 40) == list(range(0, 961, 24))
+
+
+@pytest.mark.parametrize("kw, words", [(dict(probe="gradients"), "probe must be one of"), (dict(eps=0), "eps"),
+                                       (dict(max_target_share=1.5), "max_target_share"),
+                                       (dict(margin=-1), "margin"),
+                                       (dict(steps=0), "steps"), (dict(max_fraction=0), "max_fraction")])
+def test_bad_settings_are_refused(kw, words):
+    with pytest.raises(InputError, match=words):
+        _choose(**kw)
