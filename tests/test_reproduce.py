@@ -139,7 +139,7 @@ def test_reproduce_on_digits_from_the_command_line(tmp_path, capsys):
               "--epochs", "3", "--clean-images", "64", "--subject-cache", str(tmp_path / "subjects"), "--no-progress"]
     assert main(["reproduce", "anp", *common, "--iterations", "5", "--out", str(tmp_path / "anp")]) == 0
     out = capsys.readouterr().out
-    assert out.count("subject trained in") == 2 and "threshold 0.2: pruned" in out
+    assert out.count("subject trained in") == 2 and "threshold 0.2: pruned" in out and "; auto: pruned" in out
     assert main(["reproduce", "pbe", *common, "--pbe-epochs", "1,1", "--pbe-schedule", "0.2,0.5",
                  "--paper-numbers", str(paper), "--out", str(tmp_path / "pbe")]) == 0
     out = capsys.readouterr().out
@@ -175,7 +175,7 @@ def _reduced_reproduction(tmp_path, capsys):
     common = ["--data", f"cifar10-jpeg:{CIFAR10_JPEG}", "--arch", "small_cnn", "--attacks", "badnets", "--rate", "0.1",
               "--train-images", "5000", "--test-images", "1000", "--clean-images", "250", "--epochs", "15",
               "--subject-cache", str(tmp_path / "subjects"), "--no-progress"]
-    assert main(["reproduce", "anp", *common, "--iterations", "100", "--out", str(tmp_path / "anp")]) == 0
+    assert main(["reproduce", "anp", *common, "--iterations", "100", "--no-auto-rule", "--out", str(tmp_path / "anp")]) == 0
     assert main(["reproduce", "pbe", *common, "--pbe-epochs", "1,3", "--pbe-schedule", "0.1,0.3",
                  "--out", str(tmp_path / "pbe")]) == 0
     out = capsys.readouterr().out

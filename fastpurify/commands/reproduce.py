@@ -48,6 +48,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="the clean-data rule's allowed clean-accuracy drop, a fraction (default: 0.02)")
     g.add_argument("--anp-seeds", type=int, default=None,
                    help="a seed ensemble of K mask sets per subject, pruned by their mean mask (default: 1)")
+    g.add_argument("--no-auto-rule", action="store_true",
+                   help="skip the trigger-free auto pruning column (it attacks each candidate pruning with PGD)")
     g = p.add_argument_group("PBE")
     g.add_argument("--pbe-settings", default=None, help="clean, no-clean or both (default: clean,no-clean)")
     g.add_argument("--pbe-epochs", default=None, help="ADV,CLEAN epochs per round (default: 3,17)")
@@ -85,6 +87,7 @@ def options(args: argparse.Namespace) -> dict:
         rate=args.rate, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, train_images=args.train_images,
         test_images=args.test_images, clean_images=args.clean_images, anp_iterations=args.iterations,
         threshold=args.threshold, max_drop=args.max_drop, anp_seeds=args.anp_seeds,
+        auto_rule=False if args.no_auto_rule else None,
         pbe_settings=None if args.pbe_settings is None else tuple(s.strip() for s in args.pbe_settings.split(",")),
         pbe_adv_epochs=None if adv_clean is None else adv_clean[0],
         pbe_clean_epochs=None if adv_clean is None else adv_clean[1],

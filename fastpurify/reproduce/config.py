@@ -64,6 +64,7 @@ class ReproduceConfig:
     threshold: float = 0.2
     max_drop: float = 0.02
     anp_seeds: int = 1  # > 1: a seed ensemble, pruned by its mean mask
+    auto_rule: bool = True  # also prune by the trigger-free auto rule (fastpurify.selection)
     # PBE (the engine's defaults are the paper's)
     pbe_settings: tuple[str, ...] = PBE_SETTINGS
     pbe_adv_epochs: int = 3

@@ -38,10 +38,14 @@ def run_anp(subject: Subject, data: SplitData, config: ReproduceConfig, *, devic
     choice = prune_by_clean_accuracy(subject.model, result.masks, *clean, max_drop=config.max_drop)
     rule_seconds = time.perf_counter() - start - threshold_seconds
     pruned = count_pruned(result.masks, threshold=config.threshold)
-    start = time.perf_counter()
-    selection = choose_pruning(subject.model, result.masks, *clean, progress=progress)
-    auto_seconds = time.perf_counter() - start
-    auto_model = prune(subject.model, result.masks, number=selection.pruned)
+    auto = None
+    if config.auto_rule:
+        start = time.perf_counter()
+        selection = choose_pruning(subject.model, result.masks, *clean, progress=progress)
+        auto = {"pruned": selection.pruned, "reason": selection.reason,
+                "seconds": round(time.perf_counter() - start, 3), "settings": selection.settings,
+                **_metrics(evaluate(prune(subject.model, result.masks, number=selection.pruned), *data.test,
+                                    subject.attack))}
     return {
         "clean_images": int(clean[1].numel()),
         "mask_seconds": round(result.seconds, 3),
@@ -52,8 +56,7 @@ def run_anp(subject: Subject, data: SplitData, config: ReproduceConfig, *, devic
         "clean_rule": {"max_drop": config.max_drop, "pruned": choice.point.pruned, "threshold": choice.point.value,
                        "seconds": round(rule_seconds, 3),
                        **_metrics(evaluate(choice.model, *data.test, subject.attack))},
-        "auto": {"pruned": selection.pruned, "reason": selection.reason, "seconds": round(auto_seconds, 3),
-                 "settings": selection.settings, **_metrics(evaluate(auto_model, *data.test, subject.attack))},
+        "auto": auto,
         "seeds": config.anp_seeds,
     }
 

@@ -66,9 +66,9 @@ def reproduce(defense: str, data: str = "cifar10-jpeg", *, out: str | Path, budg
             print(f"  ANP {result['mask_seconds']:.1f} s; threshold {config.threshold}: pruned "
                   f"{result['threshold']['pruned']}, ACC {result['threshold']['acc']:.1%}, ASR "
                   f"{result['threshold']['asr']:.1%}; clean rule: pruned {result['clean_rule']['pruned']}, ACC "
-                  f"{result['clean_rule']['acc']:.1%}, ASR {result['clean_rule']['asr']:.1%}; auto: pruned "
-                  f"{result['auto']['pruned']}, ACC {result['auto']['acc']:.1%}, ASR {result['auto']['asr']:.1%}",
-                  flush=True)
+                  f"{result['clean_rule']['acc']:.1%}, ASR {result['clean_rule']['asr']:.1%}"
+                  + ("" if result["auto"] is None else f"; auto: pruned {result['auto']['pruned']}, ACC "
+                     f"{result['auto']['acc']:.1%}, ASR {result['auto']['asr']:.1%}"), flush=True)
         else:
             run["pbe"] = result = run_pbe(subject, split, config, **kw)
             for setting, r in result.items():
