@@ -101,9 +101,14 @@ class NeuronArena:
 
     def masks(self) -> dict[str, torch.Tensor]:
         """The current masks by layer name: copies on the CPU, float32 (float64 for a float64 model)."""
-        flat = self.mask.detach().cpu()
-        flat = flat if flat.dtype == torch.float64 else flat.float()
-        return dict(zip(self.layers, (part.clone() for part in flat.split(self.sizes))))
+        return masks_by_layer(self.mask, self.layers, self.sizes)
+
+
+def masks_by_layer(flat: torch.Tensor, names, sizes: list[int]) -> dict[str, torch.Tensor]:
+    """A flat (P,) mask vector as {layer name: its slice}: CPU copies, float32 (float64 stays float64)."""
+    flat = flat.detach().cpu()
+    flat = flat if flat.dtype == torch.float64 else flat.float()
+    return dict(zip(names, (part.clone() for part in flat.split(sizes))))
 
 
 def _gather(grads: tuple[torch.Tensor, ...], out: torch.Tensor, accumulate: bool) -> None:

@@ -26,8 +26,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .arena import MODES
-from .data import DeviceBatchSampler
+from .arena import MODES, masks_by_layer
+from .data import DeviceBatchSampler, make_generator
 from .layers import perturbed_layers
 from .validation import InputError
 
@@ -109,9 +109,7 @@ class EnsembleArena:
 
     def member_masks(self) -> list[dict[str, torch.Tensor]]:
         """Each member's masks by layer name: CPU copies, float32 (float64 for a float64 model)."""
-        flat = self.mask.detach().cpu()
-        flat = flat if flat.dtype == torch.float64 else flat.float()
-        return [dict(zip(self.layers, (part.clone() for part in row.split(self.sizes)))) for row in flat]
+        return [masks_by_layer(row, self.layers, self.sizes) for row in self.mask]
 
 
 def _store(out: torch.Tensor, value: torch.Tensor, accumulate: bool) -> None:
@@ -131,6 +129,17 @@ class MemberSamplers:
     def sample(self) -> tuple[torch.Tensor, torch.Tensor]:
         batches = [s.sample() for s in self.samplers]
         return torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+
+
+def draws(images: torch.Tensor, labels: torch.Tensor, batch_size: int, seed: int, members: int, *,
+          device: torch.device, **options):
+    """The batch sampler and noise generator(s) of a run with ``seed`` (the reference's: sampler
+    seeded ``seed``, noise ``seed + 1``), or of ``members`` such runs with seeds ``seed + k``."""
+    if members == 1:
+        return (DeviceBatchSampler(images, labels, batch_size, seed=seed, device=device, **options),
+                make_generator(seed + 1, device))
+    return (MemberSamplers(images, labels, batch_size, [seed + k for k in range(members)], device=device, **options),
+            [make_generator(seed + k + 1, device) for k in range(members)])
 
 
 def aggregate_masks(members: list[dict[str, torch.Tensor]], how: str = "mean") -> dict[str, torch.Tensor]:

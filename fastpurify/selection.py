@@ -38,7 +38,7 @@ from .arena import NeuronArena
 from .inference import model_device
 from .layers import convert
 from .neurons import layer_kind
-from .pruning import _ascending, _check_layers
+from .pruning import _check_layers, select_neurons
 from .validation import InputError, check_fraction, check_images, check_labels, check_positive_int
 
 
@@ -82,10 +82,17 @@ def error_histogram(predictions: torch.Tensor, labels: torch.Tensor, num_classes
 def error_concentration(predictions: torch.Tensor, labels: torch.Tensor) -> tuple[float, float, int | None]:
     """(error rate, share of the errors on the most frequent wrong class, that class)."""
     error, counts = error_histogram(predictions, labels, int(max(predictions.max(), labels.max())) + 1)
-    if not sum(counts):
-        return 0.0, 0.0, None
+    top, share = _top(counts)
+    return error, share, top
+
+
+def _top(counts: tuple[int, ...]) -> tuple[int | None, float]:
+    """The most frequent class of a histogram and its share (None, 0.0 for an empty one)."""
+    total = sum(counts)
+    if not total:
+        return None, 0.0
     top = max(range(len(counts)), key=counts.__getitem__)
-    return error, counts[top] / sum(counts), top
+    return top, counts[top] / total
 
 
 def share_of(point: SelectionPoint, target: int) -> float:
@@ -122,19 +129,18 @@ class PruningProbe:
         self.layers = dict(self.net.named_modules())
         self.images, self.labels = images.to(self.device), labels.to(self.device)
         self.probe, self.eps, self.steps, self.batch_size, self.seed = probe, eps, steps, batch_size, seed
-        _, order = _ascending(masks)
-        self.ranked = [(name, i) for name, m in masks.items() for i in range(m.numel())]
-        self.order = order.tolist()
+        self.masks = masks
+        self.num_neurons = sum(m.numel() for m in masks.values())
         self.pruned = 0
 
     @torch.no_grad()
     def prune_to(self, k: int) -> None:
-        """Prune the first ``k`` neurons of the ranking."""
+        """Prune the first ``k`` neurons of the ranking (``pruning.select_neurons(number=k)``)."""
         if k < self.pruned:
             raise InputError("prune_to only grows the pruning; make a new PruningProbe to prune fewer")
-        for j in self.order[self.pruned:k]:
-            name, i = self.ranked[j]
-            self.layers[name].weight[i] = 0.0
+        for name, chosen in select_neurons(self.masks, number=k).items():
+            weight = self.layers[name].weight
+            weight[chosen.to(weight.device)] = 0.0
         self.pruned = k
 
     def _predict(self, net: nn.Module, images: torch.Tensor) -> torch.Tensor:
@@ -149,8 +155,8 @@ class PruningProbe:
         predictions = self._inputs_probe() if self.probe == "inputs" else self._neurons_probe()
         num_classes = max(int(clean.max()), int(predictions.max()), int(self.labels.max())) + 1
         error, counts = error_histogram(predictions, self.labels, num_classes)
-        top = max(range(len(counts)), key=counts.__getitem__) if sum(counts) else None
-        return SelectionPoint(self.pruned, acc, error, counts, top, counts[top] / sum(counts) if sum(counts) else 0.0)
+        top, share = _top(counts)
+        return SelectionPoint(self.pruned, acc, error, counts, top, share)
 
     def _inputs_probe(self) -> torch.Tensor:
         from .engines.pgd import pgd
@@ -210,7 +216,7 @@ def choose_pruning(model: nn.Module, masks: dict[str, torch.Tensor], images: tor
                     max_fraction=max_fraction, candidates=candidates, seed=seed, images=int(labels.numel()))
     adversary = PruningProbe(model, masks, images, labels, probe=probe, eps=eps, steps=steps, batch_size=batch_size,
                              seed=seed)
-    numbers = candidate_numbers(len(adversary.order), max_fraction, candidates)
+    numbers = candidate_numbers(adversary.num_neurons, max_fraction, candidates)
     adversary.prune_to(0)
     first = adversary.point()
     target = first.top_class

@@ -31,7 +31,7 @@ import copy
 from collections.abc import Callable
 
 from ..data import DeviceBatchSampler, make_generator
-from ..ensemble import MemberSamplers
+from ..ensemble import draws
 from ..engines.anp import ANPEngine
 from ..engines.anp import anp as fast_anp
 from ..engines.runtime import check_micro_batch, resolve_device, tf32_enabled, use_channels_last
@@ -66,12 +66,7 @@ def _fast_step(model, images, labels, batch_size, device, *, grouped=None, graph
     channels_last = use_channels_last(None, device, images)
     engine = ANPEngine(model, (members * batch_size, *images.shape[1:]), device=device, grouped=grouped,
                        channels_last=channels_last, precision=precision, members=members, **(large or {}), **ANP_KW)
-    if members == 1:
-        sampler = DeviceBatchSampler(images, labels, batch_size, seed=0, device=device)
-        noise = make_generator(1, device)
-    else:
-        sampler = MemberSamplers(images, labels, batch_size, list(range(members)), device=device)
-        noise = [make_generator(k + 1, device) for k in range(members)]
+    sampler, noise = draws(images, labels, batch_size, 0, members, device=device)
     graphed = engine.capture() if graph and device.type == "cuda" else None
 
     def step():

@@ -58,8 +58,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="the ensemble's score per neuron: the mean mask or the mean rank (default: %(default)s)")
     g = p.add_argument_group("pruning (one rule; default: --select %s)" % DEFAULT_SELECT)
     g.add_argument("--select", choices=SELECT_RULES, default=None,
-                   help="auto: the fewest neurons whose pruning spreads the errors a neuron adversary forces on the "
-                        "clean images (no trigger needed; docs/anp-selection.md); threshold|number|fraction|max-drop: "
+                   help="auto: prune until the clean images' adversarial examples no longer pile onto one suspected "
+                        "target class (no trigger needed; docs/anp-selection.md); threshold|number|fraction|max-drop: "
                         "the value given with that option (default: the rule of the value option given, else "
                         f"{DEFAULT_SELECT})")
     g.add_argument("--max-target-share", type=float, default=0.05,

@@ -32,8 +32,8 @@ import torch.nn.functional as F
 from .. import distributed as D
 from .. import functional as FP
 from ..arena import NeuronArena
-from ..data import DeviceBatchSampler, as_tensors, make_generator
-from ..ensemble import AGGREGATES, EnsembleArena, MemberSamplers, aggregate_masks
+from ..data import DeviceBatchSampler, as_tensors
+from ..ensemble import AGGREGATES, EnsembleArena, MemberSamplers, aggregate_masks, draws
 from ..inference import anp_mode
 from ..layers import convert, layer_paths
 from ..masks import ANPResult
@@ -315,18 +315,20 @@ def anp(model: nn.Module, clean_data: Any, *, eps: float = 0.4, steps: int = 1, 
                        batch_size=batch_size)
     mask_layers = check_kinds(mask_layers)
     check_positive_int(seeds, "seeds")
-    if seeds > 1 and not use_batched(batched, D.local_device(device) if D.world_size() > 1 else resolve_device(device)):
+    if aggregate not in AGGREGATES:
+        raise InputError(f"aggregate must be one of {AGGREGATES}, got {aggregate!r}")
+    device = D.local_device(device) if D.world_size() > 1 else resolve_device(device)
+    if seeds > 1 and not use_batched(batched, device):
         kw = dict(eps=eps, steps=steps, alpha=alpha, lr=lr, momentum=momentum, iterations=iterations,
                   batch_size=batch_size, clamp_noise=clamp_noise, augment=augment, padding=padding, flip=flip,
                   device=device, progress=progress, grouped=grouped, cuda_graph=cuda_graph,
                   channels_last=channels_last, tf32=tf32, precision=precision, check_every=check_every,
                   mask_layers=mask_layers, micro_batch=micro_batch, checkpoint=checkpoint)
         return _one_after_another(model, clean_data, seed, seeds, aggregate, kw)
-    _check_ensemble(seeds, aggregate, micro_batch, checkpoint)
+    _check_batched(seeds, micro_batch, checkpoint)
     shard = _rank_batch(batch_size)
     local = shard.stop - shard.start
     fixed = check_micro_batch(micro_batch, local, "batch per process" if D.world_size() > 1 else "batch")
-    device = D.local_device(device) if D.world_size() > 1 else resolve_device(device)
     use_graph = _check_options(device, cuda_graph, check_every, precision)
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     images, labels = as_tensors(clean_data, dtype=dtype)
@@ -341,13 +343,8 @@ def anp(model: nn.Module, clean_data: Any, *, eps: float = 0.4, steps: int = 1, 
     if seeds > 1:
         settings.update(seeds=seeds, aggregate=aggregate)
     D.check_agree({**settings, "checksum": float(images.double().sum())}, "the ANP settings and clean data")
-    options = dict(augment=augment, padding=padding, flip=flip, device=device)
-    if seeds == 1:
-        sampler = DeviceBatchSampler(images, labels, batch_size, seed=seed, **options)
-        noise_generator = make_generator(seed + 1, device)
-    else:  # member k: the batches and noise of a single run with seed + k
-        sampler = MemberSamplers(images, labels, batch_size, [seed + k for k in range(seeds)], **options)
-        noise_generator = [make_generator(seed + k + 1, device) for k in range(seeds)]
+    sampler, noise_generator = draws(images, labels, batch_size, seed, seeds, device=device, augment=augment,
+                                     padding=padding, flip=flip)  # member k: those of the single run with seed + k
     channels_last = use_channels_last(channels_last, device, images)
     engine = ANPEngine(model, (seeds * local, *images.shape[1:]), device=device, eps=eps, steps=steps, alpha=alpha,
                        lr=lr, momentum=momentum, clamp_noise=clamp_noise, grouped=grouped,
@@ -418,8 +415,6 @@ def use_batched(batched: bool | None, device: torch.device) -> bool:
 
 def _one_after_another(model: nn.Module, clean_data: Any, seed: int, seeds: int, aggregate: str, kw: dict) -> ANPResult:
     """A seed ensemble as ``seeds`` single runs, one after another (each exactly the run with its seed)."""
-    if aggregate not in AGGREGATES:
-        raise InputError(f"aggregate must be one of {AGGREGATES}, got {aggregate!r}")
     runs = []
     for k in range(seeds):
         try:
@@ -441,14 +436,13 @@ def _combined(runs: list[ANPResult], seed: int, seeds: int, aggregate: str) -> A
                      members=members, member_loss=[r.loss for r in runs])
 
 
-def _check_ensemble(seeds: int, aggregate: str, micro_batch, checkpoint: bool) -> None:
-    if aggregate not in AGGREGATES:
-        raise InputError(f"aggregate must be one of {AGGREGATES}, got {aggregate!r}")
+def _check_batched(seeds: int, micro_batch, checkpoint: bool) -> None:
     if seeds == 1:
         return
     if micro_batch is not None or checkpoint:
-        raise InputError("seeds > 1 (a seed ensemble) is not combined with micro_batch or checkpoint (the ensemble "
-                         "multiplies the batch by the number of seeds); use seeds=1 for memory-bound models")
+        raise InputError("a batched seed ensemble (seeds > 1, batched=True) is not combined with micro_batch or "
+                         "checkpoint (it multiplies the batch by the number of seeds); use batched=False (the members "
+                         "one after another)")
     if D.world_size() > 1:
-        raise InputError("seeds > 1 (a seed ensemble) is not supported under a process group; run the seeds in one "
-                         "process or one seed per launch")
+        raise InputError("a batched seed ensemble (seeds > 1, batched=True) is not supported under a process group; "
+                         "use batched=False (the members one after another)")
