@@ -103,14 +103,13 @@ def test_members_one_after_another_take_the_large_model_options(cnn):
         assert max_gap(member, single.masks) == 0.0
 
 
-@pytest.mark.parametrize("grouped", [False, True])
-def test_batched_ensemble_through_the_triton_kernels(cnn, monkeypatch, grouped):
-    """The K (or 2K) batch groups with each member's mask in the noise rows, through the
-    interpreted kernels (as on CUDA, where the batched form is the default)."""
+def test_batched_ensemble_through_the_triton_kernels(cnn, monkeypatch):
+    """The K batch groups of the noise steps and the 2K of the mask step, each member's mask in the
+    noise rows, through the interpreted kernels (as on CUDA, where both are the defaults)."""
     monkeypatch.setenv("FASTPURIFY_BACKEND", "triton")
     g = torch.Generator().manual_seed(2)
     data = torch.rand(12, 3, 6, 6, generator=g, dtype=torch.float64), torch.randint(0, 10, (12,), generator=g)
-    kw = dict(iterations=2, batch_size=4, steps=2, grouped=grouped, progress=False, device="cpu")
+    kw = dict(iterations=2, batch_size=4, steps=2, grouped=True, progress=False, device="cpu")
     ensemble = fastpurify.anp(cnn, data, seeds=2, batched=True, **kw)
     assert ensemble.engine["backend"] == "triton"
     for member, single in zip(ensemble.members, _single_runs(cnn, data, [0, 1], **kw)):
