@@ -103,17 +103,35 @@ def _round_label(r) -> str:
 
 def pbe_rounds(report, path: str | Path, *, title: str = "PBE: ACC and ASR per round") -> Path:
     """ACC and ASR (in %) of a :class:`~fastpurify.purification.PBEReport` per round, round 0
-    being the infected model before PBE (as the PBE paper's fig. 6). Needs the report's test
-    metrics (``test_data``)."""
+    being the infected model before PBE (as the PBE paper's fig. 6); where a round has both
+    steps, its point after the adversarial epochs (step 1b) sits half-way, hollow. With the
+    ground truth, each extra set's poisoned share and the ranking's AP (x 100), dashed. Needs
+    the report's test metrics (``test_data``)."""
     if report.before is None or any(r.acc is None for r in report.rounds):
         raise ValueError("the report holds no test metrics: run PBE with test_data to plot ACC / ASR per round")
     plt, fig, ax = _figure()
-    xs = list(range(len(report.rounds) + 1))
-    acc = [report.before["acc"], *(r.acc for r in report.rounds)]
-    asr = [report.before.get("asr"), *(r.asr for r in report.rounds)]
+    xs, acc, asr = [0.0], [report.before["acc"]], [report.before.get("asr")]
+    middle = []
+    for r in report.rounds:
+        if r.adv_acc is not None:
+            middle.append((r.round + 0.5, r.adv_acc, r.adv_asr))
+            xs.append(r.round + 0.5), acc.append(r.adv_acc), asr.append(r.adv_asr)
+        xs.append(r.round + 1.0), acc.append(r.acc), asr.append(r.asr)
     _acc_asr_lines(ax, xs, acc, asr)
-    ax.set_xticks(xs, ["0\nbefore", *(_round_label(r) for r in report.rounds)])
-    ax.set_xlabel("round (extra set)")
+    for x, a, b in middle:
+        ax.plot([x], [100 * a], marker="o", color="white", markeredgecolor="#228833", zorder=3)
+        if b is not None:
+            ax.plot([x], [100 * b], marker="s", color="white", markeredgecolor="#cc3311", zorder=3)
+    if any(r.poisoned_fraction is not None for r in report.rounds):
+        rx = [r.round + 1 for r in report.rounds]
+        ax.plot(rx, [None if r.poisoned_fraction is None else 100 * r.poisoned_fraction for r in report.rounds],
+                linestyle="--", marker="x", color="#aa3377", label="extra set's poisoned share")
+        ax.plot(rx, [None if r.average_precision is None else 100 * r.average_precision for r in report.rounds],
+                linestyle="--", marker="^", color="#4477aa", label="ranking's AP x 100")
+        ax.legend(loc="best")
+    ticks = list(range(len(report.rounds) + 1))
+    ax.set_xticks(ticks, ["0\nbefore", *(_round_label(r) for r in report.rounds)])
+    ax.set_xlabel("round (extra set)" + ("; hollow: after the round's adversarial epochs" if middle else ""))
     ax.set_title(title)
     return _save(plt, fig, path)
 

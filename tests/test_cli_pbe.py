@@ -67,10 +67,17 @@ def test_clean_extra_set_writes_model_report_and_figure(tmp_path, checkpoint, ca
 
 def test_progressive_rebuilds_the_poisoned_training_set_and_its_ground_truth(tmp_path, checkpoint, capsys):
     out = tmp_path / "out"
-    assert main(["pbe", "--model", str(checkpoint), "--schedule", "0.1,0.3", "--out", str(out), *FAST]) == 0
+    assert main(["pbe", "--model", str(checkpoint), "--schedule", "0.1,0.3", "--out", str(out), *FAST,
+                 "--regenerate", "batch", "--clean-epochs", "0,1", "--adv-batches", "all,2"]) == 0
     printed = capsys.readouterr().out
     assert "1438 images of digits's training split, poisoned at rate 0.1 (144 poisoned, known)" in printed
+    assert "2 round(s): 1 + 0 epochs, then 1 (2 adversarial batches) + 1 (PGD every batch)" in printed, printed
+    assert "adv ACC  adv ASR" in printed and "the trigger's target 0:" in printed
     report = json.loads((out / "report.json").read_text())
+    assert report["settings"]["rounds"] == [dict(adv_epochs=1, clean_epochs=0, adv_batches=None),
+                                            dict(adv_epochs=1, clean_epochs=1, adv_batches=2)]
+    assert report["rounds"][0]["adv_acc"] is None and 0 <= report["rounds"][1]["adv_asr"] <= 1
+    assert report["adversarial_labels"]["target"] == 0 and report["adversarial_labels"]["images"] == 1000
     assert report["setting"] == "training set" and report["poisoned_images"] == 144
     assert report["evaluated_images"] == 359 and report["settings"]["schedule"] == [0.1, 0.3]
     assert [r["size"] for r in report["rounds"]] == [143, 431]
@@ -143,7 +150,13 @@ def test_pickled_model_needs_trust_pickle(tmp_path, capsys):
     (["--eps", "0"], "--eps must be a positive finite number"),
     (["--eps", "six/255"], "--eps must be a number or a fraction such as 6/255"),
     (["--alpha", "1/0"], "--alpha must be a number or a fraction"),
-    (["--adv-epochs", "0", "--clean-epochs", "0"], "--adv-epochs + --clean-epochs must be at least 1"),
+    (["--adv-epochs", "0", "--clean-epochs", "0"], "round 0: --adv-epochs + --clean-epochs must be at least 1"),
+    (["--adv-epochs", "1,x"], "--adv-epochs must be non-negative integers, one or one per round"),
+    (["--adv-epochs", "1,1,1,1,1"], "--adv-epochs must be one value or one per round (at most 4 here)"),
+    (["--clean-images", "40", "--adv-epochs", "1,1"], "(at most 1 here)"),
+    (["--adv-batches", "31", "--regenerate", "round"], "give --regenerate batch"),
+    (["--recipe", "authors", "--clean-epochs", "2"], "--recipe authors sets --adv-batches, --adv-epochs, --clean-epochs, --regenerate; do not also give --adv-epochs, --clean-epochs"),
+    (["--adv-batches", "all,0", "--regenerate", "batch"], "--adv-batches must be positive integers or 'all'"),
     (["--momentum", "1"], "--momentum must lie in [0, 1)"),
     (["--clean-images", "5000"], "--clean-images must be below 359"),
     (["--clean-images", "40", "--train-data", "x.npz"], "--train-data and --poison-rate are for the progressive"),

@@ -24,25 +24,21 @@ import pytest
 import torch
 
 import fastpurify
-from fastpurify.backdoor import BadNets, evaluate, train_backdoored
+from fastpurify.backdoor import BadNets, evaluate
 from fastpurify.data import load_digits, train_test_split
 from fastpurify.models import small_cnn
 from fastpurify.pruning import prune, prune_by_clean_accuracy, select_neurons
 from fastpurify.reference import anp, pbe
 from fastpurify.selection import choose_pruning
 from fastpurify.training import train_classifier
+from tests.digits_subjects import digits_subject
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def subject():
-    images, labels = load_digits(size=16)
-    train, test = train_test_split(images, labels, 0.2, seed=0)
-    torch.manual_seed(0)
-    subject = train_backdoored(small_cnn(num_classes=10, in_channels=1, width=32), train, test,
-                               BadNets(num_classes=10, target=0), 0.1, epochs=15, lr=0.05, batch_size=64, padding=2,
-                               flip=False, progress=False)
+    subject, test = digits_subject(BadNets(num_classes=10, target=0), width=32, epochs=15)
     clean = test[0][:100], test[1][:100]
     held_out = test[0][100:], test[1][100:]
     before = evaluate(subject.model, *held_out, subject.attack)

@@ -25,7 +25,8 @@ def test_the_papers_settings_and_overrides():
         "cifar_resnet18", 0.05, 0.01, 2000, 0.2)
     assert (pbe.arch, pbe.rate, pbe.clean_fraction, pbe.pbe_settings) == (
         "preact_resnet18", 0.1, 0.05, ("clean", "no-clean"))
-    assert pbe.pbe_eps == pytest.approx(6 / 255) and (pbe.pbe_adv_epochs, pbe.pbe_clean_epochs) == (3, 17)
+    assert pbe.pbe_eps == pytest.approx(6 / 255) and (pbe.pbe_adv_epochs, pbe.pbe_clean_epochs) == (None, None)
+    assert (pbe.pbe_lr, pbe.pbe_recipe, pbe.pbe_initial) == (None, None, "random")  # fastpurify.pbe's defaults
     gpu = paper_config("anp", "cuda", epochs=7)
     assert (gpu.recipe.epochs, gpu.recipe.batch_size, gpu.recipe.schedule, gpu.recipe.precision) == (
         7, 512, "onecycle", "bf16")
@@ -39,6 +40,10 @@ def test_the_papers_settings_and_overrides():
     (dict(rate=1.5), "--rate must lie in (0, 1)"),
     (dict(pbe_settings=("clean", "sometimes")), "--pbe-settings"),
     (dict(pbe_adv_epochs=0, pbe_clean_epochs=0), "--pbe-epochs"),
+    (dict(pbe_adv_epochs=1), "give both PBE epoch counts"),
+    (dict(pbe_adv_epochs=1, pbe_clean_epochs=1, pbe_recipe="authors"), "do not also give --pbe-epochs"),
+    (dict(pbe_initial="lowest"), "--pbe-initial must be 'random' or 'high-loss'"),
+    (dict(pbe_lr=0.0), "--pbe-lr"),
     (dict(colour="red"), "unknown reproduction setting(s) colour"),
 ])
 def test_bad_settings_say_what_is_accepted(overrides, message):

@@ -59,17 +59,35 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="progressive setting: poison the data's training split with the trigger at this rate "
                         "(default: the rate the checkpoint records; 0: use it unpoisoned)")
     add_trigger_options(g)
-    g = p.add_argument_group("PBE (defaults: the paper's)")
+    g = p.add_argument_group("PBE (defaults: the paper's and its authors' code, except where a help says)")
     g.add_argument("--eps", default=DEFAULT_EPS, help="L-inf PGD bound in pixel units, a number or a fraction "
                    "such as 8/255 (default: %(default)s)")
     g.add_argument("--alpha", default=None, help="PGD step, a number or a fraction (default: eps / 5)")
     g.add_argument("--pgd-steps", type=int, default=7)
     g.add_argument("--random-start", action="store_true", help="start PGD at a random point of the eps-ball")
-    g.add_argument("--regenerate", choices=["round", "batch"], default="round",
-                   help="PGD examples once per round (the paper) or every batch (the authors' code)")
-    g.add_argument("--adv-epochs", type=int, default=3, help="epochs on PGD examples per round")
-    g.add_argument("--clean-epochs", type=int, default=17, help="epochs on the extra set itself per round")
-    g.add_argument("--lr", type=float, default=1e-3)
+    g.add_argument("--regenerate", choices=["round", "batch"], default=None,
+                   help="PGD examples once per round (the paper's step 1a) or every batch (the authors' code) "
+                        "(default: batch progressive, round with --clean-images)")
+    g.add_argument("--adv-epochs", default=None, help="epochs on PGD examples per round: one number, or one per "
+                   "round comma-separated (a shorter list repeats its last value), e.g. 10,1 (default: progressive, "
+                   "the authors' rounds: 10,1 adversarial, 0,9 clean, all,31 adversarial batches; with "
+                   "--clean-images 3 + 17; once one of these three is given, the others default to 3, 17, all)")
+    g.add_argument("--clean-epochs", default=None, help="epochs on the extra set itself per round, the same way")
+    g.add_argument("--adv-batches", default=None, help="with --regenerate batch: only the first N batches of a "
+                   "round's adversarial epochs are adversarial, the rest clean; per round the same way, 'all' for "
+                   "no cap, e.g. all,31")
+    g.add_argument("--recipe", choices=["authors"], default=None,
+                   help="the authors' scripts' rounds, instead of --regenerate, --adv-epochs, --clean-epochs and "
+                        "--adv-batches: progressive, per-batch PGD, round 0 10 adversarial epochs, later rounds one "
+                        "epoch adversarial in its first 31 batches then 9 clean (the default); with a clean extra "
+                        "set, per-batch PGD, 3 + 17 epochs")
+    g.add_argument("--lr", type=float, default=None, help="fine-tuning learning rate (default: 1e-3 progressive, the "
+                   "authors'; 1e-2 with --clean-images, fastpurify's: the authors' 1e-3 fine-tunes on 50,000 clean "
+                   "images, far more steps than a few hundred give)")
+    g.add_argument("--initial", choices=["random", "high-loss"], default="random",
+                   help="progressive setting: round 0's extra set drawn from the whole training set (the paper) or "
+                        "from the half the infected model fits least (fastpurify's own; poisoned images are fitted "
+                        "most confidently)")
     g.add_argument("--momentum", type=float, default=0.9)
     g.add_argument("--weight-decay", type=float, default=5e-4)
     g.add_argument("--batch-size", type=int, default=128)
@@ -106,6 +124,37 @@ def parse_schedule(text: str) -> list[float]:
     return values
 
 
+def parse_per_round(text: str | None, name: str, *, allow_all: bool = False) -> int | list | None:
+    """``"3"`` -> 3; ``"10,1"`` -> [10, 1] (one per round); with ``allow_all`` "all" is None."""
+    if text is None:
+        return None
+    values = []
+    for part in text.split(","):
+        part = part.strip()
+        if allow_all and part == "all":
+            values.append(None)
+            continue
+        try:
+            value = int(part)
+        except ValueError:
+            value = -1
+        if value < (1 if allow_all else 0):
+            what = "positive integers or 'all'" if allow_all else "non-negative integers"
+            raise InputError(f"{name} must be {what}, one or one per round comma-separated (e.g. 10,1), got {text!r}")
+        values.append(value)
+    return values[0] if len(values) == 1 else values
+
+
+def _in_flags(text: str) -> str:
+    """An engine error about the round keywords, in the command's words."""
+    text = text.replace("regenerate='batch'", "--regenerate batch").replace("or None (all)", "or 'all'")
+    text = text.replace("recipe='authors'", "--recipe authors")
+    for name in ("adv_epochs", "clean_epochs", "adv_batches"):
+        text = text.replace(name, "--" + name.replace("_", "-"))
+    return text.replace("sets --adv-batches, --adv-epochs, --clean-epochs, regenerate",
+                        "sets --adv-batches, --adv-epochs, --clean-epochs, --regenerate")
+
+
 def _check(args) -> dict:
     """Check the arguments before any work; return the engines' keywords."""
     eps = parse_pixels(args.eps, "--eps")
@@ -113,14 +162,18 @@ def _check(args) -> dict:
     check_positive(eps, "--eps")
     if alpha is not None:
         check_positive(alpha, "--alpha")
-    check_positive(args.lr, "--lr")
+    if args.lr is not None:
+        check_positive(args.lr, "--lr")
+    if args.initial != "random" and args.clean_images is not None:
+        raise InputError("--initial picks round 0 of the progressive setting; --clean-images has one round on the "
+                         "clean extra set: give one or the other")
     for name in ("pgd_steps", "batch_size"):
         check_positive_int(getattr(args, name), "--" + name.replace("_", "-"))
-    for name in ("adv_epochs", "clean_epochs", "padding"):
-        if getattr(args, name) < 0:
-            raise InputError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-    if args.adv_epochs + args.clean_epochs == 0:
-        raise InputError("--adv-epochs + --clean-epochs must be at least 1")
+    if args.padding < 0:
+        raise InputError(f"--padding must be >= 0, got {args.padding}")
+    adv_epochs = parse_per_round(args.adv_epochs, "--adv-epochs")
+    clean_epochs = parse_per_round(args.clean_epochs, "--clean-epochs")
+    adv_batches = parse_per_round(args.adv_batches, "--adv-batches", allow_all=True)
     check_fraction(args.momentum, "--momentum", low_open=False)
     check_fraction(args.weight_decay, "--weight-decay", low_open=False)
     if args.clean_images is not None:
@@ -130,11 +183,27 @@ def _check(args) -> dict:
                              "the clean-extra-set setting: give one or the other")
     if args.poison_rate is not None:
         check_fraction(args.poison_rate, "--poison-rate", low_open=False)
+    from ..purification import round_keywords, round_specs
+
+    schedule = parse_schedule(args.schedule)
+    setting = "clean extra set" if args.clean_images is not None else "training set"
+    try:
+        count = len(schedule) if setting == "training set" else 1
+        rounds = round_keywords(setting, args.recipe, dict(regenerate=args.regenerate, adv_epochs=adv_epochs,
+                                                           clean_epochs=clean_epochs, adv_batches=adv_batches), count)
+    except InputError as e:
+        raise InputError(_in_flags(str(e))) from None
+    try:  # errors before any work, in the command's words
+        round_specs(rounds["adv_epochs"], rounds["clean_epochs"], rounds["adv_batches"], count,
+                    rounds["regenerate"])
+    except InputError as e:
+        raise InputError(_in_flags(str(e))) from None
     return dict(eps=eps, alpha=alpha, pgd_steps=args.pgd_steps, random_start=args.random_start,
-                regenerate=args.regenerate, adv_epochs=args.adv_epochs, clean_epochs=args.clean_epochs, lr=args.lr,
+                regenerate=args.regenerate, adv_epochs=adv_epochs, clean_epochs=clean_epochs,
+                adv_batches=adv_batches, recipe=args.recipe, initial=args.initial, lr=args.lr,
                 momentum=args.momentum, weight_decay=args.weight_decay, batch_size=args.batch_size,
                 augment=not args.no_augment, padding=args.padding, flip=not args.no_flip,
-                schedule=parse_schedule(args.schedule), seed=args.seed, progress=not args.no_progress)
+                schedule=schedule, seed=args.seed, progress=not args.no_progress)
 
 
 @dataclass
@@ -289,6 +358,7 @@ def _run(args: argparse.Namespace) -> int:
         "engine": args.engine, "engine_info": summary["engine"], "settings": summary["settings"],
         "seconds": round(report.seconds, 3), "peak_memory_bytes": report.engine.get("peak_memory_bytes"),
         "peak_memory_kind": report.engine.get("peak_memory_kind"), "before": report.before, "after": after, "rounds": summary["rounds"],
+        "adversarial_labels": summary["adversarial_labels"],
         "attack": None if attack is None else repr(attack), "figures": figures,
         "arguments": {k: v for k, v in vars(args).items() if k != "command"}})
     print(f"wrote {out}/" + ", ".join(files + [Path(f).name for f in figures]))
@@ -296,15 +366,22 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _announce(args, meta: dict, inputs: PBEInputs, settings: dict) -> None:
-    rounds = len(settings["schedule"]) if inputs.progressive else 1
+    from ..purification import describe_rounds, round_keywords, round_specs
+
+    num_rounds = len(settings["schedule"]) if inputs.progressive else 1
+    keys = ("regenerate", "adv_epochs", "clean_epochs", "adv_batches")
+    rounds = round_keywords(inputs.setting, settings["recipe"], {k: settings[k] for k in keys}, num_rounds)
+    specs = round_specs(rounds["adv_epochs"], rounds["clean_epochs"], rounds["adv_batches"], num_rounds,
+                        rounds["regenerate"])
     truth = ""
     if inputs.progressive and inputs.poison_indices is not None:
         flags = inputs.poison_indices
         count = int(flags.sum()) if flags.dtype == torch.bool else flags.numel()
         truth = f" ({count} poisoned, known)"
     print(f"{meta['arch']} from {args.model}; PBE on a {inputs.setting}: {inputs.extra[1].numel()} images of "
-          f"{inputs.data}{truth}; {inputs.test[1].numel()} test images evaluate; {args.engine} engine, {rounds} "
-          f"round(s) of {args.adv_epochs} + {args.clean_epochs} epochs, eps {args.eps}")
+          f"{inputs.data}{truth}; {inputs.test[1].numel()} test images evaluate; {args.engine} engine, {num_rounds} "
+          f"round(s): {describe_rounds(specs)} (PGD every {'batch' if rounds['regenerate'] == 'batch' else 'round'}), "
+          f"eps {args.eps}")
     if inputs.note:
         print(f"note: {inputs.note}")
 
@@ -339,16 +416,25 @@ def _cell(value, fmt: str) -> str:
 
 
 def format_rounds(report) -> str:
-    """The per-round table: round 0 is the infected model, the rounds of PBE count from 1."""
-    row = "{:>5}  {:>8}  {:>9}  {:>8}  {:>6}  {:>6}  {:>6}  {:>7}\n"
+    """The per-round table: round 0 is the infected model, the rounds of PBE count from 1; "adv
+    ACC" / "adv ASR" are measured after the round's adversarial epochs (step 1b), "ACC" / "ASR"
+    after its clean epochs (step 2). Then how the infected model labels its PGD examples."""
+    row = "{:>5}  {:>8}  {:>9}  {:>8}  {:>6}  {:>7}  {:>7}  {:>6}  {:>6}  {:>7}\n"
     before = report.before or {}
-    lines = [row.format("round", "fraction", "extra set", "poisoned", "AP", "ACC", "ASR", "seconds"),
-             row.format(0, "before", "-", "-", "-", _cell(before.get("acc"), ".1%"), _cell(before.get("asr"), ".1%"),
-                        "-")]
+    lines = [row.format("round", "fraction", "extra set", "poisoned", "AP", "adv ACC", "adv ASR", "ACC", "ASR",
+                        "seconds"),
+             row.format(0, "before", "-", "-", "-", "-", "-", _cell(before.get("acc"), ".1%"),
+                        _cell(before.get("asr"), ".1%"), "-")]
     for r in report.rounds:
         lines.append(row.format(r.round + 1, "clean" if r.fraction is None else format(r.fraction, ".0%"), r.size,
                                 _cell(r.poisoned_fraction, ".1%"), _cell(r.average_precision, ".3f"),
-                                _cell(r.acc, ".1%"), _cell(r.asr, ".1%"), format(r.seconds, ".1f")))
+                                _cell(r.adv_acc, ".1%"), _cell(r.adv_asr, ".1%"), _cell(r.acc, ".1%"),
+                                _cell(r.asr, ".1%"), format(r.seconds, ".1f")))
+    labels = report.adversarial_labels
+    if labels:
+        target = f"; the trigger's target {labels['target']}: {labels['target_share']:.0%}" if "target" in labels else ""
+        lines.append(f"the infected model labels its PGD examples of {labels['images']} extra-set images as class "
+                     f"{labels['top_class']} most often ({labels['top_share']:.0%}){target}\n")
     return "".join(lines)
 
 

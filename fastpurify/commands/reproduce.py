@@ -52,9 +52,16 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="skip the trigger-free auto pruning column (it attacks each candidate pruning with PGD)")
     g = p.add_argument_group("PBE")
     g.add_argument("--pbe-settings", default=None, help="clean, no-clean or both (default: clean,no-clean)")
-    g.add_argument("--pbe-epochs", default=None, help="ADV,CLEAN epochs per round (default: 3,17)")
+    g.add_argument("--pbe-epochs", default=None, help="ADV,CLEAN epochs per round (default: fastpurify.pbe's rounds: "
+                   "no-clean the authors', clean 3,17)")
     g.add_argument("--pbe-schedule", default=None, help="no-clean extra-set fractions (default: 0.05,0.2,0.5,0.7)")
     g.add_argument("--pbe-eps", default=None, help="PGD bound, e.g. 6/255 (default)")
+    g.add_argument("--pbe-lr", type=float, default=None,
+                   help="fine-tuning learning rate (default: fastpurify.pbe's: 1e-3 no-clean, 1e-2 clean)")
+    g.add_argument("--pbe-recipe", choices=["authors"], default=None,
+                   help="the authors' scripts' rounds (replaces --pbe-epochs; see fastpurify pbe --recipe)")
+    g.add_argument("--pbe-initial", choices=["random", "high-loss"], default=None,
+                   help="no-clean round 0 drawn at random (the paper, default) or from the least-fitted half")
     g = p.add_argument_group("run")
     g.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
     g.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="the defenses' precision")
@@ -93,6 +100,7 @@ def options(args: argparse.Namespace) -> dict:
         pbe_clean_epochs=None if adv_clean is None else adv_clean[1],
         pbe_schedule=None if args.pbe_schedule is None else tuple(parse_schedule(args.pbe_schedule)),
         pbe_eps=None if args.pbe_eps is None else parse_pixels(args.pbe_eps, "--pbe-eps"),
+        pbe_lr=args.pbe_lr, pbe_recipe=args.pbe_recipe, pbe_initial=args.pbe_initial,
     )
 
 

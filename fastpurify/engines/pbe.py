@@ -29,8 +29,9 @@ from .. import distributed as D
 from .. import functional as FP
 from ..data import DeviceBatchSampler, make_generator
 from ..inference import eval_mode
-from ..purification import (DEFAULT_SCHEDULE, PBEPlan, PBEReport, PBEResult, PBERound, RoundClock, finish_round,
-                            initial_subset, measure, next_subset, plan_pbe)
+from ..purification import (DEFAULT_SCHEDULE, PBEPlan, PBEReport, PBEResult, PBERound, RoundClock, RoundSpec,
+                            adversarial_labels, finish_round, initial_subset, measure, midround_measure, next_subset,
+                            plan_pbe)
 from ..ranking import rank_descending
 from ..validation import InputError, check_positive_int
 from .checkpointing import checkpoint_blocks, remove_checkpointing
@@ -164,28 +165,34 @@ class PBEEngine:
         return DeviceBatchSampler(images, labels, cfg["batch_size"], generator=self.generator, augment=cfg["augment"],
                                   padding=cfg["padding"], flip=cfg["flip"])
 
-    def purify(self, images: torch.Tensor, labels: torch.Tensor, bar=None) -> None:
-        """One round on the extra set: adversarial epochs, then clean epochs."""
+    def purify(self, images: torch.Tensor, labels: torch.Tensor, spec: RoundSpec, bar=None,
+               after_adversarial=None) -> None:
+        """One round on the extra set: adversarial epochs (only the first ``spec.adv_batches``
+        batches adversarial, when set), then clean epochs; ``after_adversarial()`` between them."""
         cfg = self.plan.cfg
         full = {cfg["batch_size"], self.pgd_batch_size}  # the last partial batches of earlier rounds never return
         self.tuner.keep_batches(full)
         self.attack.keep_batches(full)
         per_round = cfg["regenerate"] == "round"
         adversarial = None
-        if per_round and cfg["adv_epochs"]:
+        if per_round and spec.adv_epochs:
             adversarial = self.attack.attack(images, labels, random_start=cfg["random_start"],
                                              generator=self.generator, batch_size=self.pgd_batch_size, shard=True)
         clean = self._sampler(images, labels)  # drawing happens per epoch, so one sampler per set serves them all
         attacked = self._sampler(adversarial, labels) if adversarial is not None else clean
-        for epoch in range(cfg["adv_epochs"] + cfg["clean_epochs"]):
-            in_adv = epoch < cfg["adv_epochs"]
+        left = spec.adv_batches  # per-batch PGD only: adversarial batches still to come (None: all)
+        for epoch in range(spec.epochs):
+            in_adv = epoch < spec.adv_epochs
             for x, y in attacked if in_adv else clean:
-                if in_adv and not per_round:
+                if in_adv and not per_round and (left is None or left > 0):
                     x = self.attack.attack(x, y, random_start=cfg["random_start"], generator=self.generator,
                                            batch_size=x.shape[0], shard=True)
+                    left = None if left is None else left - 1
                 self.tuner(x, y)
             if bar is not None:
                 bar.update(1)
+            if epoch == spec.adv_epochs - 1 and spec.clean_epochs and after_adversarial is not None:
+                after_adversarial()
 
     @torch.no_grad()
     def logits(self, images: torch.Tensor) -> torch.Tensor:
@@ -219,7 +226,10 @@ class PBEEngine:
 def pbe(model: nn.Module, train_data: Any = None, clean_data: Any = None, *,
         poison_indices: torch.Tensor | None = None, test_data: Any = None, attack: Any = None,
         eps: float = 6 / 255, alpha: float | None = None, pgd_steps: int = 7, random_start: bool = False,
-        regenerate: str = "round", adv_epochs: int = 3, clean_epochs: int = 17, lr: float = 1e-3,
+        regenerate: str | None = None, adv_epochs: int | Sequence[int] | None = None,
+        clean_epochs: int | Sequence[int] | None = None,
+        adv_batches: int | None | Sequence[int | None] = None, recipe: str | None = None, initial: str = "random",
+        lr: float | None = None,
         momentum: float = 0.9, weight_decay: float = 5e-4, batch_size: int = 128, augment: bool = True,
         padding: int = 4, flip: bool = True, schedule: Sequence[float] = DEFAULT_SCHEDULE, seed: int = 0,
         progress: bool = True, device: torch.device | str | None = None, cuda_graph: bool | None = None,
@@ -235,8 +245,18 @@ def pbe(model: nn.Module, train_data: Any = None, clean_data: Any = None, *,
     ``test_data`` adds ACC per round and ``attack`` (a :mod:`fastpurify.backdoor` attack) the ASR.
     The keywords up to ``progress`` mean what they mean in :func:`fastpurify.reference.pbe`, with
     the same defaults and, for one seed, the same random draws. ``alpha=None`` is ``eps / 5``;
+    ``lr=None`` is 1e-3 in the progressive setting (the authors') and 1e-2 with a clean extra set
+    (fastpurify's: :data:`fastpurify.purification.DEFAULT_LR`);
     ``regenerate``: "round" (PGD examples once per round, the paper) or "batch" (every batch,
-    the authors' code). Speed options: ``device`` (default: CUDA if available),
+    the authors' code). ``adv_epochs``, ``clean_epochs`` and ``adv_batches`` (per-batch PGD
+    only: the round's first that many batches adversarial, the rest clean) are one value for
+    every round or one per round; ``recipe="authors"`` sets them and ``regenerate`` to the
+    authors' scripts' (:data:`fastpurify.purification.RECIPES`). With ``test_data`` each round
+    also records ACC / ASR after its adversarial epochs, and the report how the infected model
+    labels its PGD examples (``report.adversarial_labels``). ``initial``: round 0's extra set
+    drawn from the whole training set ("random", the paper) or from the half the infected model
+    fits least ("high-loss", fastpurify's own: :func:`fastpurify.purification.initial_subset`).
+    Speed options: ``device`` (default: CUDA if available),
     ``cuda_graph``/``channels_last`` (None: on CUDA), ``tf32``, ``precision`` ("fp32"/"bf16"),
     ``pgd_batch_size`` (images per PGD chunk; None: 512 on CUDA, ``batch_size`` on the CPU, where
     large chunks only thrash the caches) and ``score_batch_size``. ``model`` is never modified.
@@ -274,7 +294,8 @@ def pbe(model: nn.Module, train_data: Any = None, clean_data: Any = None, *,
                     test_data=test_data, attack=attack, eps=eps, alpha=alpha, pgd_steps=pgd_steps,
                     random_start=random_start, regenerate=regenerate, adv_epochs=adv_epochs, clean_epochs=clean_epochs,
                     lr=lr, momentum=momentum, weight_decay=weight_decay, batch_size=batch_size, augment=augment,
-                    padding=padding, flip=flip, schedule=schedule, seed=seed)
+                    padding=padding, flip=flip, schedule=schedule, seed=seed, adv_batches=adv_batches, recipe=recipe,
+                    initial=initial)
     D.check_agree({**plan.settings, "micro_batch": micro_batch, "checksum": float(plan.images.double().sum())},
                   "the PBE settings and data")
     if world > plan.images.shape[0]:
@@ -287,15 +308,19 @@ def pbe(model: nn.Module, train_data: Any = None, clean_data: Any = None, *,
                            precision=precision, pgd_batch_size=pgd_batch_size, score_batch_size=score_batch_size,
                            micro_batch=micro_batch, checkpoint=checkpoint)
         report = PBEReport(settings=plan.settings, before=measure(engine.model, plan), poisoned=plan.poisoned)
+        if plan.test is not None:
+            report.adversarial_labels = adversarial_labels(engine.model, plan)
         bar = None
         if progress and D.is_main():
             from tqdm.auto import tqdm
-            bar = tqdm(total=plan.num_rounds * (adv_epochs + clean_epochs), desc="PBE", unit="epoch")
+            bar = tqdm(total=plan.total_epochs, desc="PBE", unit="epoch")
         try:
             clock = RoundClock(device)
             if not plan.progressive:
-                engine.purify(plan.images, plan.labels, bar)
-                finish_round(PBERound(0, None, None, size=plan.images.shape[0]), plan, engine.model, clock, report)
+                info = PBERound(0, None, None, size=plan.images.shape[0])
+                engine.purify(plan.images, plan.labels, plan.specs[0], bar,
+                              lambda: midround_measure(info, plan, engine.model, clock))
+                finish_round(info, plan, engine.model, clock, report)
             else:
                 _progressive(engine, plan, clock, report, bar)
         finally:
@@ -312,12 +337,18 @@ def pbe(model: nn.Module, train_data: Any = None, clean_data: Any = None, *,
 
 def _progressive(engine: PBEEngine, plan: PBEPlan, clock: RoundClock, report: PBEReport, bar) -> None:
     infected = engine.logits(plan.images)  # once: the infected model is the copy before any update
-    chosen = initial_subset(plan, engine.generator)
+    losses = None
+    if plan.cfg["initial"] == "high-loss":
+        mine = plan.labels[D.shard(plan.labels.shape[0], "images to score")]
+        losses = D.all_gather_rows(F.cross_entropy(infected, mine, reduction="none"), plan.labels.shape[0])
+    chosen = initial_subset(plan, engine.generator, losses)
     for r, fraction in enumerate(plan.fractions):
         if r > 0:
             clock.start()
             chosen = next_subset(plan, r, report.ranking)
-        engine.purify(plan.images[chosen], plan.labels[chosen], bar)
-        scores = engine.scores(plan.images, infected)
-        info = PBERound(r, fraction, chosen, size=int(chosen.numel()), scores=scores, ranking=rank_descending(scores))
+        info = PBERound(r, fraction, chosen, size=int(chosen.numel()))
+        engine.purify(plan.images[chosen], plan.labels[chosen], plan.specs[r], bar,
+                      lambda: midround_measure(info, plan, engine.model, clock))
+        info.scores = engine.scores(plan.images, infected)
+        info.ranking = rank_descending(info.scores)
         finish_round(info, plan, engine.model, clock, report)

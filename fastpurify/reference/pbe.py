@@ -7,9 +7,10 @@ A purification round on an extra set: ``adv_epochs`` epochs of fine-tuning on un
 examples of it with the true labels (generated once per round against the model at the start of
 the round, ``regenerate="round"``, the paper's step 1a; or every batch against the current
 model, ``regenerate="batch"``, the authors' ``aft_train``; eval mode for the attack), then
-``clean_epochs`` epochs of fine-tuning on the extra set itself. One SGD optimizer (lr 1e-3,
-momentum 0.9, weight decay 5e-4, constant learning rate: the authors' scheduler is never
-stepped) serves the whole run; batches are shuffled epochs with the crop + flip augmentation.
+``clean_epochs`` epochs of fine-tuning on the extra set itself. One SGD optimizer (momentum 0.9,
+weight decay 5e-4, constant learning rate: the authors' scheduler is never stepped; ``lr=None``
+is their 1e-3 in the progressive setting and fastpurify's 1e-2 with a clean extra set,
+:data:`fastpurify.purification.DEFAULT_LR`) serves the whole run; batches are shuffled epochs with the crop + flip augmentation.
 After each round of the progressive setting every training image is scored by the cosine
 similarity of the infected and the current model's logits (eval mode, no augmentation); the
 model is not reset between rounds.
@@ -17,9 +18,9 @@ model is not reset between rounds.
 Deliberate differences from the authors' scripts, stated once: the PGD examples are clamped to
 [0, 1] (their ``aft_train`` only projects to the eps-ball), the augmentation is the package's
 crop + flip (theirs adds a random rotation), batches are always shuffled (``pbe_main`` does not
-shuffle), and every round runs the same ``adv_epochs`` + ``clean_epochs`` (their progressive
-script runs 10 epochs per round: all adversarial in round 0, afterwards adversarial only in the
-first 31 batches of the first epoch).
+shuffle). Their progressive script's rounds (10 adversarial epochs in round 0; afterwards one
+epoch adversarial only in its first 31 batches, then 9 clean) are ``recipe="authors"``; by
+default every round runs the same ``adv_epochs`` + ``clean_epochs``.
 """
 
 from __future__ import annotations
@@ -34,14 +35,16 @@ import torch.nn.functional as F
 
 from ..data import DeviceBatchSampler, make_generator
 from ..inference import model_device, predict_logits
-from ..purification import (DEFAULT_SCHEDULE, PBEPlan, PBEReport, PBEResult, PBERound, RoundClock, finish_round,
-                            initial_subset, measure, next_subset, plan_pbe)
+from ..purification import (DEFAULT_SCHEDULE, PBEPlan, PBEReport, PBEResult, PBERound, RoundClock, RoundSpec,
+                            adversarial_labels, finish_round, initial_subset, measure, midround_measure, next_subset,
+                            plan_pbe)
 from ..ranking import cosine_scores, rank_descending
 from .pgd import pgd
 
 def _purify(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor,
-            generator: torch.Generator, cfg: dict, bar) -> None:
-    """One round: adversarial epochs, then clean epochs, on (images, labels)."""
+            generator: torch.Generator, cfg: dict, spec: RoundSpec, bar, after_adversarial=None) -> None:
+    """One round: adversarial epochs (only the first ``spec.adv_batches`` batches adversarial,
+    when set), then clean epochs, on (images, labels); ``after_adversarial()`` between them."""
     def attack(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return pgd(model, x, y, eps=cfg["eps"], alpha=cfg["alpha"], steps=cfg["pgd_steps"],
                    random_start=cfg["random_start"], generator=generator, batch_size=cfg["batch_size"])
@@ -51,14 +54,16 @@ def _purify(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Te
                                   padding=cfg["padding"], flip=cfg["flip"])
 
     per_round = cfg["regenerate"] == "round"
-    adversarial = attack(images, labels) if per_round and cfg["adv_epochs"] else None
+    adversarial = attack(images, labels) if per_round and spec.adv_epochs else None
     clean = sampler(images)  # drawing happens per epoch, so one sampler per set serves them all
     attacked = sampler(adversarial) if adversarial is not None else clean
-    for epoch in range(cfg["adv_epochs"] + cfg["clean_epochs"]):
-        in_adv = epoch < cfg["adv_epochs"]
+    left = spec.adv_batches  # per-batch PGD only: adversarial batches still to come (None: all)
+    for epoch in range(spec.epochs):
+        in_adv = epoch < spec.adv_epochs
         for x, y in attacked if in_adv else clean:
-            if in_adv and not per_round:
+            if in_adv and not per_round and (left is None or left > 0):
                 x = attack(x, y)
+                left = None if left is None else left - 1
             model.train()
             loss = F.cross_entropy(model(x), y)
             optimizer.zero_grad()
@@ -66,12 +71,17 @@ def _purify(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Te
             optimizer.step()
         if bar is not None:
             bar.update(1)
+        if epoch == spec.adv_epochs - 1 and spec.clean_epochs and after_adversarial is not None:
+            after_adversarial()
 
 
 def pbe(model: nn.Module, train_data: Any = None, clean_data: Any = None, *,
         poison_indices: torch.Tensor | None = None, test_data: Any = None, attack: Any = None,
         eps: float = 6 / 255, alpha: float | None = None, pgd_steps: int = 7, random_start: bool = False,
-        regenerate: str = "round", adv_epochs: int = 3, clean_epochs: int = 17, lr: float = 1e-3,
+        regenerate: str | None = None, adv_epochs: int | Sequence[int] | None = None,
+        clean_epochs: int | Sequence[int] | None = None,
+        adv_batches: int | None | Sequence[int | None] = None, recipe: str | None = None, initial: str = "random",
+        lr: float | None = None,
         momentum: float = 0.9, weight_decay: float = 5e-4, batch_size: int = 128, augment: bool = True,
         padding: int = 4, flip: bool = True, schedule: Sequence[float] = DEFAULT_SCHEDULE, seed: int = 0,
         progress: bool = True) -> PBEResult:
@@ -88,20 +98,25 @@ def pbe(model: nn.Module, train_data: Any = None, clean_data: Any = None, *,
                     test_data=test_data, attack=attack, eps=eps, alpha=alpha, pgd_steps=pgd_steps,
                     random_start=random_start, regenerate=regenerate, adv_epochs=adv_epochs, clean_epochs=clean_epochs,
                     lr=lr, momentum=momentum, weight_decay=weight_decay, batch_size=batch_size, augment=augment,
-                    padding=padding, flip=flip, schedule=schedule, seed=seed)
+                    padding=padding, flip=flip, schedule=schedule, seed=seed, adv_batches=adv_batches, recipe=recipe,
+                    initial=initial)
     report = PBEReport(settings=plan.settings, engine={"name": "reference", "device": str(device)},
                        before=measure(model, plan), poisoned=plan.poisoned)
+    if plan.test is not None:
+        report.adversarial_labels = adversarial_labels(model, plan)
     bar = None
     if progress:
         from tqdm.auto import tqdm
-        bar = tqdm(total=plan.num_rounds * (adv_epochs + clean_epochs), desc="PBE (reference)", unit="epoch")
+        bar = tqdm(total=plan.total_epochs, desc="PBE (reference)", unit="epoch")
     net = copy.deepcopy(model)
     optimizer = torch.optim.SGD(net.parameters(), **plan.optimizer)
     generator = make_generator(seed, device)
     clock = RoundClock(device)
     if not plan.progressive:
-        _purify(net, optimizer, plan.images, plan.labels, generator, plan.cfg, bar)
-        finish_round(PBERound(0, None, None, size=plan.images.shape[0]), plan, net, clock, report)
+        info = PBERound(0, None, None, size=plan.images.shape[0])
+        _purify(net, optimizer, plan.images, plan.labels, generator, plan.cfg, plan.specs[0], bar,
+                lambda: midround_measure(info, plan, net, clock))
+        finish_round(info, plan, net, clock, report)
     else:
         _progressive(model, net, optimizer, plan, generator, clock, report, bar)
     if bar is not None:
@@ -112,12 +127,14 @@ def pbe(model: nn.Module, train_data: Any = None, clean_data: Any = None, *,
 def _progressive(infected: nn.Module, net: nn.Module, optimizer: torch.optim.Optimizer, plan: PBEPlan,
                  generator: torch.Generator, clock: RoundClock, report: PBEReport, bar) -> None:
     logits = predict_logits(infected, plan.images)
-    chosen = initial_subset(plan, generator)
+    chosen = initial_subset(plan, generator, F.cross_entropy(logits, plan.labels, reduction="none"))
     for r, fraction in enumerate(plan.fractions):
         if r > 0:
             clock.start()
             chosen = next_subset(plan, r, report.ranking)
-        _purify(net, optimizer, plan.images[chosen], plan.labels[chosen], generator, plan.cfg, bar)
-        scores = cosine_scores(logits, predict_logits(net, plan.images))
-        info = PBERound(r, fraction, chosen, size=int(chosen.numel()), scores=scores, ranking=rank_descending(scores))
+        info = PBERound(r, fraction, chosen, size=int(chosen.numel()))
+        _purify(net, optimizer, plan.images[chosen], plan.labels[chosen], generator, plan.cfg, plan.specs[r], bar,
+                lambda: midround_measure(info, plan, net, clock))
+        info.scores = cosine_scores(logits, predict_logits(net, plan.images))
+        info.ranking = rank_descending(info.scores)
         finish_round(info, plan, net, clock, report)

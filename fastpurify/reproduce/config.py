@@ -67,10 +67,13 @@ class ReproduceConfig:
     auto_rule: bool = True  # also prune by the trigger-free auto rule (fastpurify.selection)
     # PBE (the engine's defaults are the paper's)
     pbe_settings: tuple[str, ...] = PBE_SETTINGS
-    pbe_adv_epochs: int = 3
-    pbe_clean_epochs: int = 17
+    pbe_adv_epochs: int | None = None  # None (both): fastpurify.pbe's rounds for the setting
+    pbe_clean_epochs: int | None = None
     pbe_schedule: tuple[float, ...] = DEFAULT_SCHEDULE
     pbe_eps: float = 6 / 255
+    pbe_lr: float | None = None  # None: fastpurify.pbe's default for the setting
+    pbe_recipe: str | None = None  # "authors": their scripts' rounds (replaces the epochs)
+    pbe_initial: str = "random"  # the no-clean round 0: "random" (the paper) or "high-loss"
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -130,9 +133,20 @@ def check_config(c: ReproduceConfig) -> None:
     check_fraction(c.max_drop, "--max-drop", low_open=False, high_open=False)
     if not c.pbe_settings or any(s not in PBE_SETTINGS for s in c.pbe_settings):
         raise InputError(f"--pbe-settings must list some of {', '.join(PBE_SETTINGS)}, got {','.join(c.pbe_settings)}")
-    if c.pbe_adv_epochs < 0 or c.pbe_clean_epochs < 0 or c.pbe_adv_epochs + c.pbe_clean_epochs == 0:
+    if (c.pbe_adv_epochs is None) != (c.pbe_clean_epochs is None):
+        raise InputError("give both PBE epoch counts (--pbe-epochs ADV,CLEAN) or neither")
+    if c.pbe_recipe is not None and c.pbe_adv_epochs is not None:
+        raise InputError("--pbe-recipe sets the rounds' epochs: do not also give --pbe-epochs")
+    if c.pbe_adv_epochs is not None and (c.pbe_adv_epochs < 0 or c.pbe_clean_epochs < 0
+                                         or c.pbe_adv_epochs + c.pbe_clean_epochs == 0):
         raise InputError(f"--pbe-epochs ADV,CLEAN must be two counts >= 0, not both 0; got "
                          f"{c.pbe_adv_epochs},{c.pbe_clean_epochs}")
     if not c.pbe_schedule or any(not 0 < f <= 1 for f in c.pbe_schedule):
         raise InputError(f"--pbe-schedule must be fractions in (0, 1], got {c.pbe_schedule}")
     check_positive(c.pbe_eps, "--pbe-eps")
+    if c.pbe_lr is not None:
+        check_positive(c.pbe_lr, "--pbe-lr")
+    if c.pbe_recipe not in (None, "authors"):
+        raise InputError(f"--pbe-recipe must be 'authors' or not given, got {c.pbe_recipe!r}")
+    if c.pbe_initial not in ("random", "high-loss"):
+        raise InputError(f"--pbe-initial must be 'random' or 'high-loss', got {c.pbe_initial!r}")

@@ -67,8 +67,8 @@ def run_pbe(subject: Subject, data: SplitData, config: ReproduceConfig, *, devic
     paper's AFT) and ``no-clean`` (the progressive rounds on the poisoned training set, with the
     ground truth used only to report each extra set's poisoned share)."""
     kw = dict(test_data=data.test, attack=subject.attack, eps=config.pbe_eps, adv_epochs=config.pbe_adv_epochs,
-              clean_epochs=config.pbe_clean_epochs, seed=seed, device=device, precision=precision,
-              progress=progress)
+              clean_epochs=config.pbe_clean_epochs, recipe=config.pbe_recipe, lr=config.pbe_lr, seed=seed,
+              device=device, precision=precision, progress=progress)
     out = {}
     if "clean" in config.pbe_settings:
         clean = defender_clean(data, config)
@@ -79,11 +79,13 @@ def run_pbe(subject: Subject, data: SplitData, config: ReproduceConfig, *, devic
     if "no-clean" in config.pbe_settings:
         p = subject.poisoned
         _, report = fast_pbe(subject.model, train_data=(p.images, p.labels), poison_indices=p.poison_indices,
-                             schedule=config.pbe_schedule, **kw)
+                             schedule=config.pbe_schedule, initial=config.pbe_initial, **kw)
         last = report.rounds[-1]
         out["no-clean"] = {"train_images": int(p.labels.numel()), "seconds": round(report.seconds, 3),
                            "acc": last.acc, "asr": last.asr, "engine": report.engine.get("device"),
-                           "rounds": [{"fraction": r.fraction, "size": r.size, "acc": r.acc, "asr": r.asr,
+                           "adversarial_labels": report.adversarial_labels,
+                           "rounds": [{"fraction": r.fraction, "size": r.size, "adv_acc": r.adv_acc,
+                                       "adv_asr": r.adv_asr, "acc": r.acc, "asr": r.asr,
                                        "poisoned_fraction": r.poisoned_fraction,
                                        "average_precision": r.average_precision} for r in report.rounds]}
     return out

@@ -122,10 +122,16 @@ def _header_lines(config: ReproduceConfig, split: SplitData, recipe, budget_info
                              f"(clean ACC drop <= {config.max_drop * 100:g} points on the defender's images) and by "
                              "the trigger-free auto rule (docs/anp-selection.md)"))
     else:
-        lines.append(("PBE", f"eps {config.pbe_eps * 255:.3g}/255, {config.pbe_adv_epochs} adversarial + "
-                             f"{config.pbe_clean_epochs} clean epochs per round; settings "
+        if config.pbe_recipe:
+            rounds = "the authors' rounds (--pbe-recipe authors)"
+        elif config.pbe_adv_epochs is None:
+            rounds = "fastpurify.pbe's rounds (no-clean: the authors'; clean: 3 + 17 epochs)"
+        else:
+            rounds = f"{config.pbe_adv_epochs} adversarial + {config.pbe_clean_epochs} clean epochs per round"
+        lr = "lr 1e-3 no-clean, 1e-2 clean" if config.pbe_lr is None else f"lr {config.pbe_lr:g}"
+        lines.append(("PBE", f"eps {config.pbe_eps * 255:.3g}/255, {rounds}, {lr}; settings "
                              f"{', '.join(config.pbe_settings)}; no-clean schedule "
-                             f"{', '.join(f'{f:g}' for f in config.pbe_schedule)}"))
+                             f"{', '.join(f'{f:g}' for f in config.pbe_schedule)}, round 0 {config.pbe_initial}"))
     if budget_info:
         lines.append(("budget", f"{budget_info['budget_seconds']:g} s for {budget_info['subjects']} subjects: "
                                 f"{budget_info['epochs_used']} of {budget_info['epochs_asked']} epochs"))

@@ -66,6 +66,150 @@ def test_a_clean_extra_set_round_follows_the_reference(model, data):
         assert len(report.rounds) == 1 and report.rounds[0].size == 40 and report.ranking is None
 
 
+ROUNDS = dict(regenerate="batch", adv_epochs=(2, 1), clean_epochs=(0, 2), adv_batches=(None, 1))
+
+
+def test_per_round_epochs_and_adversarial_batches_follow_the_reference(model, data):
+    """Round 0 all adversarial, later rounds one adversarial batch then clean (the authors' shape)."""
+    kw = dict(SMALL, train_data=data, schedule=(0.2, 0.5, 0.7), **ROUNDS)
+    ref, ref_report = reference_pbe(model, **kw)
+    fast, report = fastpurify.pbe(model, device="cpu", **kw)
+    assert gap(ref, fast) < 1e-6
+    assert all(torch.equal(a.ranking, b.ranking) for a, b in zip(ref_report.rounds, report.rounds))
+    assert report.settings["rounds"] == [dict(adv_epochs=2, clean_epochs=0, adv_batches=None),
+                                         dict(adv_epochs=1, clean_epochs=2, adv_batches=1),
+                                         dict(adv_epochs=1, clean_epochs=2, adv_batches=1)]
+    one = dict(kw, adv_epochs=(2, 1), clean_epochs=(0, 2), adv_batches=None)  # every batch of epoch 0 adversarial
+    assert gap(fastpurify.pbe(model, device="cpu", **one).model, fast) > 1e-6, "adv_batches changed the run"
+
+
+def test_adversarial_batches_cap_counts_pgd_calls(model, data, monkeypatch):
+    """adv_batches=1: one PGD call in the round, the rest of its batches clean."""
+    import importlib
+
+    module = importlib.import_module("fastpurify.reference.pbe")  # the module, not the function it exports
+    calls = []
+    real = module.pgd
+    monkeypatch.setattr(module, "pgd", lambda *a, **k: calls.append(a[1].shape[0]) or real(*a, **k))
+    clean = (data[0][:48], data[1][:48])
+    reference_pbe(model, clean_data=clean, **dict(SMALL, regenerate="batch", adv_epochs=2, clean_epochs=0,
+                                                  adv_batches=1))
+    assert calls == [16]
+    calls.clear()
+    reference_pbe(model, clean_data=clean, **dict(SMALL, regenerate="batch", adv_epochs=2, clean_epochs=0))
+    assert calls == [16] * 6, "two epochs of three batches, every one adversarial"
+
+
+def test_a_high_loss_round_0_follows_the_reference_and_draws_from_the_least_fitted_half(model, data):
+    import torch.nn.functional as F
+
+    kw = dict(SMALL, train_data=data, schedule=(0.3, 0.6), initial="high-loss")
+    ref, ref_report = reference_pbe(model, **kw)
+    fast, report = fastpurify.pbe(model, device="cpu", score_batch_size=30, **kw)
+    assert gap(ref, fast) < 1e-6
+    first = report.rounds[0].indices
+    assert torch.equal(first, ref_report.rounds[0].indices) and first.numel() == 30
+    with torch.no_grad():
+        loss = F.cross_entropy(model.eval()(data[0]), data[1], reduction="none")
+    assert bool((loss[first] >= loss.median()).all()), "round 0 from the half with the highest loss"
+    _, other = fastpurify.pbe(model, device="cpu", **dict(kw, seed=6))
+    assert not torch.equal(other.rounds[0].indices, first), "a random draw within that half"
+    assert report.settings["initial"] == "high-loss"
+    with pytest.raises(InputError, match="picks round 0 of the progressive setting"):
+        fastpurify.pbe(model, clean_data=data, initial="high-loss", progress=False)
+
+
+def test_lr_none_is_the_authors_progressive_and_fastpurifys_clean_set_rate(model, data):
+    from fastpurify.purification import DEFAULT_LR
+
+    kw = dict(SMALL, pgd_steps=1)
+    kw.pop("lr")
+    _, progressive = fastpurify.pbe(model, data, device="cpu", schedule=(0.5,), **kw)
+    _, clean = fastpurify.pbe(model, clean_data=data, device="cpu", **kw)
+    assert progressive.settings["lr"] == DEFAULT_LR["training set"] == 1e-3
+    assert clean.settings["lr"] == DEFAULT_LR["clean extra set"] == 1e-2
+    _, default = fastpurify.pbe(model, data, device="cpu", schedule=(0.3,), pgd_steps=1, batch_size=32, seed=5,
+                                progress=False)  # no round keyword, one round: the authors' round 0
+    assert default.settings["rounds"] == [dict(adv_epochs=10, clean_epochs=0, adv_batches=None)]
+
+
+def test_the_authors_recipe_sets_the_rounds_of_their_scripts(model, data):
+    from fastpurify.purification import RECIPES
+
+    kw = dict(pgd_steps=1, batch_size=32, lr=0.01, seed=5, progress=False)
+    _, progressive = fastpurify.pbe(model, data, device="cpu", recipe="authors", schedule=(0.2, 0.5), **kw)
+    assert progressive.settings["regenerate"] == "batch" and progressive.settings["recipe"] == "authors"
+    assert progressive.settings["rounds"] == [dict(adv_epochs=10, clean_epochs=0, adv_batches=None),
+                                              dict(adv_epochs=1, clean_epochs=9, adv_batches=31)]
+    _, clean = fastpurify.pbe(model, clean_data=(data[0][:32], data[1][:32]), device="cpu", recipe="authors", **kw)
+    assert clean.settings["rounds"] == [dict(adv_epochs=3, clean_epochs=17, adv_batches=None)]
+    assert clean.settings["regenerate"] == "batch"
+    assert set(RECIPES["authors"]) == {"training set", "clean extra set"}
+    with pytest.raises(InputError, match="recipe='authors' sets .*; do not also give adv_epochs"):
+        fastpurify.pbe(model, data, recipe="authors", adv_epochs=3, progress=False)
+
+
+def test_default_rounds_per_setting_and_given_keywords():
+    """No round keyword: the authors' progressive rounds, and 3 + 17 epochs on examples made once
+    per round with a clean set; any epoch keyword given: 3 + 17 and no batch cap for the rest."""
+    from fastpurify.purification import round_keywords
+
+    none = dict(regenerate=None, adv_epochs=None, clean_epochs=None, adv_batches=None)
+    assert round_keywords("training set", None, none, 4) == dict(regenerate="batch", adv_epochs=(10, 1),
+                                                                 clean_epochs=(0, 9), adv_batches=(None, 31))
+    assert round_keywords("clean extra set", None, none, 1) == dict(regenerate="round", adv_epochs=3,
+                                                                    clean_epochs=17, adv_batches=None)
+    assert round_keywords("training set", None, dict(none, clean_epochs=4), 4) == dict(
+        regenerate="batch", adv_epochs=3, clean_epochs=4, adv_batches=None)
+    assert round_keywords("training set", None, dict(none, regenerate="round"), 4) == dict(
+        regenerate="round", adv_epochs=(10, 1), clean_epochs=(0, 9), adv_batches=None)
+    one_round = round_keywords("training set", "authors", none, 1)  # a one-round schedule: round 0's values
+    assert (one_round["adv_epochs"], one_round["clean_epochs"], one_round["adv_batches"]) == ((10,), (0,), (None,))
+
+
+def test_the_report_breaks_each_round_into_its_two_steps(data):
+    """ACC / ASR after the adversarial epochs are the model's at that point: a run of only those
+    epochs ends where the two-step run measured its middle."""
+    torch.manual_seed(0)
+    net = small_cnn(num_classes=4, in_channels=1, width=4).double()
+    attack = BadNets(num_classes=4, target=0)
+    test = tuple(t.double() if t.is_floating_point() else t for t in synthetic_dataset(n=60, num_classes=4,
+                                                                                       channels=1, size=8, seed=9))
+    kw = dict(SMALL, clean_data=(data[0][:48], data[1][:48]), test_data=test, attack=attack, lr=0.1)
+    _, both = fastpurify.pbe(net, device="cpu", **dict(kw, adv_epochs=2, clean_epochs=2))
+    _, first = fastpurify.pbe(net, device="cpu", **dict(kw, adv_epochs=2, clean_epochs=0))
+    r, f = both.rounds[0], first.rounds[0]
+    assert (r.adv_acc, r.adv_asr) == (f.acc, f.asr) and f.adv_acc is None, "no middle without clean epochs"
+    assert (r.acc, r.asr) != (r.adv_acc, r.adv_asr) or r.acc == r.adv_acc
+    summary = both.summary()
+    assert summary["rounds"][0]["adv_acc"] == r.adv_acc
+    labels = summary["adversarial_labels"]
+    assert labels["images"] == 48 and labels["target"] == 0 and sum(labels["shares"]) == pytest.approx(1, abs=1e-3)
+    assert labels["top_share"] == max(labels["shares"]) and labels["target_share"] == labels["shares"][0]
+
+
+def test_adversarial_labels_count_the_infected_models_predictions(model, data):
+    """The shares are the infected model's labels of its own PGD examples (reference PGD, no
+    random start), on the clean images when the ground truth is known."""
+    from fastpurify.purification import adversarial_labels, plan_pbe
+    from fastpurify.reference.pgd import pgd
+
+    poisoned = torch.arange(0, 100, 4)
+    plan = plan_pbe(model, data, None, device=torch.device("cpu"), poison_indices=poisoned, test_data=data,
+                    attack=None, eps=16 / 255, alpha=None, pgd_steps=3, random_start=False, regenerate="round",
+                    adv_epochs=1, clean_epochs=1, lr=0.01, momentum=0.9, weight_decay=0.0, batch_size=16,
+                    augment=False, padding=0, flip=False, schedule=(0.5,), seed=0)
+    keep = torch.ones(100, dtype=torch.bool)
+    keep[poisoned] = False
+    x = pgd(model, data[0][keep], data[1][keep], eps=16 / 255, alpha=16 / 255 / 5, steps=3, random_start=False)
+    with torch.no_grad():
+        expected = torch.bincount(model.eval()(x).argmax(1), minlength=4).double() / 75
+    out = adversarial_labels(model, plan)
+    assert out["images"] == 75 and "target" not in out
+    assert out["shares"] == pytest.approx(expected.tolist(), abs=1e-4)
+    assert out["top_class"] == int(expected.argmax())
+
+
 def test_layout_and_precision_options_run_the_same_rounds(model, data):
     """channels_last (the CUDA default) changes no result; bfloat16 autocast runs and scores."""
     kw = dict(SMALL, train_data=data, schedule=(0.2, 0.5))
@@ -130,6 +274,15 @@ BAD = [
     (dict(schedule="0.2"), "non-empty sequence"),
     (dict(regenerate="epoch"), "regenerate must be 'round'"),
     (dict(adv_epochs=0, clean_epochs=0), "at least 1"),
+    (dict(adv_epochs=(1, 0), clean_epochs=(1, 0)), "round 1: adv_epochs \\+ clean_epochs must be at least 1"),
+    (dict(adv_epochs=(1, 1, 1, 1, 1)), r"one value or one per round \(at most 4 here\)"),
+    (dict(adv_epochs=-1), "every adv_epochs must be a non-negative integer"),
+    (dict(clean_epochs=(2, 1.5)), "every clean_epochs must be a non-negative integer"),
+    (dict(adv_batches=31, regenerate="round"), "give regenerate='batch'"),
+    (dict(adv_batches=0, regenerate="batch"), "every adv_batches must be a positive integer or None"),
+    (dict(recipe="paper"), r"recipe must be one of \['authors'\]"),
+    (dict(initial="low-loss"), "initial must be 'random'"),
+    (dict(initial="high-loss", schedule=(0.6, 0.7)), "the schedule's first fraction must be at most 0.5"),
     (dict(momentum=1.0), r"momentum must lie in \[0, 1\)"),
     (dict(batch_size=0), "batch_size must be a positive integer"),
     (dict(attack=BadNets(num_classes=2, target=0)), "give test_data too"),
@@ -236,7 +389,7 @@ def test_graph_bookkeeping_without_a_gpu(model, data, monkeypatch):
                             regenerate=regenerate, **kw)
             engine = PBEEngine(model, plan, device=torch.device("cpu"), channels_last=False, cuda_graph=graphs,
                                precision="fp32", pgd_batch_size=12, score_batch_size=64)
-            engine.purify(plan.images, plan.labels)
+            engine.purify(plan.images, plan.labels, plan.specs[0])
             results.append({k: v.clone() for k, v in engine.model.state_dict().items()})
             if graphs:
                 params = len(list(engine.model.parameters()))
@@ -245,9 +398,9 @@ def test_graph_bookkeeping_without_a_gpu(model, data, monkeypatch):
                 assert len(train) == 1 and train[0][1] == 2 * params + buffers, "params, buffers, momenta"
                 assert engine.tuner.graphs.captured == 1 and engine.attack.graphs.captured == 1
                 assert set(engine.tuner.graphs.uses) == {(16, 1, 8, 8)}  # 48 images: 3 full batches
-                engine.purify(plan.images[:40], plan.labels[:40])  # a round whose last batch holds 8
+                engine.purify(plan.images[:40], plan.labels[:40], plan.specs[0])  # a round whose last batch holds 8
                 assert (8, 1, 8, 8) in engine.tuner.graphs.uses and (8, 1, 8, 8) in engine.tuner._buffers
-                engine.purify(plan.images[:16], plan.labels[:16])  # the next round forgets that shape
+                engine.purify(plan.images[:16], plan.labels[:16], plan.specs[0])  # the next round forgets that shape
                 assert set(engine.tuner.graphs.graphs) == {(16, 1, 8, 8)} and set(engine.tuner._buffers) == {
                     (16, 1, 8, 8)}
                 captured.clear()
