@@ -146,6 +146,7 @@ def test_reproduce_on_digits_from_the_command_line(tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.count("subject trained in") == 2 and "threshold 0.2: pruned" in out and "; auto: pruned" in out
     assert main(["reproduce", "pbe", *common, "--pbe-epochs", "1,1", "--pbe-schedule", "0.2,0.5",
+                 "--pbe-initial", "high-loss", "--pbe-lr", "0.02",
                  "--paper-numbers", str(paper), "--out", str(tmp_path / "pbe")]) == 0
     out = capsys.readouterr().out
     assert out.count("subject cached") == 2 and "PBE no-clean" in out
@@ -159,6 +160,9 @@ def test_reproduce_on_digits_from_the_command_line(tmp_path, capsys):
     pbe = json.loads((tmp_path / "pbe" / "table.json").read_text())
     run = pbe["runs"][0]["pbe"]
     assert run["clean"]["clean_images"] == 64 and [r["fraction"] for r in run["no-clean"]["rounds"]] == [0.2, 0.5]
+    assert (pbe["config"]["pbe_initial"], pbe["config"]["pbe_lr"]) == ("high-loss", 0.02)
+    assert run["no-clean"]["adversarial_labels"]["target"] == 0
+    assert all(0 <= r["adv_asr"] <= 1 for r in run["no-clean"]["rounds"]), "each round's step-1b metrics"
     assert "| 93.7 / 100 | n/a | 91 / 1.5 |" in (tmp_path / "pbe" / "table.md").read_text()
 
 
