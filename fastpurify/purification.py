@@ -40,7 +40,7 @@ import torch.nn as nn
 
 from .backdoor.metrics import evaluate
 from .data import as_tensors
-from .inference import eval_mode, output_classes
+from .inference import output_classes, predict_logits
 from .ranking import average_precision
 from .validation import (InputError, check_fraction, check_labels, check_pgd_settings, check_positive,
                          check_positive_int)
@@ -137,6 +137,18 @@ def describe_rounds(specs: list[RoundSpec]) -> str:
         if spec != prev:
             parts.append("then " + one(spec))
     return ", ".join(parts)
+
+
+def plan_rounds(setting: str, recipe: str | None, given: dict[str, Any], rounds: int
+                ) -> tuple[dict[str, Any], list[RoundSpec]]:
+    """The run's round keywords (:func:`round_keywords`) and each round's :class:`RoundSpec`,
+    checked."""
+    keywords = round_keywords(setting, recipe, given, rounds)
+    if keywords["regenerate"] not in REGENERATE:
+        raise InputError(f"regenerate must be 'round' (PGD examples once per round, the paper) or 'batch' (every "
+                         f"batch against the current model, the authors' code), got {keywords['regenerate']!r}")
+    return keywords, round_specs(keywords["adv_epochs"], keywords["clean_epochs"], keywords["adv_batches"], rounds,
+                                 keywords["regenerate"])
 
 
 def round_keywords(setting: str, recipe: str | None, given: dict[str, Any], rounds: int) -> dict[str, Any]:
@@ -289,8 +301,8 @@ class PBEPlan:
 
 def plan_pbe(model: nn.Module, train_data: Any, clean_data: Any, *, device: torch.device, poison_indices: Any,
              test_data: Any, attack: Any, eps: float, alpha: float | None, pgd_steps: int, random_start: bool,
-             regenerate: str | None, adv_epochs: Any, clean_epochs: Any, lr: float | None, momentum: float, weight_decay: float,
-             batch_size: int, augment: bool, padding: int, flip: bool, schedule: Sequence[float],
+             regenerate: str | None, adv_epochs: Any, clean_epochs: Any, lr: float | None, momentum: float,
+             weight_decay: float, batch_size: int, augment: bool, padding: int, flip: bool, schedule: Sequence[float],
              seed: int, adv_batches: Any = None, recipe: str | None = None, initial: str = "random") -> PBEPlan:
     """Check every setting, then the data (before any work), and lay out the run."""
     if train_data is None and clean_data is None:
@@ -299,13 +311,10 @@ def plan_pbe(model: nn.Module, train_data: Any, clean_data: Any, *, device: torc
     alpha = eps / 5 if alpha is None else alpha
     check_pgd_settings(eps=eps, alpha=alpha, steps=pgd_steps, norm="linf", lo=0.0, hi=1.0, random_start=random_start)
     check_schedule(schedule)
-    rounds = round_keywords("training set" if progressive else "clean extra set", recipe,
-                            dict(regenerate=regenerate, adv_epochs=adv_epochs, clean_epochs=clean_epochs,
-                                 adv_batches=adv_batches), len(schedule) if progressive else 1)
+    rounds, specs = plan_rounds("training set" if progressive else "clean extra set", recipe,
+                                dict(regenerate=regenerate, adv_epochs=adv_epochs, clean_epochs=clean_epochs,
+                                     adv_batches=adv_batches), len(schedule) if progressive else 1)
     regenerate = rounds["regenerate"]
-    if regenerate not in REGENERATE:
-        raise InputError(f"regenerate must be 'round' (PGD examples once per round, the paper) or 'batch' (every "
-                         f"batch against the current model, the authors' code), got {regenerate!r}")
     if initial not in INITIAL:
         raise InputError(f"initial must be 'random' (round 0 drawn from the whole training set, the paper) or "
                          f"'high-loss' (from the half the infected model fits least), got {initial!r}")
@@ -316,8 +325,6 @@ def plan_pbe(model: nn.Module, train_data: Any, clean_data: Any, *, device: torc
         raise InputError(f"initial='high-loss' draws round 0 from the {HIGH_LOSS_SHARE:.0%} of the training images "
                          f"the infected model fits least: the schedule's first fraction must be at most "
                          f"{HIGH_LOSS_SHARE}, got {schedule[0]}")
-    specs = round_specs(rounds["adv_epochs"], rounds["clean_epochs"], rounds["adv_batches"],
-                        len(schedule) if progressive else 1, regenerate)
     lr = DEFAULT_LR["training set" if progressive else "clean extra set"] if lr is None else lr
     check_positive(lr, "lr")
     check_fraction(momentum, "momentum", low_open=False, high_open=True)
@@ -458,10 +465,9 @@ def adversarial_labels(model: nn.Module, plan: PBEPlan) -> dict[str, Any]:
     cfg = plan.cfg
     x = pgd(model, images, labels, eps=cfg["eps"], alpha=cfg["alpha"], steps=cfg["pgd_steps"], random_start=False,
             batch_size=cfg["batch_size"])
-    with eval_mode(model), torch.no_grad():
-        predicted = torch.cat([model(x[s:s + cfg["batch_size"]]).argmax(1) for s in range(0, x.shape[0],
-                                                                                         cfg["batch_size"])])
-    counts = torch.bincount(predicted, minlength=output_classes(model, images[:1])).double()
+    logits = predict_logits(model, x, cfg["batch_size"])
+    predicted = logits.argmax(1)
+    counts = torch.bincount(predicted, minlength=logits.shape[1]).double()
     shares = (counts / counts.sum()).tolist()
     top = int(counts.argmax())
     out = {"images": int(images.shape[0]), "shares": [round(v, 4) for v in shares], "top_class": top,

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from . import functional as FP
 from .arena import NeuronArena
-from .inference import model_device
+from .inference import model_device, predict
 from .layers import convert
 from .neurons import layer_kind
 from .pruning import _check_layers, select_neurons
@@ -144,9 +144,7 @@ class PruningProbe:
         self.pruned = k
 
     def _predict(self, net: nn.Module, images: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            return torch.cat([net(images[s:s + self.batch_size]).argmax(1)
-                              for s in range(0, images.shape[0], self.batch_size)])
+        return predict(net, images, self.batch_size)
 
     def point(self) -> SelectionPoint:
         """Clean accuracy of the current pruning, then the adversary's errors."""

@@ -25,6 +25,7 @@ truth).
 from __future__ import annotations
 
 import argparse
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -147,12 +148,19 @@ def parse_per_round(text: str | None, name: str, *, allow_all: bool = False) -> 
 
 def _in_flags(text: str) -> str:
     """An engine error about the round keywords, in the command's words."""
-    text = text.replace("regenerate='batch'", "--regenerate batch").replace("or None (all)", "or 'all'")
-    text = text.replace("recipe='authors'", "--recipe authors")
-    for name in ("adv_epochs", "clean_epochs", "adv_batches"):
-        text = text.replace(name, "--" + name.replace("_", "-"))
-    return text.replace("sets --adv-batches, --adv-epochs, --clean-epochs, regenerate",
-                        "sets --adv-batches, --adv-epochs, --clean-epochs, --regenerate")
+    for keyword, flag in (("regenerate='batch'", "--regenerate batch"), ("regenerate='round'", "--regenerate round"),
+                          ("recipe='authors'", "--recipe authors"), ("or None (all)", "or 'all'")):
+        text = text.replace(keyword, flag)
+    return re.sub(r"(?<![-\w])(adv_epochs|clean_epochs|adv_batches|regenerate)\b",
+                  lambda m: "--" + m.group(1).replace("_", "-"), text)
+
+
+def _rounds(progressive: bool, schedule_length: int, recipe: str | None, given: dict):
+    """The run's round keywords and each round's spec, as the engines will plan them."""
+    from ..purification import plan_rounds
+
+    setting = "training set" if progressive else "clean extra set"
+    return plan_rounds(setting, recipe, given, schedule_length if progressive else 1)
 
 
 def _check(args) -> dict:
@@ -183,19 +191,10 @@ def _check(args) -> dict:
                              "the clean-extra-set setting: give one or the other")
     if args.poison_rate is not None:
         check_fraction(args.poison_rate, "--poison-rate", low_open=False)
-    from ..purification import round_keywords, round_specs
-
     schedule = parse_schedule(args.schedule)
-    setting = "clean extra set" if args.clean_images is not None else "training set"
-    try:
-        count = len(schedule) if setting == "training set" else 1
-        rounds = round_keywords(setting, args.recipe, dict(regenerate=args.regenerate, adv_epochs=adv_epochs,
-                                                           clean_epochs=clean_epochs, adv_batches=adv_batches), count)
-    except InputError as e:
-        raise InputError(_in_flags(str(e))) from None
     try:  # errors before any work, in the command's words
-        round_specs(rounds["adv_epochs"], rounds["clean_epochs"], rounds["adv_batches"], count,
-                    rounds["regenerate"])
+        _rounds(args.clean_images is None, len(schedule), args.recipe, dict(
+            regenerate=args.regenerate, adv_epochs=adv_epochs, clean_epochs=clean_epochs, adv_batches=adv_batches))
     except InputError as e:
         raise InputError(_in_flags(str(e))) from None
     return dict(eps=eps, alpha=alpha, pgd_steps=args.pgd_steps, random_start=args.random_start,
@@ -366,21 +365,19 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _announce(args, meta: dict, inputs: PBEInputs, settings: dict) -> None:
-    from ..purification import describe_rounds, round_keywords, round_specs
+    from ..purification import describe_rounds
 
-    num_rounds = len(settings["schedule"]) if inputs.progressive else 1
     keys = ("regenerate", "adv_epochs", "clean_epochs", "adv_batches")
-    rounds = round_keywords(inputs.setting, settings["recipe"], {k: settings[k] for k in keys}, num_rounds)
-    specs = round_specs(rounds["adv_epochs"], rounds["clean_epochs"], rounds["adv_batches"], num_rounds,
-                        rounds["regenerate"])
+    rounds, specs = _rounds(inputs.progressive, len(settings["schedule"]), settings["recipe"],
+                            {k: settings[k] for k in keys})
     truth = ""
     if inputs.progressive and inputs.poison_indices is not None:
         flags = inputs.poison_indices
         count = int(flags.sum()) if flags.dtype == torch.bool else flags.numel()
         truth = f" ({count} poisoned, known)"
     print(f"{meta['arch']} from {args.model}; PBE on a {inputs.setting}: {inputs.extra[1].numel()} images of "
-          f"{inputs.data}{truth}; {inputs.test[1].numel()} test images evaluate; {args.engine} engine, {num_rounds} "
-          f"round(s): {describe_rounds(specs)} (PGD every {'batch' if rounds['regenerate'] == 'batch' else 'round'}), "
+          f"{inputs.data}{truth}; {inputs.test[1].numel()} test images evaluate; {args.engine} engine, {len(specs)} "
+          f"round(s): {describe_rounds(specs)} (PGD every {rounds['regenerate']}), "
           f"eps {args.eps}")
     if inputs.note:
         print(f"note: {inputs.note}")

@@ -10,7 +10,8 @@ model, ``regenerate="batch"``, the authors' ``aft_train``; eval mode for the att
 ``clean_epochs`` epochs of fine-tuning on the extra set itself. One SGD optimizer (momentum 0.9,
 weight decay 5e-4, constant learning rate: the authors' scheduler is never stepped; ``lr=None``
 is their 1e-3 in the progressive setting and fastpurify's 1e-2 with a clean extra set,
-:data:`fastpurify.purification.DEFAULT_LR`) serves the whole run; batches are shuffled epochs with the crop + flip augmentation.
+:data:`fastpurify.purification.DEFAULT_LR`) serves the whole run; batches are shuffled epochs
+with the crop + flip augmentation.
 After each round of the progressive setting every training image is scored by the cosine
 similarity of the infected and the current model's logits (eval mode, no augmentation); the
 model is not reset between rounds.
@@ -19,8 +20,8 @@ Deliberate differences from the authors' scripts, stated once: the PGD examples 
 [0, 1] (their ``aft_train`` only projects to the eps-ball), the augmentation is the package's
 crop + flip (theirs adds a random rotation), batches are always shuffled (``pbe_main`` does not
 shuffle). Their progressive script's rounds (10 adversarial epochs in round 0; afterwards one
-epoch adversarial only in its first 31 batches, then 9 clean) are ``recipe="authors"``; by
-default every round runs the same ``adv_epochs`` + ``clean_epochs``.
+epoch adversarial only in its first 31 batches, then 9 clean) are the progressive default when
+no round keyword is given, and ``recipe="authors"`` (:data:`fastpurify.purification.RECIPES`).
 """
 
 from __future__ import annotations
@@ -127,7 +128,8 @@ def pbe(model: nn.Module, train_data: Any = None, clean_data: Any = None, *,
 def _progressive(infected: nn.Module, net: nn.Module, optimizer: torch.optim.Optimizer, plan: PBEPlan,
                  generator: torch.Generator, clock: RoundClock, report: PBEReport, bar) -> None:
     logits = predict_logits(infected, plan.images)
-    chosen = initial_subset(plan, generator, F.cross_entropy(logits, plan.labels, reduction="none"))
+    losses = F.cross_entropy(logits, plan.labels, reduction="none") if plan.cfg["initial"] == "high-loss" else None
+    chosen = initial_subset(plan, generator, losses)
     for r, fraction in enumerate(plan.fractions):
         if r > 0:
             clock.start()

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, replace
 
 from ..backdoor import ATTACKS
-from ..purification import DEFAULT_SCHEDULE
+from ..purification import DEFAULT_SCHEDULE, INITIAL, RECIPES
 from ..validation import InputError, check_fraction, check_positive, check_positive_int
 
 DEFENSES = ("anp", "pbe")
@@ -146,7 +146,7 @@ def check_config(c: ReproduceConfig) -> None:
     check_positive(c.pbe_eps, "--pbe-eps")
     if c.pbe_lr is not None:
         check_positive(c.pbe_lr, "--pbe-lr")
-    if c.pbe_recipe not in (None, "authors"):
-        raise InputError(f"--pbe-recipe must be 'authors' or not given, got {c.pbe_recipe!r}")
-    if c.pbe_initial not in ("random", "high-loss"):
+    if c.pbe_recipe is not None and c.pbe_recipe not in RECIPES:
+        raise InputError(f"--pbe-recipe must be one of {', '.join(sorted(RECIPES))} or not given, got {c.pbe_recipe!r}")
+    if c.pbe_initial not in INITIAL:
         raise InputError(f"--pbe-initial must be 'random' or 'high-loss', got {c.pbe_initial!r}")

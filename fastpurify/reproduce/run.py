@@ -13,6 +13,7 @@ from .. import __version__
 from ..data import load_source
 from ..engines.runtime import resolve_device
 from ..files import write_json
+from ..purification import DEFAULT_LR
 from .config import ReproduceConfig, paper_config
 from .defenses import run_anp, run_pbe
 from .papers import load_published
@@ -128,7 +129,8 @@ def _header_lines(config: ReproduceConfig, split: SplitData, recipe, budget_info
             rounds = "fastpurify.pbe's rounds (no-clean: the authors'; clean: 3 + 17 epochs)"
         else:
             rounds = f"{config.pbe_adv_epochs} adversarial + {config.pbe_clean_epochs} clean epochs per round"
-        lr = "lr 1e-3 no-clean, 1e-2 clean" if config.pbe_lr is None else f"lr {config.pbe_lr:g}"
+        lr = (f"lr {DEFAULT_LR['training set']:g} no-clean, {DEFAULT_LR['clean extra set']:g} clean"
+              if config.pbe_lr is None else f"lr {config.pbe_lr:g}")
         lines.append(("PBE", f"eps {config.pbe_eps * 255:.3g}/255, {rounds}, {lr}; settings "
                              f"{', '.join(config.pbe_settings)}; no-clean schedule "
                              f"{', '.join(f'{f:g}' for f in config.pbe_schedule)}, round 0 {config.pbe_initial}"))
