@@ -9,11 +9,20 @@ Precision: float64 tensors are loaded, reduced and stored in float64, but compil
 the Python-float hyperparameters (eps, momentum, step sizes, bounds) as float32 scalars, so a
 float64 result on a GPU carries their float32 rounding (relative ~1e-8); the interpreter and the
 PyTorch path keep them float64.
+
+Argument checks: every public function validates its arguments (clear errors for bad input)
+unless called inside :func:`argument_checks` ``(False)``, which the ANP engine uses for its hot
+loop after one checked iteration (the checks cost ~2 % of a small CNN's iteration on the CPU,
+more where the kernels are fast); the argument normalisation (default weight and bias, noise
+rows) runs either way.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +31,18 @@ from .kernels.runtime import interpreting, triton_available
 from .validation import InputError, check_positive
 
 BACKENDS = ("auto", "torch", "triton")
+_CHECKS = contextvars.ContextVar("fastpurify_argument_checks", default=True)
+
+
+@contextlib.contextmanager
+def argument_checks(enabled: bool) -> Iterator[None]:
+    """Within the block, the perturbed norms' and affine's argument checks run only if ``enabled``
+    (for a caller that has already run the same calls checked, such as an engine's hot loop)."""
+    token = _CHECKS.set(enabled)
+    try:
+        yield
+    finally:
+        _CHECKS.reset(token)
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -73,8 +94,14 @@ def perturbed_batch_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: tor
     group, unbiased variance). Gradients flow to x, mask, noise, noise_bias, and to weight/bias
     only when they require grad. Statistics and reductions are in float32 (float64 for float64).
     """
-    weight, bias, noise, noise_bias = _check_batch_norm(x, weight, bias, mask, noise, noise_bias, running_mean,
-                                                        running_var, training, eps, groups)
+    if _CHECKS.get():
+        _check_batch_norm(x, weight, bias, mask, noise, noise_bias, running_mean, running_var, training, eps, groups)
+    c = x.shape[1]
+    if weight is None:
+        weight = torch.ones(c, dtype=mask.dtype, device=x.device)
+    if bias is None:
+        bias = torch.zeros(c, dtype=mask.dtype, device=x.device)
+    noise, noise_bias = _rows(noise, groups, c), _rows(noise_bias, groups, c)
     if backend_for(x) == "triton":
         return _PerturbedBatchNorm.apply(x, weight, bias, mask, noise, noise_bias, running_mean, running_var,
                                          training, momentum, eps, groups)
@@ -91,14 +118,10 @@ def _check_batch_norm(x, weight, bias, mask, noise, noise_bias, running_mean, ru
                        running_mean=running_mean, running_var=running_var)
     _check_groups(n, groups)
     check_positive(eps, "eps")
-    if weight is None:
-        weight = torch.ones(c, dtype=mask.dtype, device=x.device)
-    if bias is None:
-        bias = torch.zeros(c, dtype=mask.dtype, device=x.device)
     _check_vectors(c, "channels", weight=weight, bias=bias, mask=mask, running_mean=running_mean,
                    running_var=running_var)
-    noise = _per_group(noise, "noise", groups, c)
-    noise_bias = _per_group(noise_bias, "noise_bias", groups, c)
+    _check_rows(noise, "noise", groups, c)
+    _check_rows(noise_bias, "noise_bias", groups, c)
     if training:
         if (n // groups) * x[0, 0].numel() < 2:
             raise InputError(f"training-mode BatchNorm needs more than one value per channel in each group: "
@@ -106,7 +129,6 @@ def _check_batch_norm(x, weight, bias, mask, noise, noise_bias, running_mean, ru
     elif running_mean is None or running_var is None:
         raise InputError("eval mode (training=False) normalises with the running statistics: give running_mean "
                          "and running_var")
-    return weight, bias, noise, noise_bias
 
 
 def _check_groups(n: int, groups) -> None:
@@ -135,15 +157,22 @@ def group_affine(weight, bias, mask, noise, noise_bias, groups: int, c: int):
     return scale, shift
 
 
-def _per_group(t: torch.Tensor | None, name: str, groups: int, c: int) -> torch.Tensor | None:
+def _check_rows(t: torch.Tensor | None, name: str, groups: int, c: int) -> None:
+    """A noise is None, (groups, C), or (C,) for one group."""
     if t is None:
-        return None
+        return
     _check_float(name, t)
-    if t.dim() == 1 and groups == 1 and t.shape[0] == c:
-        t = t.unsqueeze(0)
-    if tuple(t.shape) != (groups, c):
+    if tuple(t.shape) != (groups, c) and not (groups == 1 and tuple(t.shape) == (c,)):
         raise InputError(f"{name} must have shape ({groups}, {c}) (groups, channels)"
                          f"{' or (' + str(c) + ',)' if groups == 1 else ''}, got {tuple(t.shape)}")
+
+
+def _rows(t: torch.Tensor | None, groups: int, c: int) -> torch.Tensor | None:
+    """A checked noise as (groups, C) rows (or None)."""
+    if t is None:
+        return None
+    if t.dim() == 1:
+        t = t.unsqueeze(0)
     # Rows may be strided (views into a flat arena); channels must be contiguous for the kernels.
     return t if t.stride(-1) == 1 or c == 1 else t.contiguous()
 
@@ -236,16 +265,19 @@ def perturbed_layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: tor
     x, mask, noise, noise_bias, and to weight/bias only when they require grad. Statistics and
     reductions in float32 (float64 for float64); y is a new tensor in x's dtype and memory layout.
     """
-    axis = _check_layer_norm(x, channel_dim)
-    noise, noise_bias = _check_norm_params(x, x.shape[axis], "features", weight, bias, mask, noise, noise_bias, eps,
-                                           groups)
+    if _CHECKS.get():
+        _check_layer_norm(x, channel_dim)
+    axis = 1 if channel_dim == 1 and x.dim() > 2 else -1  # the features of NC... or of ...C
+    if _CHECKS.get():
+        _check_norm_params(x, x.shape[axis], "features", weight, bias, mask, noise, noise_bias, eps, groups)
+    noise, noise_bias = _rows(noise, groups, x.shape[axis]), _rows(noise_bias, groups, x.shape[axis])
     if backend_for(x) == "triton" and x.numel() > 0:
         return _PerturbedLayerNorm.apply(x, weight, bias, mask, noise, noise_bias, eps, groups, axis)
     return _perturbed_layer_norm_torch(x, weight, bias, mask, noise, noise_bias, eps, groups, axis)
 
 
-def _check_layer_norm(x, channel_dim) -> int:
-    """Validate x and channel_dim; the feature axis as 1 (NC...) or -1 (...C)."""
+def _check_layer_norm(x, channel_dim) -> None:
+    """Validate x and channel_dim (the feature axis: 1 for NC..., -1 or the last for ...C)."""
     if not isinstance(x, torch.Tensor) or x.dim() < 2:
         raise InputError(f"x must be a tensor (N, ..., C) or (N, C, *spatial) with a batch axis, got "
                          f"{'shape ' + str(tuple(x.shape)) if isinstance(x, torch.Tensor) else type(x).__name__}")
@@ -255,12 +287,11 @@ def _check_layer_norm(x, channel_dim) -> int:
         nchw = " or 1 (the channels of NCHW, ConvNeXt's LayerNorm2d)" if last > 1 else ""
         raise InputError(f"channel_dim must be -1 or {last} (the last axis, nn.LayerNorm((C,))){nchw}, "
                          f"got {channel_dim!r}")
-    return 1 if channel_dim == 1 and last > 1 else -1
 
 
 def _check_norm_params(x, c, unit, weight, bias, mask, noise, noise_bias, eps, groups):
     """Validate the parameters of :func:`perturbed_layer_norm` / :func:`perturbed_group_norm` (C = ``c``
-    ``unit``); noise/noise_bias as (groups, C) or None."""
+    ``unit``)."""
     for name, t in (("weight", weight), ("bias", bias), ("mask", mask), ("noise", noise), ("noise_bias", noise_bias)):
         if not isinstance(t, torch.Tensor) and (t is not None or name == "mask"):
             raise InputError(f"{name} must be a tensor{'' if name == 'mask' else ' or None'}, got {type(t).__name__}")
@@ -269,7 +300,8 @@ def _check_norm_params(x, c, unit, weight, bias, mask, noise, noise_bias, eps, g
     _check_groups(n, groups)
     check_positive(eps, "eps")
     _check_vectors(c, unit, weight=weight, bias=bias, mask=mask)
-    return _per_group(noise, "noise", groups, c), _per_group(noise_bias, "noise_bias", groups, c)
+    _check_rows(noise, "noise", groups, c)
+    _check_rows(noise_bias, "noise_bias", groups, c)
 
 
 def _perturbed_layer_norm_torch(x, weight, bias, mask, noise, noise_bias, eps, groups, axis):
@@ -368,14 +400,16 @@ def perturbed_group_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: tor
     and memory layout. With mask 1 and no noise, float32/float64 inputs on the PyTorch path give
     exactly ``F.group_norm(x, num_groups, weight, bias, eps)``.
     """
-    noise, noise_bias = _check_group_norm(x, weight, bias, mask, noise, noise_bias, num_groups, eps, groups)
+    if _CHECKS.get():
+        _check_group_norm(x, weight, bias, mask, noise, noise_bias, num_groups, eps, groups)
+    noise, noise_bias = _rows(noise, groups, x.shape[1]), _rows(noise_bias, groups, x.shape[1])
     if backend_for(x) == "triton" and x.numel() > 0:
         return _PerturbedGroupNorm.apply(x, weight, bias, mask, noise, noise_bias, num_groups, eps, groups)
     return _perturbed_group_norm_torch(x, weight, bias, mask, noise, noise_bias, num_groups, eps, groups)
 
 
 def _check_group_norm(x, weight, bias, mask, noise, noise_bias, num_groups, eps, groups):
-    """Validate the arguments of :func:`perturbed_group_norm`; noise/noise_bias as (groups, C) or None."""
+    """Validate the arguments of :func:`perturbed_group_norm`."""
     if not isinstance(x, torch.Tensor) or x.dim() < 2:
         raise InputError(f"x must be a tensor (N, C) or (N, C, *spatial), got "
                          f"{'shape ' + str(tuple(x.shape)) if isinstance(x, torch.Tensor) else type(x).__name__}")
@@ -384,16 +418,19 @@ def _check_group_norm(x, weight, bias, mask, noise, noise_bias, num_groups, eps,
     if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1 or c % num_groups:
         raise InputError(f"num_groups must be a positive integer dividing the {c} channels of x (dim 1), "
                          f"got {num_groups!r}")
-    return _check_norm_params(x, c, "channels", weight, bias, mask, noise, noise_bias, eps, groups)
+    _check_norm_params(x, c, "channels", weight, bias, mask, noise, noise_bias, eps, groups)
 
 
 def _perturbed_group_norm_torch(x, weight, bias, mask, noise, noise_bias, num_groups, eps, groups):
     """Per batch chunk, ``F.group_norm`` with the chunk's scale and shift folded into its affine:
-    with mask 1 and no noise this is F.group_norm itself, bit for bit (float32/float64)."""
+    with mask 1 and no noise this is F.group_norm itself, bit for bit (float32/float64), on x's
+    NCHW-contiguous copy: PyTorch's CPU GroupNorm backward on channels_last crashes (a
+    segmentation fault, torch 2.13) whenever the input's gradient is not asked for, as in ANP's
+    first norm layer; the output comes back in x's layout."""
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32
     scale, shift = group_affine(weight, bias, mask, noise, noise_bias, groups, x.shape[1])
     outs = []
-    for g, xg in enumerate(x.chunk(groups)):
+    for g, xg in enumerate(x.contiguous().chunk(groups)):
         y = F.group_norm(xg.to(compute), num_groups, scale[g].to(compute),
                          None if shift is None else shift[g].to(compute), eps)
         outs.append(y.to(x.dtype))
@@ -612,18 +649,10 @@ def perturbed_channel_affine(y: torch.Tensor, bias: torch.Tensor | None, mask: t
     ``groups`` equal contiguous chunks, chunk g perturbed by row g of ``noise``/``noise_bias``
     ((groups, C), (C,) for one group, or None). Plain PyTorch ops: the convolution or matmul
     dominates, and autograd fuses nothing worth a kernel here."""
-    if not isinstance(y, torch.Tensor) or y.dim() < 2:
-        raise InputError(f"y must be a layer output (N, C, ...) or (N, ..., C), got shape "
-                         f"{tuple(getattr(y, 'shape', ()))}")
-    _check_float("y", y)
-    if channel_dim not in (1, -1):
-        raise InputError(f"channel_dim must be 1 (convolutions) or -1 (Linear), got {channel_dim!r}")
-    _check_same_device(y=y, bias=bias, mask=mask, noise=noise, noise_bias=noise_bias)
+    if _CHECKS.get():
+        _check_channel_affine(y, bias, mask, noise, noise_bias, groups, channel_dim)
     n, c = y.shape[0], y.shape[channel_dim]
-    _check_groups(n, groups)
-    _check_vectors(c, "output channels", bias=bias, mask=mask)
-    noise = _per_group(noise, "noise", groups, c)
-    noise_bias = _per_group(noise_bias, "noise_bias", groups, c)
+    noise, noise_bias = _rows(noise, groups, c), _rows(noise_bias, groups, c)
     scale, shift = group_affine(None, bias, mask, noise, noise_bias, groups, c)
     # (groups, C) -> broadcastable against y viewed as (groups, N / groups, ...)
     view = (groups, 1, c) + (1,) * (y.dim() - 2) if channel_dim == 1 else (groups,) + (1,) * (y.dim() - 1) + (c,)
@@ -632,3 +661,18 @@ def perturbed_channel_affine(y: torch.Tensor, bias: torch.Tensor | None, mask: t
     if shift is not None:
         out = out + shift.view(view).to(y.dtype)
     return out.reshape(y.shape)
+
+
+def _check_channel_affine(y, bias, mask, noise, noise_bias, groups, channel_dim) -> None:
+    if not isinstance(y, torch.Tensor) or y.dim() < 2:
+        raise InputError(f"y must be a layer output (N, C, ...) or (N, ..., C), got shape "
+                         f"{tuple(getattr(y, 'shape', ()))}")
+    _check_float("y", y)
+    if channel_dim not in (1, -1):
+        raise InputError(f"channel_dim must be 1 (convolutions) or -1 (Linear), got {channel_dim!r}")
+    _check_same_device(y=y, bias=bias, mask=mask, noise=noise, noise_bias=noise_bias)
+    c = y.shape[channel_dim]
+    _check_groups(y.shape[0], groups)
+    _check_vectors(c, "output channels", bias=bias, mask=mask)
+    _check_rows(noise, "noise", groups, c)
+    _check_rows(noise_bias, "noise_bias", groups, c)

@@ -20,6 +20,12 @@ def model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def model_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of the model's first floating-point parameter (float32 for a model with none):
+    the dtype the engines cast their images to."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
 def anp_mode(model: nn.Module) -> nn.Module:
     """ANP's mode: batch-statistics norm layers in training mode (batch statistics, as the official script's
     ``model.train()``), every other module in eval mode, so dropout and stochastic depth (ViT,

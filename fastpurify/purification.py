@@ -40,7 +40,7 @@ import torch.nn as nn
 
 from .backdoor.metrics import evaluate
 from .data import as_tensors
-from .inference import output_classes, predict_logits
+from .inference import model_dtype, output_classes, predict_logits
 from .ranking import average_precision
 from .validation import (InputError, check_fraction, check_labels, check_pgd_settings, check_positive,
                          check_positive_int)
@@ -334,7 +334,7 @@ def plan_pbe(model: nn.Module, train_data: Any, clean_data: Any, *, device: torc
         raise InputError("poison_indices only apply to the training-set setting (train_data without clean_data)")
     if attack is not None and test_data is None:
         raise InputError("an attack is used to measure the ASR on test_data; give test_data too")
-    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    dtype = model_dtype(model)
     images, labels = as_tensors(train_data if progressive else clean_data, device=device, dtype=dtype)
     if float(images.min()) < 0.0 or float(images.max()) > 1.0:
         raise InputError("PBE's PGD needs pixel values in [0, 1]; put any normalisation inside the model")

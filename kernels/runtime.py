@@ -13,8 +13,11 @@ import os
 SM_COUNT_WITHOUT_GPU = 132  # an H100's (and an H200's): plans made on CPU, meta or the interpreter
 
 
+@functools.lru_cache(maxsize=None)
 def triton_available() -> bool:
-    """Whether the triton package is installed (it is not on every platform)."""
+    """Whether the triton package is installed (it is not on every platform). Looked up once per
+    process: the search of sys.path costs ~0.2 ms, and the dispatch asks at every norm layer's
+    call (3 ms of a 65 ms ANP iteration of the small CNN on the CPU, before it was cached)."""
     return importlib.util.find_spec("triton") is not None
 
 

@@ -55,15 +55,16 @@ def test_gradcheck_float64(backend):
 @pytest.mark.parametrize("shape, num_groups, channels_last", [((3, 6, 4, 5), 2, False), ((3, 6, 4, 5), 3, True),
                                                               ((4, 12), 2, False), ((2, 4, 7), 1, False)], ids=ids)
 def test_torch_path_is_group_norm_bit_for_bit(monkeypatch, shape, num_groups, channels_last, dtype):
-    """Mask 1, no noise: the PyTorch path is F.group_norm itself (values and input gradients) for
-    a given weight and bias; without them (the mask then is F.group_norm's weight, which rounds
-    differently from none) and on the Triton path it agrees to rounding."""
+    """Mask 1, no noise: the PyTorch path is F.group_norm itself on x's NCHW-contiguous copy
+    (values and input gradients) for a given weight and bias; without them (the mask then is
+    F.group_norm's weight, which rounds differently from none) and on the Triton path it agrees
+    to rounding."""
     x = inputs(shape, channels_last, dtype)
     p = detached(params(shape[1], 1, dtype=dtype))
     ones = torch.ones(shape[1], dtype=dtype, device=TEST_DEVICE)
     dy = on_device(torch.randn(shape, dtype=dtype, generator=torch.Generator().manual_seed(3)))
     for weight, bias in ((p["weight"], p["bias"]), (None, None)):
-        expected = F.group_norm(x, num_groups, weight, bias, 1e-5)
+        expected = F.group_norm(x.contiguous(), num_groups, weight, bias, 1e-5)
         expected_dx = torch.autograd.grad(expected, x, dy)[0]
         monkeypatch.setenv("FASTPURIFY_BACKEND", "torch")
         y = FP.perturbed_group_norm(x, weight, bias, ones, num_groups=num_groups)
@@ -79,6 +80,21 @@ def test_torch_path_is_group_norm_bit_for_bit(monkeypatch, shape, num_groups, ch
         y = FP.perturbed_group_norm(x, weight, bias, ones, num_groups=num_groups)
         assert torch.allclose(y, expected, atol=tol) and y.stride() == x.stride()
         assert torch.allclose(torch.autograd.grad(y, x, dy)[0], expected_dx, atol=tol)
+
+
+@pytest.mark.parametrize("x_requires_grad", [False, True])
+def test_channels_last_without_the_input_gradient(backend, x_requires_grad):
+    """Only the mask's gradient asked for, x channels_last (ANP's first norm layer on the CPU's
+    default layout): F.group_norm's CPU backward would crash here; the path gives x's layout and
+    the gradient of the NCHW computation."""
+    x = inputs((4, 8, 5, 5), channels_last=True).detach().requires_grad_(x_requires_grad)
+    p = params(8, 1)
+    y = FP.perturbed_group_norm(x, **p, num_groups=2)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    (dmask,) = torch.autograd.grad(y.square().sum(), p["mask"])
+    flat = FP.perturbed_group_norm(x.contiguous(), **p, num_groups=2)
+    assert torch.allclose(y, flat, atol=1e-5)
+    assert torch.allclose(dmask, torch.autograd.grad(flat.square().sum(), p["mask"])[0], atol=1e-4)
 
 
 def test_groups_equal_separate_passes(backend):

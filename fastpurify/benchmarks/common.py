@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from ..cpu_memory import malloc_state
 from ..data import synthetic_dataset
 from ..models import build_model
 from ..validation import InputError
@@ -57,7 +58,8 @@ class Timing:
 
 
 def environment(device: torch.device) -> dict:
-    """Device, driver and library versions, the TF32 defaults, and the date: stored with every result."""
+    """Device, driver and library versions, the TF32 defaults, whether freed memory is kept
+    (:mod:`fastpurify.cpu_memory`), and the date: stored with every result."""
     try:
         import triton
         triton_version = triton.__version__
@@ -72,6 +74,7 @@ def environment(device: torch.device) -> dict:
                                                             "matmul": torch.backends.cuda.matmul.allow_tf32})
     else:
         env.update(device=platform.processor() or platform.machine(), threads=torch.get_num_threads())
+    env["malloc"] = malloc_state()
     return env
 
 

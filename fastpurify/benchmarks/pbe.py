@@ -13,8 +13,9 @@ initialised model: the speed does not depend on them):
    Variants: ``reference`` (:func:`fastpurify.reference.pbe`, eager), ``reference-compile`` (the
    reference on ``torch.compile(model)``; on CPU only when named), ``fast-eager``
    (:func:`fastpurify.pbe` without CUDA graphs or channels_last: frozen-weight fused PGD,
-   device-side batches, fused SGD), ``fast`` (as it runs by default: on CUDA adds the graphs of the
-   training step and of the PGD loop, channels_last and TF32), ``fast-bf16`` (CUDA: ``fast`` under
+   device-side batches, fused SGD), ``fast`` (as it runs by default: adds channels_last — on CUDA,
+   and on the CPU for float32 models — and on CUDA the graphs of the training step and of the PGD
+   loop and TF32), ``fast-bf16`` (CUDA: ``fast`` under
    bfloat16 autocast).
 2. **Scoring**: one pass over ``score_images`` images that gives each its cosine similarity
    between the infected model's logits (computed beforehand, once, as both implementations do)
@@ -111,7 +112,7 @@ def score_step(name: str, current: nn.Module, infected: torch.Tensor, images: to
     """A no-argument scoring pass of the variant over ``images``: each image's cosine between the
     ``infected`` logits (computed beforehand, once, as both implementations do) and the
     ``current`` model's. The reference: ``predict_logits`` + ``cosine_scores``; the engine: its
-    chunked forward with the fused cosine (channels_last and TF32 on CUDA, as ``fastpurify.pbe``)."""
+    chunked forward with the fused cosine (channels_last by default, TF32 on CUDA, as ``fastpurify.pbe``)."""
     if name == "reference":
         net = copy.deepcopy(current).to(device)
         return lambda: cosine_scores(infected, predict_logits(net, images))

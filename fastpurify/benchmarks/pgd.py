@@ -18,8 +18,9 @@ Variants (each adds one of the wins of the issue to the one before it):
 - ``fast-eager``: :class:`~fastpurify.engines.pgd.PGDAttack` without a CUDA graph: frozen
   weights, one fused launch per step and for the random start, static buffers;
 - ``fast-graph`` (CUDA): the same with the 10-step loop of a chunk captured in a CUDA graph;
-- ``fast``: the engine as ``fastpurify.pgd`` runs it (on CUDA: the graph, a channels_last copy
-  of the model and TF32 for convolutions and matmuls; on CPU the same as ``fast-eager``);
+- ``fast``: the engine as ``fastpurify.pgd`` runs it: the images handed to the model in
+  channels_last (on CUDA, and on the CPU for float32 models), and on CUDA the graph and TF32 for
+  convolutions and matmuls;
 - ``fast-bf16`` (CUDA): ``fast`` under bfloat16 autocast.
 
 The reference variants, ``fast-eager`` and ``fast-graph`` run under PyTorch's TF32 defaults
@@ -44,7 +45,8 @@ import torch.nn as nn
 from ..data import make_generator, synthetic_dataset
 from ..engines.pgd import PGDAttack
 from ..engines.pgd import pgd as fast_pgd
-from ..engines.runtime import resolve_device, tf32_enabled, to_memory_format
+from ..engines.runtime import channels_last_default, resolve_device, tf32_enabled
+from ..inference import model_dtype
 from ..reference import pgd as reference_pgd
 from ..validation import check_positive_int
 from .common import (build_variants, choose_variants, compile_model, environment, run_variants, skipped_lines,
@@ -70,9 +72,10 @@ def _reference_attack(model: nn.Module, device: torch.device, *, frozen: bool, c
 
 def _fast_attack(model: nn.Module, device: torch.device, *, graph: bool, channels_last: bool, tf32: bool,
                  precision: str, pgd_kw: dict) -> Attack:
-    net = to_memory_format(copy.deepcopy(model).to(device), channels_last)
+    net = copy.deepcopy(model).to(device)
     kw = {k: v for k, v in pgd_kw.items() if k != "random_start"}
-    engine = PGDAttack(net, precision=precision, cuda_graph=graph, capture_after=1, **kw)
+    engine = PGDAttack(net, precision=precision, cuda_graph=graph, capture_after=1, channels_last=channels_last,
+                       **kw)
 
     def attack(x, y, g):
         with tf32_enabled(True) if tf32 else contextlib.nullcontext():
@@ -89,7 +92,8 @@ def build_attack(name: str, model: nn.Module, device: torch.device, pgd_kw: dict
                                  compiled=name == "reference-compile", pgd_kw=pgd_kw)
     cuda = device.type == "cuda"
     default = name in ("fast", "fast-bf16")
-    return _fast_attack(model, device, graph=cuda and (default or name == "fast-graph"), channels_last=cuda and default,
+    return _fast_attack(model, device, graph=cuda and (default or name == "fast-graph"),
+                        channels_last=default and channels_last_default(device, model_dtype(model)),
                         tf32=cuda and default, precision="bf16" if name == "fast-bf16" else "fp32", pgd_kw=pgd_kw)
 
 
@@ -119,12 +123,12 @@ def _note(name: str, attack: Attack) -> str:
     if engine is None:
         return ""
     parts = [f"{engine.graphs.captured} CUDA graph(s)"] if engine.graphs.enabled else []
+    if engine.memory_format == torch.channels_last:
+        parts.append("channels_last input")
     if name in ("fast", "fast-bf16") and engine.device.type == "cuda":
-        parts += ["channels_last", "TF32"]
+        parts.append("TF32")
     if engine.precision == "bf16":
         parts.append("bf16")
-    if name == "fast" and engine.device.type != "cuda":
-        parts.append("as fast-eager off CUDA")
     return ", ".join(parts)
 
 

@@ -9,8 +9,9 @@ The same rounds, keywords, defaults and random draws as :func:`fastpurify.refere
    in place, so it follows the fine-tuning);
 2. all data stays on the device; batches are augmented there (``DeviceBatchSampler``);
 3. on CUDA each recurring training-batch shape's step (forward, backward, SGD update) is a
-   CUDA graph; the model is channels_last, convolutions use TF32, ``precision="bf16"`` runs the
-   forward passes under bfloat16 autocast; the SGD update is PyTorch's fused kernel;
+   CUDA graph; convolutions use TF32, ``precision="bf16"`` runs the forward passes under
+   bfloat16 autocast; the SGD update is PyTorch's fused kernel; the model copy is channels_last
+   on CUDA and, for a float32 model, on the CPU (oneDNN is faster in it; float64 stays NCHW);
 4. the infected model's logits on the training set are computed once; each round scores the
    training set chunk by chunk with the fused ``logits_cosine`` and ranks it on the device.
 """
@@ -257,7 +258,8 @@ def pbe(model: nn.Module, train_data: Any = None, clean_data: Any = None, *,
     drawn from the whole training set ("random", the paper) or from the half the infected model
     fits least ("high-loss", fastpurify's own: :func:`fastpurify.purification.initial_subset`).
     Speed options: ``device`` (default: CUDA if available),
-    ``cuda_graph``/``channels_last`` (None: on CUDA), ``tf32``, ``precision`` ("fp32"/"bf16"),
+    ``cuda_graph`` (None: on CUDA), ``channels_last`` (None: on CUDA, and on the CPU for a
+    float32 or bfloat16 model), ``tf32``, ``precision`` ("fp32"/"bf16"),
     ``pgd_batch_size`` (images per PGD chunk; None: 512 on CUDA, ``batch_size`` on the CPU, where
     large chunks only thrash the caches) and ``score_batch_size``. ``model`` is never modified.
 

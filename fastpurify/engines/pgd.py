@@ -9,7 +9,10 @@ The same attack, keywords and random draws as :func:`fastpurify.reference.pgd` (
    out-of-memory error);
 3. the update is one fused launch per step (``pgd_step_`` for L-inf, ``pgd_l2_step_`` for L2),
    and the random start one launch for all images;
-4. on CUDA the whole ``steps``-step loop of a chunk is captured in a CUDA graph (self-checked
+4. the model sees each step's images in channels_last (on CUDA, and on the CPU for float32 /
+   bfloat16 models, where oneDNN's convolutions and pooling are faster in it): one copy of the
+   small input per step, the model's own weights untouched;
+5. on CUDA the whole ``steps``-step loop of a chunk is captured in a CUDA graph (self-checked
    against an eager run) and replayed for every chunk of that shape; TF32 by default; bfloat16
    autocast on request (the loss and the update stay in float32).
 
@@ -29,9 +32,9 @@ import torch.nn.functional as F
 from .. import distributed as D
 from .. import functional as FP
 from ..data import make_generator
-from ..inference import eval_mode, frozen, model_device
+from ..inference import eval_mode, frozen, model_device, model_dtype
 from ..validation import InputError, check_images, check_labels, check_pgd_settings, check_positive_int
-from .runtime import GraphCache, check_precision, logits_in, tf32_enabled
+from .runtime import GraphCache, check_precision, logits_in, tf32_enabled, use_channels_last
 
 GRAPH_MIN_CHUNKS = 8  # below this many full chunks a standalone attack is not worth capturing
 
@@ -43,15 +46,18 @@ class PGDAttack:
     ``cuda_graph`` the loop of a chunk shape is captured at that shape's ``capture_after``-th
     use and replayed from then on; the graph reads the model's parameters and buffers where
     they live, so it stays valid while an optimizer updates them in place (the PBE engine).
+    ``channels_last``: hand the model each step's images in channels_last (the buffers and the
+    update stay contiguous; the input gradient comes back through the copy).
     """
 
     def __init__(self, model: nn.Module, *, eps: float, alpha: float, steps: int, norm: str = "linf",
                  lo: float = 0.0, hi: float = 1.0, precision: str = "fp32", cuda_graph: bool = False,
-                 capture_after: int = 3):
+                 capture_after: int = 3, channels_last: bool = False):
         check_pgd_settings(eps=eps, alpha=alpha, steps=steps, norm=norm, lo=lo, hi=hi)
         check_precision(precision)
         self.model, self.eps, self.alpha, self.steps, self.norm = model, eps, alpha, steps, norm
         self.lo, self.hi, self.precision = lo, hi, precision
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.device = model_device(model)
         self.graphs = GraphCache(cuda_graph, after=capture_after)
         self._buffers: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
@@ -79,7 +85,8 @@ class PGDAttack:
         """``steps`` steps in place on the leaf ``adv`` (static tensors only: capturable)."""
         step = FP.pgd_step_ if self.norm == "linf" else FP.pgd_l2_step_
         for _ in range(self.steps):
-            loss = F.cross_entropy(logits_in(self.model, adv, self.device, self.precision), labels)
+            seen = adv.contiguous(memory_format=self.memory_format)
+            loss = F.cross_entropy(logits_in(self.model, seen, self.device, self.precision), labels)
             (grad,) = torch.autograd.grad(loss, adv)
             step(adv.data, x0, grad, self.alpha, self.eps, self.lo, self.hi)
 
@@ -136,8 +143,8 @@ class PGDAttack:
 def pgd(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, eps: float = 8 / 255,
         alpha: float = 2 / 255, steps: int = 10, random_start: bool = True, norm: str = "linf", lo: float = 0.0,
         hi: float = 1.0, seed: int | None = None, generator: torch.Generator | None = None, batch_size: int = 512,
-        cuda_graph: bool | None = None, tf32: bool = True, precision: str = "fp32",
-        progress: bool = False) -> torch.Tensor:
+        cuda_graph: bool | None = None, channels_last: bool | None = None, tf32: bool = True,
+        precision: str = "fp32", progress: bool = False) -> torch.Tensor:
     """Untargeted PGD examples of ``images`` (N, C, H, W, pixels in [lo, hi]) that raise the
     model's cross-entropy on ``labels``; returned detached on the images' device.
 
@@ -146,7 +153,9 @@ def pgd(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, eps: fl
     model's device; the model comes back as it was (training flags, ``requires_grad``) and its
     parameters get no ``.grad``. Speed options: ``batch_size`` (images per chunk; halved on a
     CUDA out-of-memory error), ``cuda_graph`` (None: on CUDA when there are at least
-    8 full chunks), ``tf32``, ``precision`` ("fp32" or "bf16" autocast), ``progress``. Under an
+    8 full chunks), ``channels_last`` (the images the model sees; None: on CUDA, and on the CPU
+    for a float32 or bfloat16 model; the model itself is not converted), ``tf32``, ``precision``
+    ("fp32" or "bf16" autocast), ``progress``. Under an
     initialised ``torch.distributed`` process group each rank attacks its share of the images
     and every rank returns all of them.
     """
@@ -169,8 +178,9 @@ def pgd(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, eps: fl
     y = labels.to(device)
     if generator is None and seed is not None:
         generator = make_generator(seed, device)
+    channels_last = use_channels_last(channels_last, device, x0, model_dtype(model))
     engine = PGDAttack(model, eps=eps, alpha=alpha, steps=steps, norm=norm, lo=lo, hi=hi, precision=precision,
-                       cuda_graph=use_graph, capture_after=1)
+                       cuda_graph=use_graph, capture_after=1, channels_last=channels_last)
     bar = None
     if progress and D.is_main():
         from tqdm.auto import tqdm

@@ -61,12 +61,28 @@ def logits_in(model: nn.Module, x: torch.Tensor, device: torch.device, precision
     return logits.float() if logits.dtype == torch.bfloat16 else logits
 
 
-def use_channels_last(requested: bool | None, device: torch.device, sample: torch.Tensor) -> bool:
-    """channels_last by default on CUDA for 4-D image batches (faster convolutions), never on CPU
-    unless asked."""
-    if requested is None:
-        return device.type == "cuda" and sample.dim() == 4
-    return bool(requested) and sample.dim() == 4
+CPU_CHANNELS_LAST_DTYPES = (torch.float32, torch.bfloat16)  # oneDNN's convolution dtypes on the CPU
+
+
+def channels_last_default(device: torch.device, dtype: torch.dtype, cpu: bool = True) -> bool:
+    """The engines' default layout for image batches: channels_last on CUDA, and (``cpu``) on the
+    CPU when the model computes in float32 or bfloat16, where oneDNN's convolutions, pooling and
+    BatchNorm are faster in it (bench/NOTES.md, 2026-11-27). float64 stays NCHW on the CPU: oneDNN
+    does not compute in it, channels_last is no faster there, and the float64 engines stay
+    bit-for-bit equal to the reference. ANP passes ``cpu=False``: see ``fastpurify.anp``."""
+    return device.type == "cuda" or (cpu and device.type == "cpu" and dtype in CPU_CHANNELS_LAST_DTYPES)
+
+
+def use_channels_last(requested: bool | None, device: torch.device, sample: torch.Tensor,
+                      dtype: torch.dtype | None = None, cpu: bool = True) -> bool:
+    """Whether an engine runs its image batches (like ``sample``) in channels_last: only 4-D
+    batches; ``requested`` None: :func:`channels_last_default` for ``dtype`` (default the
+    sample's) and ``cpu``."""
+    if sample.dim() != 4:
+        return False
+    if requested is not None:
+        return bool(requested)
+    return channels_last_default(device, sample.dtype if dtype is None else dtype, cpu)
 
 
 def to_memory_format(model: nn.Module, channels_last: bool) -> nn.Module:

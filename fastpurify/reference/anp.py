@@ -42,7 +42,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..data import DeviceBatchSampler, as_tensors, make_generator
-from ..inference import anp_mode, model_device
+from ..inference import anp_mode, model_device, model_dtype
 from ..masks import ANPResult
 from ..validation import check_anp_settings
 from ..neurons import DEFAULT_KINDS, check_kinds, neuron_layers
@@ -124,7 +124,7 @@ def anp(model: nn.Module, data: Any, *, eps: float = 0.4, steps: int = 1, alpha:
     mask_layers = check_kinds(mask_layers)
     neuron_layers(model, mask_layers)
     device = model_device(model)
-    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    dtype = model_dtype(model)
     images, labels = as_tensors(data, dtype=dtype)
     settings = dict(eps=eps, steps=steps, alpha=alpha, lr=lr, momentum=momentum, iterations=iterations,
                     batch_size=batch_size, clamp_noise=clamp_noise, augment=augment, padding=padding, flip=flip,

@@ -62,6 +62,20 @@ def test_triton_kernels_equal_the_reference(cnn, monkeypatch):
     assert max_gap(ref.masks, fast.masks) < 1e-6
 
 
+def test_float32_on_the_cpu_is_the_reference_unless_channels_last_is_asked(cnn):
+    """On the CPU ANP keeps NCHW by default (unlike PGD and PBE): in float32 its masks are the
+    reference's bit for bit. channels_last=True (faster there) sums in another order: the masks
+    agree to rounding after 20 iterations."""
+    model, data = copy.deepcopy(cnn).float(), clean_set(dtype=torch.float32)
+    ref, fast = both(model, data, iterations=20, batch_size=16)
+    cl = fastpurify.anp(model, data, device="cpu", progress=False, seed=3, iterations=20, batch_size=16,
+                        channels_last=True)
+    assert cl.engine["channels_last"] and not fast.engine["channels_last"]
+    assert all(torch.equal(ref.masks[k], fast.masks[k]) for k in ref.masks)
+    assert max_gap(ref.masks, cl.masks) < 1e-4
+    assert max_gap(ref.masks, {k: torch.ones_like(v) for k, v in ref.masks.items()}) > 1e-3  # the masks moved
+
+
 def test_separate_passes_equal_the_grouped_batch(cnn):
     data = clean_set()
     kw = dict(iterations=8, batch_size=16, progress=False, device="cpu")
@@ -179,3 +193,21 @@ def test_cuda_engine_matches_the_reference(cuda_graph, exact_cuda):
     ref = reference_anp(model, (data[0].cuda(), data[1].cuda()), **kw)
     assert fast.engine["cuda_graph"] == cuda_graph and fast.engine["backend"] == "triton"
     assert max_gap(ref.masks, fast.masks) < 1e-3
+
+
+def test_only_the_first_iteration_checks_the_layer_arguments(cnn, monkeypatch):
+    """The per-call argument checks of the perturbed layers run in the first iteration and not in
+    the hot loop after it; the masks are the same as with every call checked."""
+    import fastpurify.functional as FP
+
+    calls = []
+    check = FP._check_batch_norm
+    monkeypatch.setattr(FP, "_check_batch_norm", lambda *a: calls.append(1) or check(*a))
+    kw = dict(iterations=4, batch_size=8, progress=False, device="cpu", seed=1)
+    fast = fastpurify.anp(cnn, clean_set(), **kw)
+    layers = sum(isinstance(m, nn.BatchNorm2d) for m in cnn.modules())
+    assert len(calls) == 3 * layers, "one checked iteration: three passes through every BatchNorm"
+    monkeypatch.setattr(FP, "argument_checks", lambda enabled: FP.contextlib.nullcontext())  # every call checked
+    every = fastpurify.anp(cnn, clean_set(), **kw)
+    assert len(calls) == 3 * layers * 5
+    assert all(torch.equal(fast.masks[k], every.masks[k]) for k in fast.masks)

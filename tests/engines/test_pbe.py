@@ -211,7 +211,8 @@ def test_adversarial_labels_count_the_infected_models_predictions(model, data):
 
 
 def test_layout_and_precision_options_run_the_same_rounds(model, data):
-    """channels_last (the CUDA default) changes no result; bfloat16 autocast runs and scores."""
+    """channels_last (the default on CUDA and for float32 on the CPU) changes no result; bfloat16
+    autocast runs and scores."""
     kw = dict(SMALL, train_data=data, schedule=(0.2, 0.5))
     _, ref = reference_pbe(model, **kw)
     _, fast = fastpurify.pbe(model, device="cpu", channels_last=True, **kw)
@@ -219,6 +220,10 @@ def test_layout_and_precision_options_run_the_same_rounds(model, data):
                                                 for a, b in zip(ref.rounds, fast.rounds))
     net = small_cnn(num_classes=4, in_channels=1, width=4)
     kw["train_data"] = (data[0].float(), data[1])
+    _, ref32 = reference_pbe(net, **kw)
+    _, fast32 = fastpurify.pbe(net, device="cpu", **kw)
+    assert fast32.engine["channels_last"], "the CPU default for a float32 model"
+    assert all(torch.equal(a.indices, b.indices) for a, b in zip(ref32.rounds, fast32.rounds))
     _, half = fastpurify.pbe(net, device="cpu", precision="bf16", **kw)
     assert half.engine["precision"] == "bf16" and bool(torch.isfinite(half.rounds[-1].scores).all())
 

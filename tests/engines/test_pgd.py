@@ -212,3 +212,35 @@ def test_cuda_graph_equals_eager_and_the_reference(norm, exact_cuda):
     assert float((graphed - eager).abs().max()) < 1e-5
     # sign flips of near-zero gradients can move a few pixels by 2 alpha; nearly all agree
     assert float(((graphed - ref).abs() < 1e-5).double().mean()) > 0.99
+
+
+def _layouts_seen(model):
+    """The memory formats of the batches the model's forward receives (a pre-hook)."""
+    seen = []
+    handle = model.register_forward_pre_hook(
+        lambda m, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last)
+                                    and not args[0].is_contiguous()))
+    return seen, handle
+
+
+@pytest.mark.parametrize("dtype, expected", [(torch.float32, True), (torch.float64, False)])
+def test_the_cpu_default_layout_follows_the_dtype(fitted, dtype, expected):
+    """float32 on the CPU: the model sees channels_last batches (oneDNN is faster in it) and its
+    own weights stay NCHW; float64 stays NCHW. channels_last=False forces NCHW."""
+    model, x, y = fitted
+    model, x = model.to(dtype), x.to(dtype)
+    try:
+        kw = dict(SETTINGS["linf"], steps=3, seed=5)
+        seen, handle = _layouts_seen(model)
+        fast = fastpurify.pgd(model, x, y, **kw)
+        assert seen and set(seen) == {expected}
+        seen.clear()
+        fastpurify.pgd(model, x, y, channels_last=False, **kw)
+        assert seen and not any(seen)
+        handle.remove()
+        assert all(p.is_contiguous() for p in model.parameters()), "the model itself is not converted"
+        assert fast.is_contiguous() and fast.dtype == dtype
+        ref = reference_pgd(model, x, y, **kw)
+        assert float(((fast - ref).abs() < 1e-5).double().mean()) > 0.99
+    finally:
+        model.double()
