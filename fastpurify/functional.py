@@ -43,6 +43,8 @@ def argument_checks(enabled: bool) -> Iterator[None]:
         yield
     finally:
         _CHECKS.reset(token)
+
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -265,10 +267,11 @@ def perturbed_layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: tor
     x, mask, noise, noise_bias, and to weight/bias only when they require grad. Statistics and
     reductions in float32 (float64 for float64); y is a new tensor in x's dtype and memory layout.
     """
-    if _CHECKS.get():
+    checks = _CHECKS.get()
+    if checks:
         _check_layer_norm(x, channel_dim)
     axis = 1 if channel_dim == 1 and x.dim() > 2 else -1  # the features of NC... or of ...C
-    if _CHECKS.get():
+    if checks:
         _check_norm_params(x, x.shape[axis], "features", weight, bias, mask, noise, noise_bias, eps, groups)
     noise, noise_bias = _rows(noise, groups, x.shape[axis]), _rows(noise_bias, groups, x.shape[axis])
     if backend_for(x) == "triton" and x.numel() > 0:
