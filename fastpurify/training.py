@@ -73,8 +73,7 @@ def train_classifier(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
     check_labels(labels, num_images=images.shape[0], num_classes=num_classes)
     sampler = DeviceBatchSampler(images, labels, batch_size, seed=seed, augment=augment, padding=padding,
                                  flip=flip, device=device)
-    requested = channels_last if channels_last is not None else device.type == "cuda"  # None: CUDA only here
-    channels_last = use_channels_last(requested, device, sampler.images)
+    channels_last = use_channels_last(channels_last, device, sampler.images, cpu=False)  # None: CUDA only here
     to_memory_format(model, channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay,
                           nesterov=nesterov)

@@ -35,9 +35,8 @@ def test_demo_end_to_end(tmp_path, capsys, monkeypatch):
 
     anp = report["anp"]
     assert anp["clean_images"] == 100 and anp["evaluated_images"] == 259 and anp["settings"]["iterations"] == 200
-    assert anp["seconds"] > 0 and anp["reference_seconds"] > 0
-    assert anp["masks_equal_reference"] == (anp["max_mask_gap"] <= 1e-4)
-    assert anp["masks_equal_reference"] or anp["engine"]["channels_last"], "NCHW float32 is the reference exactly"
+    assert anp["masks_equal_reference"] and anp["seconds"] > 0 and anp["reference_seconds"] > 0
+    assert anp["max_mask_gap"] <= 1e-4  # on the CPU (NCHW) the fast masks are the reference's
     for after in (anp["after"], anp["reference_after"]):  # both mask sets purify by the same rule
         assert after["asr"] < anp["before"]["asr"] - 0.3 and after["acc"] > anp["before"]["acc"] - 0.08
     masks = load_masks(tmp_path / "mask_values.txt")
