@@ -15,8 +15,11 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(BIN)/fastpurify demo
 
+# The suite runs on WORKERS processes (pytest-xdist; each test file stays on one worker, so its
+# module fixtures run once); WORKERS=0 runs it in this process.
+WORKERS ?= 2
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest $(if $(filter 0,$(WORKERS)),,-n $(WORKERS) --dist loadfile)
 
 bench: $(STAMP)
 	mkdir -p bench/results

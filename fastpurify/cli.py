@@ -213,8 +213,9 @@ def _purify_with_anp(subject, test, args: argparse.Namespace, out: Path, meta: d
 
 
 def _mask_agreement(gap: float) -> str:
-    """How the demo's fast masks compare with the reference's (equal on the CPU's default path;
-    on CUDA the fused kernels, channels_last and TF32 sum in other orders)."""
+    """How the demo's fast masks compare with the reference's: equal where the fast engine does the
+    reference's arithmetic (the CPU in NCHW); by default it sums in other orders (channels_last on
+    the CPU and CUDA; on CUDA also the fused kernels and TF32)."""
     if gap <= 1e-4:
         return "masks equal to the reference's within 1e-4"
     return (f"masks differ from the reference's by up to {gap:.3f} (the fast engine sums in another order, and "

@@ -100,10 +100,10 @@ def test_bench_anp_smoke_writes_json(tmp_path, capsys):
     assert main(["bench", "anp", "--smoke", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     names = [v["name"] for v in result["variants"]]
-    assert names == ["reference", "reference-frozen", "fast-separate", "fast-eager", "fast", "fast-channels-last",
+    assert names == ["reference", "reference-frozen", "fast-separate", "fast-eager", "fast", "fast-nchw",
                      "fast-seeds4"]
     notes = {v["name"]: v["note"] for v in result["variants"]}
-    assert "channels_last" in notes["fast-channels-last"] and "channels_last" not in notes["fast"]  # ANP: NCHW
+    assert notes["fast"].startswith("channels_last") and notes["fast-nchw"].startswith("NCHW")  # the CPU default
     assert all(v["median_ms"] > 0 and len(v["block_ms"]) == 3 for v in result["variants"])
     assert result["variants"][0]["ratio_vs_reference"] == 1.0
     assert {"date", "torch", "triton", "device"} <= set(result["environment"])

@@ -12,8 +12,10 @@ from fastpurify.benchmarks.common import environment
 
 GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 
-# A fresh process (the setting is process-wide and permanent): the minor page faults of three
-# eager forward and backward steps of the small CNN at batch 32, after one step of warm-up.
+# A fresh process (the setting is process-wide and permanent): the minor page faults of five
+# eager forward and backward steps of the small CNN at batch 32, after three steps of warm-up (the
+# first backward allocates the gradients; kept memory reaches its peak heap within three steps).
+# Measured on this project's 2-core CPU and on CI: 8,000-12,000 faults by default, 0-1,024 kept.
 FAULTS = """
 import resource, sys, torch
 from fastpurify.cpu_memory import keep_freed_memory
@@ -23,9 +25,10 @@ if sys.argv[1] == "keep":
 torch.set_num_threads(1)
 torch.manual_seed(0)
 net, x = small_cnn(num_classes=10, in_channels=3, width=16), torch.rand(32, 3, 32, 32)
-net(x).sum().backward()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(3):
+    net(x).sum().backward()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(5):
     net(x).sum().backward()
 print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
@@ -41,7 +44,7 @@ def _faults(mode: str) -> int:
 def test_kept_memory_is_reused_without_page_faults():
     default, kept = _faults("default"), _faults("keep")
     assert default > 0, "glibc unmaps the freed activations: the next step faults them in again"
-    assert kept * 3 < default
+    assert kept * 4 < default, f"kept memory still faults: {kept} minor faults against {default} by default"
 
 
 def test_the_command_line_opt_out(monkeypatch):

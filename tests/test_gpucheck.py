@@ -5,6 +5,7 @@ bad input gets a clear message."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -205,3 +206,20 @@ def test_the_cifar_stage_runs_both_reproductions_in_a_dry_run(tmp_path):
     rows = {r["target"]: r for r in evaluate({"cifar": data}, 10.0, 120.0)}
     assert rows["CIFAR-10 (JPEG copy): ANP, ResNet-18"]["measured"].startswith("badnets: before ")
     assert rows["CIFAR-10 (JPEG copy): PBE"]["result"] == "measured"
+
+
+def test_a_pytest_started_inside_an_xdist_worker_still_logs(tmp_path):
+    """make test runs on xdist workers, whose PYTEST_XDIST_WORKER the dry run's own pytest runs
+    inherit: the log plugin must still write their outcomes (it asks its own session's config)."""
+    from fastpurify.gpucheck import pytest_log
+
+    (tmp_path / "test_tiny.py").write_text("def test_ok():\n    pass\n\ndef test_bad():\n    assert False\n")
+    log = tmp_path / "log.jsonl"
+    env = dict(os.environ, PYTEST_XDIST_WORKER="gw0", **{pytest_log.LOG_ENV: str(log)})
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p",
+                           "fastpurify.gpucheck.pytest_log", "test_tiny.py"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stdout[-2000:]
+    summary = pytest_log.summarize(log)
+    assert summary["counts"] == {"passed": 1, "failed": 1}
+    assert [f["test"] for f in summary["failures"]] == ["test_tiny.py::test_bad"]

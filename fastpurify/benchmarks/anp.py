@@ -13,12 +13,13 @@ Variants (each isolates one of DESIGN.md §4's wins):
 - ``reference-frozen``: the reference on a model whose weights do not require gradients (win 1);
 - ``reference-compile``: the reference with its model under ``torch.compile``;
 - ``fast-separate``: fastpurify with the clean and perturbed passes run separately, no CUDA graph
-  (frozen weights, fused BatchNorm, flat-arena updates: wins 1 and 4; NCHW on the CPU);
-- ``fast-eager``: fastpurify with the two-group batch, no CUDA graph (adds win 3; NCHW on the CPU);
-- ``fast``: fastpurify as it runs by default (on CUDA adds the graph, channels_last, TF32: win 5;
-  on the CPU it runs the passes separately, as ``fast-separate``: the two-group batch does not
-  pay there);
-- ``fast-channels-last`` (CPU): ``fast`` with ``channels_last=True``, not the CPU default;
+  (frozen weights, fused BatchNorm, flat-arena updates: wins 1 and 4; the device's default
+  layout, channels_last for a float32 model);
+- ``fast-eager``: fastpurify with the two-group batch, no CUDA graph (adds win 3);
+- ``fast``: fastpurify as it runs by default (on CUDA adds the graph and TF32: win 5; on the CPU
+  it runs the passes separately, as ``fast-separate``: the two-group batch does not pay there);
+- ``fast-nchw`` (by default on the CPU only): ``fast`` with ``channels_last=False``, on the CPU
+  the reference's arithmetic bit for bit (the CPU default before 2026-11-27);
 - ``fast-bf16``: ``fast`` under bfloat16 autocast;
 - ``fast-seeds4``: ``fast`` as a batched seed ensemble of 4 members (``fastpurify.anp(seeds=4,
   batched=True)``, the default on CUDA): one iteration advances 4 independent mask sets, so its
@@ -44,7 +45,7 @@ from .common import (build_variants, choose_variants, compile_model, environment
                      synthetic_subject, table, time_interleaved, time_variant)
 
 VARIANTS = ("reference", "reference-frozen", "reference-compile", "fast-separate", "fast-eager", "fast",
-            "fast-channels-last", "fast-bf16", "fast-seeds4")
+            "fast-nchw", "fast-bf16", "fast-seeds4")
 ENSEMBLE_MEMBERS = 4
 ANP_KW = dict(eps=0.4, steps=1, alpha=0.2, lr=0.2, momentum=0.9, clamp_noise=True)
 
@@ -64,7 +65,7 @@ def _reference_step(model, images, labels, batch_size, device, *, frozen=False, 
 
 def _fast_step(model, images, labels, batch_size, device, *, grouped=None, graph=True, precision="fp32",
                large: dict | None = None, members: int = 1, channels_last: bool | None = None) -> Callable:
-    channels_last = use_channels_last(channels_last, device, images, cpu=False)  # as fastpurify.anp
+    channels_last = use_channels_last(channels_last, device, images)  # as fastpurify.anp
     engine = ANPEngine(model, (members * batch_size, *images.shape[1:]), device=device, grouped=grouped,
                        channels_last=channels_last, precision=precision, members=members, **(large or {}), **ANP_KW)
     sampler, noise = draws(images, labels, batch_size, 0, members, device=device)
@@ -90,7 +91,7 @@ def _build(name, model, images, labels, batch_size, device, large: dict | None =
     return _fast_step(model, images, labels, batch_size, device, grouped=grouped,
                       graph=name in ("fast", "fast-bf16", "fast-seeds4"),
                       precision="bf16" if name == "fast-bf16" else "fp32", large=large, members=members,
-                      channels_last=True if name == "fast-channels-last" else None)
+                      channels_last=False if name == "fast-nchw" else None)
 
 
 def pruned_set_change(model, images, labels, *, batch_size, device, iterations) -> dict:
@@ -127,8 +128,8 @@ def run_anp_benchmark(*, arch: str = "cifar_resnet18", batch_size: int = 128, nu
         check_positive_int(value, name)
     defaults = variants is None
     variants = choose_variants(variants, VARIANTS, device, cpu_default_skip=("reference-compile", "fast-bf16"))
-    if defaults and device.type == "cuda":  # the CUDA default is channels_last already
-        variants = tuple(v for v in variants if v != "fast-channels-last")
+    if defaults and device.type == "cuda":  # NCHW on CUDA only when named
+        variants = tuple(v for v in variants if v != "fast-nchw")
     if defaults and (micro_batch or checkpoint):  # the ensemble does not micro-batch: left out of a large run
         variants = tuple(v for v in variants if v != "fast-seeds4")
     mask_layers = check_kinds(mask_layers)
@@ -139,8 +140,8 @@ def run_anp_benchmark(*, arch: str = "cifar_resnet18", batch_size: int = 128, nu
 
     def note(step):
         parts = ["CUDA graph"] if getattr(step, "graphed", False) else []
-        if getattr(step, "channels_last", False) and device.type == "cpu":
-            parts.append("channels_last")
+        if device.type == "cpu" and hasattr(step, "channels_last"):
+            parts.append("channels_last" if step.channels_last else "NCHW")
         return ", ".join(parts)
 
     def measure(name):

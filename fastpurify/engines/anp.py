@@ -10,8 +10,8 @@ The same algorithm, keywords, defaults and random draws as :func:`fastpurify.ref
    the two passes of the reference);
 4. masks, noises and the momentum buffer of the whole network sit in one flat arena
    (:class:`fastpurify.arena.NeuronArena`): one launch per update per iteration;
-5. image batches in channels_last by default on CUDA (on the CPU on request: 1.5x faster for a
-   float32 CNN, but not the default there; see ``channels_last`` in :func:`anp`);
+5. image batches in channels_last by default on CUDA and, for float32 / bfloat16 models, on the
+   CPU (1.5x faster for a CNN there; see ``channels_last`` in :func:`anp`);
 6. on CUDA the iteration (after the random draws) is captured in a CUDA graph and replayed;
    TF32 by default; bfloat16 autocast on request.
 
@@ -293,12 +293,13 @@ def anp(model: nn.Module, clean_data: Any, *, eps: float = 0.4, steps: int = 1, 
     if available), ``grouped`` (clean and perturbed passes as one two-group batch; None: on CUDA,
     where one large batch fills the GPU better — on the CPU the two passes run separately, which
     is faster there: the same work without the batch copies),
-    ``cuda_graph`` (None: on CUDA), ``channels_last`` (None: on CUDA; on the CPU, True makes a
-    float32 CNN's iteration ~1.5x faster, but its rounding differs from the reference's and
-    ANP's masks follow it like another seed's: over 10 seeds of the end-to-end digits subject
-    the clean-data rule's ACC after pruning averaged 94.6 against the reference's 95.5, not yet
-    told apart from seed noise, so the CPU default stays the reference's arithmetic exactly;
-    bench/NOTES.md, 2026-11-27), ``tf32`` (CUDA
+    ``cuda_graph`` (None: on CUDA), ``channels_last`` (None: on CUDA, and on the CPU for float32
+    and bfloat16 models, where a CNN's iteration runs ~1.5x faster; it sums in another order than
+    the reference, and over a long run ANP's masks follow a rounding difference the way they
+    follow another seed, so the outcome differs seed by seed but not on average: over 30 seeds of
+    the end-to-end digits subject channels_last did as well as NCHW with its weights nudged by
+    one ulp (bench/NOTES.md, 2026-11-27). ``channels_last=False`` on the CPU: the reference's
+    arithmetic bit for bit), ``tf32`` (CUDA
     convolutions and matmuls), ``precision`` ("fp32" or "bf16" autocast), ``check_every``
     (iterations between host checks of the loss). Prune afterwards with :func:`fastpurify.prune`.
 
@@ -357,7 +358,7 @@ def anp(model: nn.Module, clean_data: Any, *, eps: float = 0.4, steps: int = 1, 
     D.check_agree({**settings, "checksum": float(images.double().sum())}, "the ANP settings and clean data")
     sampler, noise_generator = draws(images, labels, batch_size, seed, seeds, device=device, augment=augment,
                                      padding=padding, flip=flip)  # member k: those of the single run with seed + k
-    channels_last = use_channels_last(channels_last, device, images, cpu=False)
+    channels_last = use_channels_last(channels_last, device, images)
     engine = ANPEngine(model, (seeds * local, *images.shape[1:]), device=device, eps=eps, steps=steps, alpha=alpha,
                        lr=lr, momentum=momentum, clamp_noise=clamp_noise, grouped=grouped,
                        channels_last=channels_last, precision=precision, mask_layers=mask_layers,

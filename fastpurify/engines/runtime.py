@@ -69,7 +69,8 @@ def channels_last_default(device: torch.device, dtype: torch.dtype, cpu: bool = 
     CPU when the model computes in float32 or bfloat16, where oneDNN's convolutions, pooling and
     BatchNorm are faster in it (bench/NOTES.md, 2026-11-27). float64 stays NCHW on the CPU: oneDNN
     does not compute in it, channels_last is no faster there, and the float64 engines stay
-    bit-for-bit equal to the reference. ANP passes ``cpu=False``: see ``fastpurify.anp``."""
+    bit-for-bit equal to the reference. The trainer passes ``cpu=False`` (its subjects stay as
+    cached)."""
     return device.type == "cuda" or (cpu and device.type == "cpu" and dtype in CPU_CHANNELS_LAST_DTYPES)
 
 

@@ -10,10 +10,19 @@ import os
 
 LOG_ENV = "FASTPURIFY_GPUCHECK_LOG"
 
+_xdist_worker = False
+
+
+def pytest_configure(config):
+    """Whether this process is an xdist worker of this session (its config says so; an inherited
+    ``PYTEST_XDIST_WORKER`` would also be set in a pytest started from inside a worker's test)."""
+    global _xdist_worker
+    _xdist_worker = hasattr(config, "workerinput")
+
 
 def pytest_runtest_logreport(report):
     path = os.environ.get(LOG_ENV)
-    if not path or os.environ.get("PYTEST_XDIST_WORKER"):
+    if not path or _xdist_worker:
         return  # under xdist the controller writes every worker's reports once
     if report.when == "call" or (report.when == "setup" and report.outcome != "passed") or \
             (report.when == "teardown" and report.outcome == "failed"):

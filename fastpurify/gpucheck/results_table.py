@@ -66,8 +66,9 @@ def render_cpu(directory: Path) -> list[str]:
             "process on the same data; interleaved blocks where said). Freed memory: whether the process kept "
             "freed blocks for reuse (fastpurify/cpu_memory.py; the command line's default since 2026-11-27) or "
             "ran on glibc's defaults; — for runs that did not record it. The fast engine's layout: NCHW, or "
-            "channels_last (the CPU default of PGD and PBE for float32 models since 2026-11-27; for ANP only on "
-            "request: its `fast-channels-last` variant). Goals: issue 21's CPU targets.", "",
+            "channels_last (the CPU default for float32 models since 2026-11-27: PGD's and PBE's first, ANP's "
+            "from its second run that day on; before, ANP's `fast-channels-last` variant). Goals: issue 21's "
+            "CPU targets.", "",
             "| bench | model | date, threads | freed memory | timing | reference | fast | fast / reference | file |",
             "|---|---|---|---|---|---|---|---|---|", *(_cpu_row(name, r) for name, r in found)]
 
