@@ -56,5 +56,15 @@ def main(seeds: list[int], arms: list[str]) -> None:
                   f"rule {rule.point.pruned} ACC {after['acc']:.3f} ASR {after['asr']:.3f}", flush=True)
 
 
+ARMS = ("ref", "cl", "ctrl")
+
 if __name__ == "__main__":
-    main([int(s) for s in sys.argv[1].split(",")], sys.argv[2].split(",") if len(sys.argv) > 2 else ["ref", "cl", "ctrl"])
+    try:
+        seeds = [int(s) for s in sys.argv[1].split(",")]
+        arms = sys.argv[2].split(",") if len(sys.argv) > 2 else list(ARMS)
+        if not seeds or any(a not in ARMS for a in arms):
+            raise ValueError
+    except (IndexError, ValueError):
+        sys.exit(f"usage: {sys.argv[0]} SEEDS [ARMS]  (SEEDS: comma-separated integers, e.g. 0,1,2; "
+                 f"ARMS: comma-separated, from {','.join(ARMS)}; default all three)")
+    main(seeds, arms)
