@@ -36,8 +36,9 @@ def test_parsers():
 def test_clean_extra_set_writes_model_report_and_figure(tmp_path, checkpoint, capsys):
     out = tmp_path / "out"
     assert main(["pbe", "--model", str(checkpoint), "--clean-images", "40", "--eps", "8/255", "--out", str(out),
-                 *FAST]) == 0
+                 "--flip", "on", "--padding", "3", *FAST]) == 0
     printed = capsys.readouterr().out
+    assert "auto settings" not in printed  # all three given
     assert "PBE on a clean extra set: 40 images" in printed and "before ACC" in printed
     assert "    1     clean         40" in printed  # the table's round: all 40 clean images
     report = json.loads((out / "report.json").read_text())
@@ -46,6 +47,8 @@ def test_clean_extra_set_writes_model_report_and_figure(tmp_path, checkpoint, ca
     assert report["settings"]["eps"] == pytest.approx(8 / 255) and report["settings"]["alpha"] == pytest.approx(
         8 / 255 / 5)
     assert report["settings"]["adv_epochs"] == 1 and report["poisoned_images"] is None
+    assert report["settings"]["flip"] is True and report["settings"]["padding"] == 3
+    assert "calibration" not in report["settings"]
     assert report["arguments"]["clean_images"] == 40 and report["engine_info"]["name"] == "fast"
     [round_] = report["rounds"]
     assert round_["size"] == 40 and round_["fraction"] is None and round_["seconds"] > 0
@@ -73,7 +76,11 @@ def test_progressive_rebuilds_the_poisoned_training_set_and_its_ground_truth(tmp
     assert "1438 images of digits's training split, poisoned at rate 0.1 (144 poisoned, known)" in printed
     assert "2 round(s): 1 + 0 epochs, then 1 (2 adversarial batches) + 1 (PGD every batch)" in printed, printed
     assert "adv ACC  adv ASR" in printed and "the trigger's target 0:" in printed
+    assert "auto settings, from the infected model of 1000 extra-set images: eps " in printed
     report = json.loads((out / "report.json").read_text())
+    chosen = report["settings"]["calibration"]  # --eps, --flip, --padding auto by default
+    assert report["settings"]["eps"] == chosen["eps"]["value"] and chosen["eps"]["reached"] is not None
+    assert report["settings"]["flip"] == chosen["flip"]["value"] and report["settings"]["padding"] == 2  # 16 px
     assert report["settings"]["rounds"] == [dict(adv_epochs=1, clean_epochs=0, adv_batches=None),
                                             dict(adv_epochs=1, clean_epochs=1, adv_batches=2)]
     assert report["rounds"][0]["adv_acc"] is None and 0 <= report["rounds"][1]["adv_asr"] <= 1
@@ -149,6 +156,14 @@ def test_pickled_model_needs_trust_pickle(tmp_path, capsys):
     (["--schedule", "0,0.5"], "--schedule must be"),
     (["--eps", "0"], "--eps must be a positive finite number"),
     (["--eps", "six/255"], "--eps must be a number or a fraction such as 6/255"),
+    (["--exclude-low-loss", "0.4"], "--exclude-low-loss 0.4 leaves 60% of the training images to choose from, but "
+                                    "--schedule's last round takes 70%"),
+    (["--exclude-low-loss", "1"], "--exclude-low-loss must lie in [0, 1)"),
+    (["--initial", "high-loss", "--schedule", "0.05,0.9"], "--exclude-low-loss 0.2 (--initial high-loss's default; "
+                                                          "give 0 to keep none out) leaves 80%"),
+    (["--exclude-low-loss", "0.2", "--clean-images", "40"], "--exclude-low-loss keeps training images out"),
+    (["--padding", "-2"], "--padding must be a whole number of pixels >= 0 or 'auto', got '-2'"),
+    (["--padding", "wide"], "--padding must be a whole number of pixels >= 0 or 'auto'"),
     (["--alpha", "1/0"], "--alpha must be a number or a fraction"),
     (["--adv-epochs", "0", "--clean-epochs", "0"], "round 0: --adv-epochs + --clean-epochs must be at least 1"),
     (["--adv-epochs", "1,x"], "--adv-epochs must be non-negative integers, one or one per round"),
@@ -170,6 +185,12 @@ def test_bad_arguments_exit_2(tmp_path, checkpoint, capsys, args, message):
     assert main(argv) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_flip_takes_auto_on_or_off(tmp_path, checkpoint, capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(["pbe", "--model", str(checkpoint), "--out", str(tmp_path / "out"), "--flip", "maybe"])
+    assert exited.value.code == 2 and "--flip: invalid choice: 'maybe' (choose from" in capsys.readouterr().err
 
 
 def test_a_training_set_file_of_other_images_is_refused(tmp_path, checkpoint, capsys):

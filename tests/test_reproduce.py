@@ -43,6 +43,8 @@ def test_the_papers_settings_and_overrides():
     (dict(pbe_adv_epochs=1), "give both PBE epoch counts"),
     (dict(pbe_adv_epochs=1, pbe_clean_epochs=1, pbe_recipe="authors"), "do not also give --pbe-epochs"),
     (dict(pbe_initial="lowest"), "--pbe-initial must be 'random' or 'high-loss'"),
+    (dict(pbe_exclude_low_loss=0.5), "--pbe-exclude-low-loss 0.5 leaves 50% of the training images"),
+    (dict(pbe_exclude_low_loss=-0.1), "--pbe-exclude-low-loss must lie in [0, 1)"),
     (dict(pbe_lr=0.0), "--pbe-lr"),
     (dict(colour="red"), "unknown reproduction setting(s) colour"),
 ])
@@ -146,7 +148,7 @@ def test_reproduce_on_digits_from_the_command_line(tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.count("subject trained in") == 2 and "threshold 0.2: pruned" in out and "; auto: pruned" in out
     assert main(["reproduce", "pbe", *common, "--pbe-epochs", "1,1", "--pbe-schedule", "0.2,0.5",
-                 "--pbe-initial", "high-loss", "--pbe-lr", "0.02",
+                 "--pbe-initial", "high-loss", "--pbe-lr", "0.02", "--pbe-exclude-low-loss", "0.3",
                  "--paper-numbers", str(paper), "--out", str(tmp_path / "pbe")]) == 0
     out = capsys.readouterr().out
     assert out.count("subject cached") == 2 and "PBE no-clean" in out
@@ -161,6 +163,7 @@ def test_reproduce_on_digits_from_the_command_line(tmp_path, capsys):
     run = pbe["runs"][0]["pbe"]
     assert run["clean"]["clean_images"] == 64 and [r["fraction"] for r in run["no-clean"]["rounds"]] == [0.2, 0.5]
     assert (pbe["config"]["pbe_initial"], pbe["config"]["pbe_lr"]) == ("high-loss", 0.02)
+    assert pbe["config"]["pbe_exclude_low_loss"] == 0.3 and "the best-fitted 0.3 kept out" in out
     assert run["no-clean"]["adversarial_labels"]["target"] == 0
     assert all(0 <= r["adv_asr"] <= 1 for r in run["no-clean"]["rounds"]), "each round's step-1b metrics"
     assert "| 93.7 / 100 | n/a | 91 / 1.5 |" in (tmp_path / "pbe" / "table.md").read_text()

@@ -31,13 +31,15 @@ from pathlib import Path
 
 import torch
 
+from ..calibration import describe_calibration
+from ..purification import DEFAULT_EXCLUDE_LOW_LOSS
 from ..validation import InputError, check_fraction, check_positive, check_positive_int
-from .options import (add_augment_options, add_engine_and_output_options, add_large_model_options,
-                      add_model_options, add_trigger_options, micro_batch_option, peak_text, plotting_enabled,
-                      process_group)
+from .options import (FLIP, add_augment_options, add_engine_and_output_options, add_large_model_options,
+                      add_model_options, add_trigger_options, micro_batch_option, parse_padding, peak_text,
+                      plotting_enabled, process_group)
 
 POISON_KEYS = ("poison_indices", "poisoned")
-DEFAULT_EPS = "6/255"
+DEFAULT_EPS = "auto"
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -62,7 +64,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     add_trigger_options(g)
     g = p.add_argument_group("PBE (defaults: the paper's and its authors' code, except where a help says)")
     g.add_argument("--eps", default=DEFAULT_EPS, help="L-inf PGD bound in pixel units, a number or a fraction "
-                   "such as 8/255 (default: %(default)s)")
+                   "such as 8/255, or auto: the paper's 6/255, raised (up to 32/255) until the infected model "
+                   "misclassifies 80%% of its PGD examples of the extra set (default: %(default)s)")
     g.add_argument("--alpha", default=None, help="PGD step, a number or a fraction (default: eps / 5)")
     g.add_argument("--pgd-steps", type=int, default=7)
     g.add_argument("--random-start", action="store_true", help="start PGD at a random point of the eps-ball")
@@ -83,16 +86,21 @@ def add_parser(sub) -> argparse.ArgumentParser:
                         "epoch adversarial in its first 31 batches then 9 clean (the default); with a clean extra "
                         "set, per-batch PGD, 3 + 17 epochs")
     g.add_argument("--lr", type=float, default=None, help="fine-tuning learning rate (default: 1e-3 progressive, the "
-                   "authors'; 1e-2 with --clean-images, fastpurify's: the authors' 1e-3 fine-tunes on 50,000 clean "
-                   "images, far more steps than a few hundred give)")
+                   "authors'; 1e-2 with --clean-images or --initial high-loss, fastpurify's: the authors' 1e-3 "
+                   "fine-tunes on 50,000 clean images, far more steps than a few hundred give)")
     g.add_argument("--initial", choices=["random", "high-loss"], default="random",
                    help="progressive setting: round 0's extra set drawn from the whole training set (the paper) or "
                         "from the half the infected model fits least (fastpurify's own; poisoned images are fitted "
                         "most confidently)")
+    g.add_argument("--exclude-low-loss", type=float, default=None, metavar="SHARE",
+                   help="progressive setting: keep this share of the training images, those the infected model fits "
+                        "best (lowest loss), out of every round's extra set (fastpurify's own; the poisoned images "
+                        "are among them and cannot return in later rounds) (default: 0.2 with --initial high-loss, "
+                        "0 with the paper's random round 0)")
     g.add_argument("--momentum", type=float, default=0.9)
     g.add_argument("--weight-decay", type=float, default=5e-4)
     g.add_argument("--batch-size", type=int, default=128)
-    add_augment_options(g)
+    add_augment_options(g, auto=True)
     g.add_argument("--schedule", default="0.05,0.2,0.5,0.7",
                    help="progressive setting: the extra set's fraction of the training set per round, the first "
                         "drawn at random (default: %(default)s)")
@@ -165,9 +173,10 @@ def _rounds(progressive: bool, schedule_length: int, recipe: str | None, given: 
 
 def _check(args) -> dict:
     """Check the arguments before any work; return the engines' keywords."""
-    eps = parse_pixels(args.eps, "--eps")
+    eps = "auto" if args.eps == "auto" else parse_pixels(args.eps, "--eps")
     alpha = None if args.alpha is None else parse_pixels(args.alpha, "--alpha")
-    check_positive(eps, "--eps")
+    if eps != "auto":
+        check_positive(eps, "--eps")
     if alpha is not None:
         check_positive(alpha, "--alpha")
     if args.lr is not None:
@@ -175,10 +184,14 @@ def _check(args) -> dict:
     if args.initial != "random" and args.clean_images is not None:
         raise InputError("--initial picks round 0 of the progressive setting; --clean-images has one round on the "
                          "clean extra set: give one or the other")
+    if args.exclude_low_loss is not None:
+        check_fraction(args.exclude_low_loss, "--exclude-low-loss", low_open=False)
+    if args.exclude_low_loss and args.clean_images is not None:
+        raise InputError("--exclude-low-loss keeps training images out of the progressive setting's extra sets; "
+                         "--clean-images has one round on the clean extra set: give one or the other")
     for name in ("pgd_steps", "batch_size"):
         check_positive_int(getattr(args, name), "--" + name.replace("_", "-"))
-    if args.padding < 0:
-        raise InputError(f"--padding must be >= 0, got {args.padding}")
+    padding = parse_padding(args.padding)
     adv_epochs = parse_per_round(args.adv_epochs, "--adv-epochs")
     clean_epochs = parse_per_round(args.clean_epochs, "--clean-epochs")
     adv_batches = parse_per_round(args.adv_batches, "--adv-batches", allow_all=True)
@@ -192,6 +205,14 @@ def _check(args) -> dict:
     if args.poison_rate is not None:
         check_fraction(args.poison_rate, "--poison-rate", low_open=False)
     schedule = parse_schedule(args.schedule)
+    share = args.exclude_low_loss
+    if share is None and args.clean_images is None:
+        share = DEFAULT_EXCLUDE_LOW_LOSS[args.initial]
+    if share and schedule[-1] > 1 - share:
+        which = "" if args.exclude_low_loss is not None else (f" (--initial {args.initial}'s default; give 0 to "
+                                                              "keep none out)")
+        raise InputError(f"--exclude-low-loss {share}{which} leaves {1 - share:.0%} of the training images to choose "
+                         f"from, but --schedule's last round takes {schedule[-1]:.0%}: lower one of them")
     try:  # errors before any work, in the command's words
         _rounds(args.clean_images is None, len(schedule), args.recipe, dict(
             regenerate=args.regenerate, adv_epochs=adv_epochs, clean_epochs=clean_epochs, adv_batches=adv_batches))
@@ -199,9 +220,10 @@ def _check(args) -> dict:
         raise InputError(_in_flags(str(e))) from None
     return dict(eps=eps, alpha=alpha, pgd_steps=args.pgd_steps, random_start=args.random_start,
                 regenerate=args.regenerate, adv_epochs=adv_epochs, clean_epochs=clean_epochs,
-                adv_batches=adv_batches, recipe=args.recipe, initial=args.initial, lr=args.lr,
+                adv_batches=adv_batches, recipe=args.recipe, initial=args.initial,
+                exclude_low_loss=args.exclude_low_loss, lr=args.lr,
                 momentum=args.momentum, weight_decay=args.weight_decay, batch_size=args.batch_size,
-                augment=not args.no_augment, padding=args.padding, flip=not args.no_flip,
+                augment=not args.no_augment, padding=padding, flip=FLIP[args.flip],
                 schedule=schedule, seed=args.seed, progress=not args.no_progress)
 
 
@@ -427,6 +449,9 @@ def format_rounds(report) -> str:
                                 _cell(r.poisoned_fraction, ".1%"), _cell(r.average_precision, ".3f"),
                                 _cell(r.adv_acc, ".1%"), _cell(r.adv_asr, ".1%"), _cell(r.acc, ".1%"),
                                 _cell(r.asr, ".1%"), format(r.seconds, ".1f")))
+    calibration = report.settings.get("calibration")
+    if calibration:
+        lines.append(describe_calibration(calibration) + "\n")
     labels = report.adversarial_labels
     if labels:
         target = f"; the trigger's target {labels['target']}: {labels['target_share']:.0%}" if "target" in labels else ""

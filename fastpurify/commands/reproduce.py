@@ -62,6 +62,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="the authors' scripts' rounds (replaces --pbe-epochs; see fastpurify pbe --recipe)")
     g.add_argument("--pbe-initial", choices=["random", "high-loss"], default=None,
                    help="no-clean round 0 drawn at random (the paper, default) or from the least-fitted half")
+    g.add_argument("--pbe-exclude-low-loss", type=float, default=None, metavar="SHARE",
+                   help="no-clean: keep this share of best-fitted training images out of every extra set (see "
+                        "fastpurify pbe --exclude-low-loss; default 0)")
     g = p.add_argument_group("run")
     g.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
     g.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="the defenses' precision")
@@ -101,6 +104,7 @@ def options(args: argparse.Namespace) -> dict:
         pbe_schedule=None if args.pbe_schedule is None else tuple(parse_schedule(args.pbe_schedule)),
         pbe_eps=None if args.pbe_eps is None else parse_pixels(args.pbe_eps, "--pbe-eps"),
         pbe_lr=args.pbe_lr, pbe_recipe=args.pbe_recipe, pbe_initial=args.pbe_initial,
+        pbe_exclude_low_loss=args.pbe_exclude_low_loss,
     )
 
 

@@ -32,7 +32,7 @@ from ..data import DeviceBatchSampler, make_generator
 from ..inference import eval_mode
 from ..purification import (DEFAULT_SCHEDULE, PBEPlan, PBEReport, PBEResult, PBERound, RoundClock, RoundSpec,
                             adversarial_labels, finish_round, initial_subset, measure, midround_measure, next_subset,
-                            plan_pbe)
+                            needs_losses, plan_pbe, resolve_auto)
 from ..ranking import rank_descending
 from ..validation import InputError, check_positive_int
 from .checkpointing import checkpoint_blocks, remove_checkpointing
@@ -153,6 +153,9 @@ class PBEEngine:
         self.checkpointed = checkpoint_blocks(self.model) if checkpoint else []
         self.plan, self.device, self.precision = plan, device, precision
         self.pgd_batch_size, self.score_batch_size = pgd_batch_size, score_batch_size
+        # the "auto" eps, flip and padding, from this copy before any update, in PGD-sized chunks
+        resolve_auto(plan, self.model, pgd_batch_size)
+        D.check_agree({k: plan.cfg[k] for k in ("eps", "alpha", "flip", "padding")}, "the 'auto' PBE settings")
         cfg, opt = plan.cfg, plan.optimizer
         self.tuner = FineTuner(self.model, lr=opt["lr"], momentum=opt["momentum"], weight_decay=opt["weight_decay"],
                                precision=precision, cuda_graph=cuda_graph, memory_format=memory_format,
@@ -226,13 +229,14 @@ class PBEEngine:
 
 def pbe(model: nn.Module, train_data: Any = None, clean_data: Any = None, *,
         poison_indices: torch.Tensor | None = None, test_data: Any = None, attack: Any = None,
-        eps: float = 6 / 255, alpha: float | None = None, pgd_steps: int = 7, random_start: bool = False,
+        eps: float | str = "auto", alpha: float | None = None, pgd_steps: int = 7, random_start: bool = False,
         regenerate: str | None = None, adv_epochs: int | Sequence[int] | None = None,
         clean_epochs: int | Sequence[int] | None = None,
         adv_batches: int | None | Sequence[int | None] = None, recipe: str | None = None, initial: str = "random",
-        lr: float | None = None,
+        exclude_low_loss: float | None = None, lr: float | None = None,
         momentum: float = 0.9, weight_decay: float = 5e-4, batch_size: int = 128, augment: bool = True,
-        padding: int = 4, flip: bool = True, schedule: Sequence[float] = DEFAULT_SCHEDULE, seed: int = 0,
+        padding: int | str = "auto", flip: bool | str = "auto", schedule: Sequence[float] = DEFAULT_SCHEDULE,
+        seed: int = 0,
         progress: bool = True, device: torch.device | str | None = None, cuda_graph: bool | None = None,
         channels_last: bool | None = None, tf32: bool = True, precision: str = "fp32",
         pgd_batch_size: int | None = None, score_batch_size: int = 1024, micro_batch: int | None = None,
@@ -245,9 +249,14 @@ def pbe(model: nn.Module, train_data: Any = None, clean_data: Any = None, *,
     only) adds each extra set's poisoned share and each ranking's average precision;
     ``test_data`` adds ACC per round and ``attack`` (a :mod:`fastpurify.backdoor` attack) the ASR.
     The keywords up to ``progress`` mean what they mean in :func:`fastpurify.reference.pbe`, with
-    the same defaults and, for one seed, the same random draws. ``alpha=None`` is ``eps / 5``;
-    ``lr=None`` is 1e-3 in the progressive setting (the authors') and 1e-2 with a clean extra set
-    (fastpurify's: :data:`fastpurify.purification.DEFAULT_LR`);
+    the same defaults and, for one seed, the same random draws. ``eps``, ``flip`` and
+    ``padding`` "auto" (the defaults) are chosen from the infected model and the extra set before
+    any fine-tuning (:mod:`fastpurify.calibration`: the paper's 6/255, crop padding 4 and flips
+    on 32-pixel photographs; a larger bound where 6/255 makes few adversarial examples, no flips
+    for a model that is not flip-invariant; ``report.settings["calibration"]`` says how).
+    ``alpha=None`` is ``eps / 5``; ``lr=None`` is 1e-3 in the progressive setting (the authors')
+    and 1e-2 with a clean extra set or ``initial="high-loss"`` (fastpurify's:
+    :func:`fastpurify.purification.default_lr`);
     ``regenerate``: "round" (PGD examples once per round, the paper) or "batch" (every batch,
     the authors' code). ``adv_epochs``, ``clean_epochs`` and ``adv_batches`` (per-batch PGD
     only: the round's first that many batches adversarial, the rest clean) are one value for
@@ -257,6 +266,11 @@ def pbe(model: nn.Module, train_data: Any = None, clean_data: Any = None, *,
     labels its PGD examples (``report.adversarial_labels``). ``initial``: round 0's extra set
     drawn from the whole training set ("random", the paper) or from the half the infected model
     fits least ("high-loss", fastpurify's own: :func:`fastpurify.purification.initial_subset`).
+    ``exclude_low_loss`` (fastpurify's own): the share of the training images the infected model
+    fits best (lowest loss) kept out of every round's extra set, so that the poisoned images it
+    fits through the trigger cannot come back in the later rounds; None is 0.2 with
+    ``initial="high-loss"`` and 0 with the paper's random round 0
+    (:data:`fastpurify.purification.DEFAULT_EXCLUDE_LOW_LOSS`).
     Speed options: ``device`` (default: CUDA if available),
     ``cuda_graph`` (None: on CUDA), ``channels_last`` (None: on CUDA, and on the CPU for a
     float32 or bfloat16 model), ``tf32``, ``precision`` ("fp32"/"bf16"),
@@ -297,7 +311,7 @@ def pbe(model: nn.Module, train_data: Any = None, clean_data: Any = None, *,
                     random_start=random_start, regenerate=regenerate, adv_epochs=adv_epochs, clean_epochs=clean_epochs,
                     lr=lr, momentum=momentum, weight_decay=weight_decay, batch_size=batch_size, augment=augment,
                     padding=padding, flip=flip, schedule=schedule, seed=seed, adv_batches=adv_batches, recipe=recipe,
-                    initial=initial)
+                    initial=initial, exclude_low_loss=exclude_low_loss)
     D.check_agree({**plan.settings, "micro_batch": micro_batch, "checksum": float(plan.images.double().sum())},
                   "the PBE settings and data")
     if world > plan.images.shape[0]:
@@ -340,14 +354,14 @@ def pbe(model: nn.Module, train_data: Any = None, clean_data: Any = None, *,
 def _progressive(engine: PBEEngine, plan: PBEPlan, clock: RoundClock, report: PBEReport, bar) -> None:
     infected = engine.logits(plan.images)  # once: the infected model is the copy before any update
     losses = None
-    if plan.cfg["initial"] == "high-loss":
+    if needs_losses(plan):
         mine = plan.labels[D.shard(plan.labels.shape[0], "images to score")]
         losses = D.all_gather_rows(F.cross_entropy(infected, mine, reduction="none"), plan.labels.shape[0])
     chosen = initial_subset(plan, engine.generator, losses)
     for r, fraction in enumerate(plan.fractions):
         if r > 0:
             clock.start()
-            chosen = next_subset(plan, r, report.ranking)
+            chosen = next_subset(plan, r, report.ranking, losses)
         info = PBERound(r, fraction, chosen, size=int(chosen.numel()))
         engine.purify(plan.images[chosen], plan.labels[chosen], plan.specs[r], bar,
                       lambda: midround_measure(info, plan, engine.model, clock))

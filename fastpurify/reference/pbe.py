@@ -9,9 +9,11 @@ the round, ``regenerate="round"``, the paper's step 1a; or every batch against t
 model, ``regenerate="batch"``, the authors' ``aft_train``; eval mode for the attack), then
 ``clean_epochs`` epochs of fine-tuning on the extra set itself. One SGD optimizer (momentum 0.9,
 weight decay 5e-4, constant learning rate: the authors' scheduler is never stepped; ``lr=None``
-is their 1e-3 in the progressive setting and fastpurify's 1e-2 with a clean extra set,
-:data:`fastpurify.purification.DEFAULT_LR`) serves the whole run; batches are shuffled epochs
-with the crop + flip augmentation.
+is their 1e-3 in the progressive setting and fastpurify's 1e-2 with a clean extra set or
+``initial="high-loss"``, :func:`fastpurify.purification.default_lr`) serves the whole run; batches
+are shuffled epochs with the crop + flip augmentation. The "auto" eps, flip and padding (the
+defaults) are resolved from the infected model before any of this
+(:func:`fastpurify.purification.resolve_auto`), as the fast engine resolves them.
 After each round of the progressive setting every training image is scored by the cosine
 similarity of the infected and the current model's logits (eval mode, no augmentation); the
 model is not reset between rounds.
@@ -38,7 +40,7 @@ from ..data import DeviceBatchSampler, make_generator
 from ..inference import model_device, predict_logits
 from ..purification import (DEFAULT_SCHEDULE, PBEPlan, PBEReport, PBEResult, PBERound, RoundClock, RoundSpec,
                             adversarial_labels, finish_round, initial_subset, measure, midround_measure, next_subset,
-                            plan_pbe)
+                            needs_losses, plan_pbe, resolve_auto)
 from ..ranking import cosine_scores, rank_descending
 from .pgd import pgd
 
@@ -78,13 +80,14 @@ def _purify(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Te
 
 def pbe(model: nn.Module, train_data: Any = None, clean_data: Any = None, *,
         poison_indices: torch.Tensor | None = None, test_data: Any = None, attack: Any = None,
-        eps: float = 6 / 255, alpha: float | None = None, pgd_steps: int = 7, random_start: bool = False,
+        eps: float | str = "auto", alpha: float | None = None, pgd_steps: int = 7, random_start: bool = False,
         regenerate: str | None = None, adv_epochs: int | Sequence[int] | None = None,
         clean_epochs: int | Sequence[int] | None = None,
         adv_batches: int | None | Sequence[int | None] = None, recipe: str | None = None, initial: str = "random",
-        lr: float | None = None,
+        exclude_low_loss: float | None = None, lr: float | None = None,
         momentum: float = 0.9, weight_decay: float = 5e-4, batch_size: int = 128, augment: bool = True,
-        padding: int = 4, flip: bool = True, schedule: Sequence[float] = DEFAULT_SCHEDULE, seed: int = 0,
+        padding: int | str = "auto", flip: bool | str = "auto", schedule: Sequence[float] = DEFAULT_SCHEDULE,
+        seed: int = 0,
         progress: bool = True) -> PBEResult:
     """Purify a copy of ``model`` with PBE; returns ``(purified, report)``. With ``clean_data``
     (a clean extra set): one round on it (``train_data`` is then not used). Without: the
@@ -100,7 +103,8 @@ def pbe(model: nn.Module, train_data: Any = None, clean_data: Any = None, *,
                     random_start=random_start, regenerate=regenerate, adv_epochs=adv_epochs, clean_epochs=clean_epochs,
                     lr=lr, momentum=momentum, weight_decay=weight_decay, batch_size=batch_size, augment=augment,
                     padding=padding, flip=flip, schedule=schedule, seed=seed, adv_batches=adv_batches, recipe=recipe,
-                    initial=initial)
+                    initial=initial, exclude_low_loss=exclude_low_loss)
+    resolve_auto(plan, model)
     report = PBEReport(settings=plan.settings, engine={"name": "reference", "device": str(device)},
                        before=measure(model, plan), poisoned=plan.poisoned)
     if plan.test is not None:
@@ -128,12 +132,12 @@ def pbe(model: nn.Module, train_data: Any = None, clean_data: Any = None, *,
 def _progressive(infected: nn.Module, net: nn.Module, optimizer: torch.optim.Optimizer, plan: PBEPlan,
                  generator: torch.Generator, clock: RoundClock, report: PBEReport, bar) -> None:
     logits = predict_logits(infected, plan.images)
-    losses = F.cross_entropy(logits, plan.labels, reduction="none") if plan.cfg["initial"] == "high-loss" else None
+    losses = F.cross_entropy(logits, plan.labels, reduction="none") if needs_losses(plan) else None
     chosen = initial_subset(plan, generator, losses)
     for r, fraction in enumerate(plan.fractions):
         if r > 0:
             clock.start()
-            chosen = next_subset(plan, r, report.ranking)
+            chosen = next_subset(plan, r, report.ranking, losses)
         info = PBERound(r, fraction, chosen, size=int(chosen.numel()))
         _purify(net, optimizer, plan.images[chosen], plan.labels[chosen], generator, plan.cfg, plan.specs[r], bar,
                 lambda: midround_measure(info, plan, net, clock))

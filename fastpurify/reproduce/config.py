@@ -74,6 +74,7 @@ class ReproduceConfig:
     pbe_lr: float | None = None  # None: fastpurify.pbe's default for the setting
     pbe_recipe: str | None = None  # "authors": their scripts' rounds (replaces the epochs)
     pbe_initial: str = "random"  # the no-clean round 0: "random" (the paper) or "high-loss"
+    pbe_exclude_low_loss: float | None = None  # no-clean: the best-fitted share kept out (None: pbe's default)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -150,3 +151,8 @@ def check_config(c: ReproduceConfig) -> None:
         raise InputError(f"--pbe-recipe must be one of {', '.join(sorted(RECIPES))} or not given, got {c.pbe_recipe!r}")
     if c.pbe_initial not in INITIAL:
         raise InputError(f"--pbe-initial must be 'random' or 'high-loss', got {c.pbe_initial!r}")
+    if c.pbe_exclude_low_loss is not None:
+        check_fraction(c.pbe_exclude_low_loss, "--pbe-exclude-low-loss", low_open=False)
+    if c.pbe_exclude_low_loss and max(c.pbe_schedule) > 1 - c.pbe_exclude_low_loss:
+        raise InputError(f"--pbe-exclude-low-loss {c.pbe_exclude_low_loss} leaves {1 - c.pbe_exclude_low_loss:.0%} "
+                         f"of the training images, but --pbe-schedule's last round takes {max(c.pbe_schedule):.0%}")

@@ -79,7 +79,8 @@ def run_pbe(subject: Subject, data: SplitData, config: ReproduceConfig, *, devic
     if "no-clean" in config.pbe_settings:
         p = subject.poisoned
         _, report = fast_pbe(subject.model, train_data=(p.images, p.labels), poison_indices=p.poison_indices,
-                             schedule=config.pbe_schedule, initial=config.pbe_initial, **kw)
+                             schedule=config.pbe_schedule, initial=config.pbe_initial,
+                             exclude_low_loss=config.pbe_exclude_low_loss, **kw)
         last = report.rounds[-1]
         out["no-clean"] = {"train_images": int(p.labels.numel()), "seconds": round(report.seconds, 3),
                            "acc": last.acc, "asr": last.asr, "engine": report.engine.get("device"),

@@ -13,7 +13,7 @@ from .. import __version__
 from ..data import load_source
 from ..engines.runtime import resolve_device
 from ..files import write_json
-from ..purification import DEFAULT_LR
+from ..purification import DEFAULT_EXCLUDE_LOW_LOSS, default_lr
 from .config import ReproduceConfig, paper_config
 from .defenses import run_anp, run_pbe
 from .papers import load_published
@@ -129,11 +129,15 @@ def _header_lines(config: ReproduceConfig, split: SplitData, recipe, budget_info
             rounds = "fastpurify.pbe's rounds (no-clean: the authors'; clean: 3 + 17 epochs)"
         else:
             rounds = f"{config.pbe_adv_epochs} adversarial + {config.pbe_clean_epochs} clean epochs per round"
-        lr = (f"lr {DEFAULT_LR['training set']:g} no-clean, {DEFAULT_LR['clean extra set']:g} clean"
+        no_clean = default_lr(True, config.pbe_initial)
+        excluded = (DEFAULT_EXCLUDE_LOW_LOSS[config.pbe_initial] if config.pbe_exclude_low_loss is None
+                    else config.pbe_exclude_low_loss)
+        lr = (f"lr {no_clean:g} no-clean, {default_lr(False, config.pbe_initial):g} clean"
               if config.pbe_lr is None else f"lr {config.pbe_lr:g}")
         lines.append(("PBE", f"eps {config.pbe_eps * 255:.3g}/255, {rounds}, {lr}; settings "
                              f"{', '.join(config.pbe_settings)}; no-clean schedule "
-                             f"{', '.join(f'{f:g}' for f in config.pbe_schedule)}, round 0 {config.pbe_initial}"))
+                             f"{', '.join(f'{f:g}' for f in config.pbe_schedule)}, round 0 {config.pbe_initial}"
+                             + (f", the best-fitted {excluded:g} kept out" if excluded else "")))
     if budget_info:
         lines.append(("budget", f"{budget_info['budget_seconds']:g} s for {budget_info['subjects']} subjects: "
                                 f"{budget_info['epochs_used']} of {budget_info['epochs_asked']} epochs"))

@@ -119,7 +119,34 @@ def test_a_high_loss_round_0_follows_the_reference_and_draws_from_the_least_fitt
         fastpurify.pbe(model, clean_data=data, initial="high-loss", progress=False)
 
 
-def test_lr_none_is_the_authors_progressive_and_fastpurifys_clean_set_rate(model, data):
+@pytest.mark.parametrize("initial, share, schedule", [("random", 0.4, (0.1, 0.3, 0.6)),
+                                                      ("high-loss", 0.4, (0.1, 0.3, 0.6)),
+                                                      ("high-loss", 0.6, (0.1, 0.3, 0.4))])  # into the half
+def test_exclude_low_loss_keeps_the_best_fitted_images_out_of_every_round(model, data, initial, share, schedule):
+    import torch.nn.functional as F
+
+    kw = dict(SMALL, train_data=data, schedule=schedule, initial=initial, exclude_low_loss=share)
+    ref, ref_report = reference_pbe(model, **kw)
+    fast, report = fastpurify.pbe(model, device="cpu", **kw)
+    assert gap(ref, fast) < 1e-6
+    with torch.no_grad():
+        loss = F.cross_entropy(model.eval()(data[0]), data[1], reduction="none")
+    lowest = set(torch.argsort(loss)[:round(share * 100)].tolist())
+    for mine, theirs in zip(report.rounds, ref_report.rounds):
+        assert torch.equal(mine.indices, theirs.indices)
+        assert not lowest & set(mine.indices.tolist()), f"round {mine.round} holds a kept-out image"
+        assert mine.indices.numel() == int(100 * mine.fraction)
+    # the later rounds are the previous ranking's best among the images left
+    left = [i for i in report.rounds[1].ranking.tolist() if i not in lowest]
+    assert report.rounds[2].indices.tolist() == left[:round(schedule[2] * 100)]
+    assert report.settings["exclude_low_loss"] == share
+    with pytest.raises(InputError, match="leaves 60% of the training images to choose from"):
+        fastpurify.pbe(model, data, schedule=(0.1, 0.7), exclude_low_loss=0.4, progress=False)
+    with pytest.raises(InputError, match="nothing to keep out"):
+        fastpurify.pbe(model, clean_data=data, exclude_low_loss=0.2, progress=False)
+
+
+def test_lr_and_exclude_low_loss_defaults_per_setting_and_round_0(model, data):
     from fastpurify.purification import DEFAULT_LR
 
     kw = dict(SMALL, pgd_steps=1)
@@ -128,6 +155,15 @@ def test_lr_none_is_the_authors_progressive_and_fastpurifys_clean_set_rate(model
     _, clean = fastpurify.pbe(model, clean_data=data, device="cpu", **kw)
     assert progressive.settings["lr"] == DEFAULT_LR["training set"] == 1e-3
     assert clean.settings["lr"] == DEFAULT_LR["clean extra set"] == 1e-2
+    _, high_loss = fastpurify.pbe(model, data, device="cpu", schedule=(0.3,), initial="high-loss", **kw)
+    assert high_loss.settings["lr"] == DEFAULT_LR["high-loss"] == 1e-2
+    # and exclude_low_loss=None: the best-fitted 20 % kept out with high-loss, none with the paper's round 0
+    assert high_loss.settings["exclude_low_loss"] == 0.2 and progressive.settings["exclude_low_loss"] == 0.0
+    with pytest.raises(InputError, match=r"exclude_low_loss=0.2 \(initial='high-loss'\'s default; give "):
+        fastpurify.pbe(model, data, schedule=(0.1, 0.9), initial="high-loss", progress=False)
+    _, none_out = fastpurify.pbe(model, data, device="cpu", schedule=(0.1, 0.9), initial="high-loss",
+                                 exclude_low_loss=0.0, **kw)
+    assert none_out.settings["exclude_low_loss"] == 0.0
     _, default = fastpurify.pbe(model, data, device="cpu", schedule=(0.3,), pgd_steps=1, batch_size=32, seed=5,
                                 progress=False)  # no round keyword, one round: the authors' round 0
     assert default.settings["rounds"] == [dict(adv_epochs=10, clean_epochs=0, adv_batches=None)]
@@ -256,7 +292,9 @@ def test_the_report_measures_each_round(data):
     assert report.seconds == pytest.approx(sum(r.seconds for r in report.rounds))
     summary = json.loads(json.dumps(report.summary()))
     assert [r["fraction"] for r in summary["rounds"]] == [0.05, 0.2, 0.5, 0.7]
-    assert summary["settings"]["alpha"] == pytest.approx(6 / 255 / 5), "alpha=None is eps / 5"
+    settings = summary["settings"]
+    assert settings["eps"] == settings["calibration"]["eps"]["value"], "eps='auto' by default, the choice reported"
+    assert settings["alpha"] == pytest.approx(settings["eps"] / 5), "alpha=None is eps / 5 of the chosen eps"
     assert summary["engine"]["device"] == "cpu" and summary["engine"]["precision"] == "fp32"
     assert report.rounds[-1].acc == fastpurify.backdoor.evaluate(purified, *test)["acc"]
 
