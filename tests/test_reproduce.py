@@ -45,6 +45,8 @@ def test_the_papers_settings_and_overrides():
     (dict(pbe_initial="lowest"), "--pbe-initial must be 'random' or 'high-loss'"),
     (dict(pbe_exclude_low_loss=0.5), "--pbe-exclude-low-loss 0.5 leaves 50% of the training images"),
     (dict(pbe_exclude_low_loss=-0.1), "--pbe-exclude-low-loss must lie in [0, 1)"),
+    (dict(pbe_initial="high-loss", pbe_schedule=(0.05, 0.9)),
+     "--pbe-exclude-low-loss 0.2 (--pbe-initial high-loss's default) leaves 80%"),
     (dict(pbe_lr=0.0), "--pbe-lr"),
     (dict(colour="red"), "unknown reproduction setting(s) colour"),
 ])
