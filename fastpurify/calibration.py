@@ -62,15 +62,23 @@ def flip_accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, 
     return float((plain == labels).double().mean()), float((flipped == labels).double().mean())
 
 
-def adversarial_share(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, eps: float,
-                      alpha: float | None, steps: int, batch_size: int) -> float:
-    """The share of the images whose PGD examples (L-inf ``eps``, step ``alpha`` or eps / 5,
-    ``steps`` steps, no random start, eval mode) the model labels other than ``labels``."""
+def adversarial_logits(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, eps: float,
+                       alpha: float | None, steps: int, batch_size: int) -> torch.Tensor:
+    """The model's logits (eval mode) on the PGD examples of the images (L-inf ``eps``, step
+    ``alpha`` or eps / 5, ``steps`` steps, no random start), ``batch_size`` images at a time."""
     from .reference.pgd import pgd
 
     x = pgd(model, images, labels, eps=eps, alpha=eps / 5 if alpha is None else alpha, steps=steps,
             random_start=False, batch_size=batch_size)
-    predicted = predict_logits(model, x, batch_size).argmax(1)
+    return predict_logits(model, x, batch_size)
+
+
+def adversarial_share(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, eps: float,
+                      alpha: float | None, steps: int, batch_size: int) -> float:
+    """The share of the images whose PGD examples (:func:`adversarial_logits`) the model labels
+    other than ``labels``."""
+    predicted = adversarial_logits(model, images, labels, eps=eps, alpha=alpha, steps=steps,
+                                   batch_size=batch_size).argmax(1)
     return float((predicted != labels.to(predicted.device)).double().mean())
 
 

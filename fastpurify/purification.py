@@ -39,9 +39,9 @@ import torch
 import torch.nn as nn
 
 from .backdoor.metrics import evaluate
-from .calibration import AUTO, EPS_STEPS, calibrate
+from .calibration import AUTO, EPS_STEPS, adversarial_logits, calibrate
 from .data import as_tensors
-from .inference import model_dtype, output_classes, predict_logits
+from .inference import model_dtype, output_classes
 from .ranking import average_precision
 from .validation import (InputError, check_fraction, check_labels, check_pgd_settings, check_positive,
                          check_positive_int)
@@ -74,6 +74,12 @@ HIGH_LOSS_SHARE = 0.5  # initial="high-loss": round 0 is drawn from this share o
 # BadNets ASR 100 -> 2.8-15.9 with it, 98.5-99.8 without; Blend 0.5-2.6; docs/pbe.md); with the
 # paper's random round 0, none.
 DEFAULT_EXCLUDE_LOW_LOSS = {"random": 0.0, "high-loss": 0.2}
+
+
+def default_exclude_low_loss(progressive: bool, initial: str) -> float:
+    """``exclude_low_loss=None``: 0.2 with ``initial="high-loss"``, 0 with the paper's random round
+    0 and with a clean extra set (:data:`DEFAULT_EXCLUDE_LOW_LOSS`)."""
+    return DEFAULT_EXCLUDE_LOW_LOSS[initial] if progressive else 0.0
 
 
 class RoundSpec(NamedTuple):
@@ -353,7 +359,7 @@ def plan_pbe(model: nn.Module, train_data: Any, clean_data: Any, *, device: torc
                          f"{HIGH_LOSS_SHARE}, got {schedule[0]}")
     given = exclude_low_loss is not None
     if not given:
-        exclude_low_loss = DEFAULT_EXCLUDE_LOW_LOSS[initial] if progressive else 0.0
+        exclude_low_loss = default_exclude_low_loss(progressive, initial)
     check_fraction(exclude_low_loss, "exclude_low_loss", low_open=False, high_open=True)
     if exclude_low_loss and not progressive:
         raise InputError("exclude_low_loss keeps training images out of the progressive setting's extra sets; with "
@@ -550,16 +556,13 @@ def adversarial_labels(model: nn.Module, plan: PBEPlan) -> dict[str, Any]:
     truth is known): each class's share, and the top class. The PBE paper's observation is that
     a backdoored model sends most of them to the target class. With an all-to-one ``attack``,
     ``target_share`` is the share labelled as its target."""
-    from .reference.pgd import pgd
-
     images, labels = plan.images, plan.labels
     if plan.poisoned is not None and bool((~plan.poisoned).any()):
         images, labels = images[~plan.poisoned], labels[~plan.poisoned]
     images, labels = images[:ADVERSARIAL_LABEL_IMAGES], labels[:ADVERSARIAL_LABEL_IMAGES]
     cfg = plan.cfg
-    x = pgd(model, images, labels, eps=cfg["eps"], alpha=cfg["alpha"], steps=cfg["pgd_steps"], random_start=False,
-            batch_size=cfg["batch_size"])
-    logits = predict_logits(model, x, cfg["batch_size"])
+    logits = adversarial_logits(model, images, labels, eps=cfg["eps"], alpha=cfg["alpha"], steps=cfg["pgd_steps"],
+                                batch_size=cfg["batch_size"])
     predicted = logits.argmax(1)
     counts = torch.bincount(predicted, minlength=logits.shape[1]).double()
     shares = (counts / counts.sum()).tolist()

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from ..calibration import describe_calibration
-from ..purification import DEFAULT_EXCLUDE_LOW_LOSS
+from ..purification import default_exclude_low_loss
 from ..validation import InputError, check_fraction, check_positive, check_positive_int
 from .options import (FLIP, add_augment_options, add_engine_and_output_options, add_large_model_options,
                       add_model_options, add_trigger_options, micro_batch_option, parse_padding, peak_text,
@@ -206,8 +206,8 @@ def _check(args) -> dict:
         check_fraction(args.poison_rate, "--poison-rate", low_open=False)
     schedule = parse_schedule(args.schedule)
     share = args.exclude_low_loss
-    if share is None and args.clean_images is None:
-        share = DEFAULT_EXCLUDE_LOW_LOSS[args.initial]
+    if share is None:
+        share = default_exclude_low_loss(args.clean_images is None, args.initial)
     if share and schedule[-1] > 1 - share:
         which = "" if args.exclude_low_loss is not None else (f" (--initial {args.initial}'s default; give 0 to "
                                                               "keep none out)")

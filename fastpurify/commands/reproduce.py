@@ -64,7 +64,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="no-clean round 0 drawn at random (the paper, default) or from the least-fitted half")
     g.add_argument("--pbe-exclude-low-loss", type=float, default=None, metavar="SHARE",
                    help="no-clean: keep this share of best-fitted training images out of every extra set (see "
-                        "fastpurify pbe --exclude-low-loss; default 0)")
+                        "fastpurify pbe --exclude-low-loss; default 0.2 with --pbe-initial high-loss, else 0)")
     g = p.add_argument_group("run")
     g.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
     g.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="the defenses' precision")

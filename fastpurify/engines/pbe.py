@@ -270,7 +270,7 @@ def pbe(model: nn.Module, train_data: Any = None, clean_data: Any = None, *,
     fits best (lowest loss) kept out of every round's extra set, so that the poisoned images it
     fits through the trigger cannot come back in the later rounds; None is 0.2 with
     ``initial="high-loss"`` and 0 with the paper's random round 0
-    (:data:`fastpurify.purification.DEFAULT_EXCLUDE_LOW_LOSS`).
+    (:func:`fastpurify.purification.default_exclude_low_loss`).
     Speed options: ``device`` (default: CUDA if available),
     ``cuda_graph`` (None: on CUDA), ``channels_last`` (None: on CUDA, and on the CPU for a
     float32 or bfloat16 model), ``tf32``, ``precision`` ("fp32"/"bf16"),

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, replace
 
 from ..backdoor import ATTACKS
-from ..purification import DEFAULT_EXCLUDE_LOW_LOSS, DEFAULT_SCHEDULE, INITIAL, RECIPES
+from ..purification import DEFAULT_SCHEDULE, INITIAL, RECIPES, default_exclude_low_loss
 from ..validation import InputError, check_fraction, check_positive, check_positive_int
 
 DEFENSES = ("anp", "pbe")
@@ -153,7 +153,9 @@ def check_config(c: ReproduceConfig) -> None:
         raise InputError(f"--pbe-initial must be 'random' or 'high-loss', got {c.pbe_initial!r}")
     if c.pbe_exclude_low_loss is not None:
         check_fraction(c.pbe_exclude_low_loss, "--pbe-exclude-low-loss", low_open=False)
-    share = DEFAULT_EXCLUDE_LOW_LOSS[c.pbe_initial] if c.pbe_exclude_low_loss is None else c.pbe_exclude_low_loss
+    share = c.pbe_exclude_low_loss
+    if share is None:
+        share = default_exclude_low_loss(True, c.pbe_initial)
     if "no-clean" in c.pbe_settings and share and max(c.pbe_schedule) > 1 - share:
         which = "" if c.pbe_exclude_low_loss is not None else f" (--pbe-initial {c.pbe_initial}'s default)"
         raise InputError(f"--pbe-exclude-low-loss {share}{which} leaves {1 - share:.0%} of the training images, but "

@@ -13,7 +13,7 @@ from .. import __version__
 from ..data import load_source
 from ..engines.runtime import resolve_device
 from ..files import write_json
-from ..purification import DEFAULT_EXCLUDE_LOW_LOSS, default_lr
+from ..purification import default_exclude_low_loss, default_lr
 from .config import ReproduceConfig, paper_config
 from .defenses import run_anp, run_pbe
 from .papers import load_published
@@ -130,7 +130,7 @@ def _header_lines(config: ReproduceConfig, split: SplitData, recipe, budget_info
         else:
             rounds = f"{config.pbe_adv_epochs} adversarial + {config.pbe_clean_epochs} clean epochs per round"
         no_clean = default_lr(True, config.pbe_initial)
-        excluded = (DEFAULT_EXCLUDE_LOW_LOSS[config.pbe_initial] if config.pbe_exclude_low_loss is None
+        excluded = (default_exclude_low_loss(True, config.pbe_initial) if config.pbe_exclude_low_loss is None
                     else config.pbe_exclude_low_loss)
         lr = (f"lr {no_clean:g} no-clean, {default_lr(False, config.pbe_initial):g} clean"
               if config.pbe_lr is None else f"lr {config.pbe_lr:g}")
