@@ -70,10 +70,14 @@ def selection_curve(selection, path: str | Path, *, title: str = "ANP: the trigg
     xs = [p.pruned for p in selection.points]
     ax.plot(xs, [100 * p.acc for p in selection.points], marker="o", color="#228833", label="clean ACC")
     ax.plot(xs, [100 * p.adv_error for p in selection.points], marker=".", color="#bbbbbb",
-            label="clean images the adversary flips")
+            label="clean images the adversary flips" + (" (of the other classes)"
+                                                       if selection.settings.get("walk") == "patch" else ""))
     if selection.target is not None:
+        label = (f"share of the other images the trigger reconstructed toward class {selection.target} sends there"
+                 if selection.settings.get("walk") == "patch" else
+                 f"share of those on the suspected target (class {selection.target})")
         ax.plot(xs, [100 * (p.target_share or 0.0) for p in selection.points], marker="s", color="#aa3377",
-                label=f"share of those on the suspected target (class {selection.target})")
+                label=label)
     ax.axhline(100 * selection.settings["max_target_share"], color="#aa3377", linestyle=":", linewidth=1)
     ax.axvline(selection.pruned, color="#cc3311", linestyle="--", label=f"chosen: {selection.pruned} pruned")
     ax.set_xlabel("neurons pruned (smallest scores first)")

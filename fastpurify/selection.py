@@ -1,26 +1,32 @@
-"""How many neurons to prune, chosen without a trigger: where the adversary's pull to one class ends.
+"""How many neurons to prune, chosen without a trigger: where the backdoor stops answering an adversary.
 
 A backdoored model's adversarial examples are mostly labelled as the attacker's target class (the
 observation PBE builds on; ANP's Fig. 1b makes the same one for adversarial neuron perturbation),
 a clean model's spread over the classes. So, on the defender's clean images and nothing else:
 
 1. the **suspected target** t is the class most of the unpruned model's adversarial examples
-   land on; when fewer than ``min_suspicion`` of them do, nothing points to a backdoor and
-   nothing is pruned;
-2. for each candidate pruning (a growing prefix of the masks' ranking, smallest first) the
-   adversary attacks the pruned model again, and ``target_share`` is the share of its
-   adversarial examples labelled t;
+   (untargeted L-inf PGD on each image, 32/255: nearly every image flips, so the statistic is
+   where they go, not whether) land on; when fewer than ``min_suspicion`` of them do, nothing
+   points to a backdoor and nothing is pruned;
+2. for each candidate pruning (a growing prefix of the masks' ranking, smallest first) the probe
+   measures what is left of the backdoor as ``target_share``;
 3. the rule prunes the fewest neurons whose target share has fallen to ``max_target_share``,
    plus a ``margin`` (a fraction of that number) — the share reaches zero a little before the
    backdoor is fully gone (measured: docs/anp-selection.md) — among the prunings whose clean
    accuracy stays within ``max_acc_drop`` of the unpruned model's. When none gets there, the
    candidate with the lowest target share if it is below half the unpruned model's, else none.
 
-The adversary (``probe``): ``"inputs"`` (default), untargeted L-inf PGD on each image, large
-enough (32/255) that nearly every image is flipped, so the statistic is where the examples go,
-not whether; ``"neurons"``, one ANP perturbation of every remaining neuron shared by all images
-(kept for comparison: on digits it drives clean and backdoored models alike onto one class, so
-it does not tell them apart; measured in docs/anp-selection.md).
+The probe: ``"patch"`` (default), a trigger reconstructed toward t after each pruning (one mask
+of ``eps`` of the pixels and one pattern shared by all images, as Neural Cleanse reconstructs
+triggers); ``target_share`` is the share of the images not of class t that it sends to t. It is
+closer to what a trigger is than a per-image perturbation, and keeps finding the backdoor where
+the per-image adversary's pull has already ended (docs/anp-selection.md); where no small patch
+sends ``min_suspicion`` of the images to t on the unpruned model, the walk follows the per-image
+adversary instead, and the reason says so. ``"inputs"``: the per-image adversary of step 1 after
+each pruning, ``target_share`` the share of its adversarial examples labelled t. ``"neurons"``:
+one ANP perturbation of every remaining neuron shared by all images (kept for comparison: on
+digits it drives clean and backdoored models alike onto one class, so it does not tell them
+apart).
 """
 
 from __future__ import annotations
@@ -59,16 +65,20 @@ class SelectionPoint:
 
 @dataclass
 class Selection:
-    """The ``auto`` rule's choice: ``pruned`` neurons, why, the suspected target, and the curve."""
+    """The ``auto`` rule's choice: ``pruned`` neurons, why, the suspected target, the curve, and
+    the unpruned model's point under the adversary that named the target (``suspicion``: the
+    curve's first point unless the probe is ``"patch"``)."""
 
     pruned: int
     reason: str
     target: int | None
     points: list[SelectionPoint]
     settings: dict
+    suspicion: SelectionPoint | None = None
 
     def as_dict(self) -> dict:
         return {"pruned": self.pruned, "reason": self.reason, "target": self.target, "settings": self.settings,
+                "suspicion": None if self.suspicion is None else asdict(self.suspicion),
                 "points": [asdict(p) for p in self.points]}
 
 
@@ -76,7 +86,7 @@ def error_histogram(predictions: torch.Tensor, labels: torch.Tensor, num_classes
     """(error rate, count of the wrong predictions per predicted class)."""
     wrong = predictions != labels
     counts = torch.bincount(predictions[wrong], minlength=num_classes)
-    return int(wrong.sum()) / labels.numel(), tuple(int(c) for c in counts)
+    return int(wrong.sum()) / max(1, labels.numel()), tuple(int(c) for c in counts)
 
 
 def error_concentration(predictions: torch.Tensor, labels: torch.Tensor) -> tuple[float, float, int | None]:
@@ -101,8 +111,46 @@ def share_of(point: SelectionPoint, target: int) -> float:
     return point.histogram[target] / total if total and target < len(point.histogram) else 0.0
 
 
-PROBES = ("inputs", "neurons")
-DEFAULT_EPS = {"inputs": 32 / 255, "neurons": 0.4}
+PROBES = ("inputs", "patch", "neurons")
+DEFAULT_EPS = {"inputs": 32 / 255, "patch": 0.01, "neurons": 0.4}  # patch: the mask's share of the pixels
+DEFAULT_STEPS = {"inputs": 10, "patch": 100, "neurons": 10}
+PATCH_LR = 0.1  # Adam on the mask's and the pattern's logits
+PATCH_AREA_WEIGHT = 50.0  # the penalty on the soft mask's area above the budget
+
+
+def reconstruct_patch(model: nn.Module, images: torch.Tensor, target: int, *, area: float, steps: int,
+                      batch_size: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A trigger toward ``target`` for the (frozen, eval-mode) ``model``: a mask (1, 1, H, W) of
+    exactly ``round(area * H * W)`` ones (at least one) and a pattern (1, C, H, W) in [0, 1].
+
+    ``steps`` Adam steps (lr ``PATCH_LR``) over all ``images`` (gradients summed over chunks of
+    ``batch_size``) on the logits of a soft mask and the pattern, minimising the cross-entropy of
+    ``(1 - m) x + m p`` to ``target`` plus ``PATCH_AREA_WEIGHT`` times the soft mask's mean above
+    ``area``; the mask kept is the soft mask's ``area`` largest pixels. Images are in [0, 1]."""
+    n, c, h, w = images.shape
+    device = images.device
+    g = torch.Generator().manual_seed(seed)
+    mask_logit = (torch.randn(1, 1, h, w, generator=g) * 0.1 - 3.0).to(device).requires_grad_(True)
+    pattern_logit = (torch.randn(1, c, h, w, generator=g) * 0.1).to(device).requires_grad_(True)
+    optimizer = torch.optim.Adam([mask_logit, pattern_logit], lr=PATCH_LR)
+    with torch.enable_grad():
+        for _ in range(steps):
+            optimizer.zero_grad(set_to_none=True)
+            for start in range(0, n, batch_size):
+                x = images[start:start + batch_size]
+                m, p = torch.sigmoid(mask_logit), torch.sigmoid(pattern_logit)
+                logits = model((1 - m) * x + m * p)
+                goal = torch.full((x.shape[0],), target, device=device)
+                loss = F.cross_entropy(logits.float(), goal, reduction="sum") / n
+                if start == 0:
+                    loss = loss + PATCH_AREA_WEIGHT * F.relu(m.mean() - area)
+                loss.backward()
+            optimizer.step()
+    with torch.no_grad():
+        chosen = torch.sigmoid(mask_logit).flatten().topk(max(1, round(area * h * w))).indices
+        mask = torch.zeros(h * w, device=device)
+        mask[chosen] = 1.0
+        return mask.view(1, 1, h, w), torch.sigmoid(pattern_logit).detach()
 
 
 class PruningProbe:
@@ -114,13 +162,18 @@ class PruningProbe:
     seeded random start) — the observation PBE builds on: a backdoored model's adversarial
     examples are mostly labelled as the target class. ``probe="neurons"``: one ANP perturbation of
     every remaining neuron (``m + delta``, ``1 + xi`` within ``eps``) shared by all images,
-    ``steps`` sign steps of 2 * eps / steps from zero — ANP's Fig. 1b."""
+    ``steps`` sign steps of 2 * eps / steps from zero — ANP's Fig. 1b. ``probe="patch"``: a
+    trigger toward ``target`` reconstructed on the images not of class ``target``
+    (:func:`reconstruct_patch`, ``eps`` the mask's share of the pixels); the point's
+    ``target_share`` is the share of those images it sends to ``target``."""
 
     def __init__(self, model: nn.Module, masks: dict[str, torch.Tensor], images: torch.Tensor, labels: torch.Tensor,
-                 *, probe: str, eps: float, steps: int, batch_size: int, seed: int = 0):
+                 *, probe: str, eps: float, steps: int, batch_size: int, seed: int = 0, target: int | None = None):
         _check_layers(model, masks)
         if probe not in PROBES:
             raise InputError(f"probe must be one of {PROBES}, got {probe!r}")
+        if probe == "patch" and target is None:
+            raise InputError("the patch probe reconstructs a trigger toward a class: give its target")
         self.kinds = sorted({layer_kind(m) for n, m in model.named_modules() if n in masks})
         self.net = copy.deepcopy(model).eval()
         for p in self.net.parameters():
@@ -129,6 +182,7 @@ class PruningProbe:
         self.layers = dict(self.net.named_modules())
         self.images, self.labels = images.to(self.device), labels.to(self.device)
         self.probe, self.eps, self.steps, self.batch_size, self.seed = probe, eps, steps, batch_size, seed
+        self.target = target
         self.masks = masks
         self.num_neurons = sum(m.numel() for m in masks.values())
         self.pruned = 0
@@ -150,11 +204,19 @@ class PruningProbe:
         """Clean accuracy of the current pruning, then the adversary's errors."""
         clean = self._predict(self.net, self.images)
         acc = float((clean == self.labels).float().mean())
-        predictions = self._inputs_probe() if self.probe == "inputs" else self._neurons_probe()
-        num_classes = max(int(clean.max()), int(predictions.max()), int(self.labels.max())) + 1
-        error, counts = error_histogram(predictions, self.labels, num_classes)
+        labels = self.labels
+        if self.probe == "patch":
+            labels = self.labels[self.labels != self.target]
+            predictions = self._patch_probe()
+        else:
+            predictions = self._inputs_probe() if self.probe == "inputs" else self._neurons_probe()
+        top_prediction = int(predictions.max()) if predictions.numel() else 0
+        num_classes = max(int(clean.max()), top_prediction, int(self.labels.max()),
+                          -1 if self.target is None else self.target) + 1
+        error, counts = error_histogram(predictions, labels, num_classes)
         top, share = _top(counts)
-        return SelectionPoint(self.pruned, acc, error, counts, top, share)
+        sent = None if self.probe != "patch" else counts[self.target] / max(1, labels.numel())
+        return SelectionPoint(self.pruned, acc, error, counts, top, share, sent)
 
     def _inputs_probe(self) -> torch.Tensor:
         from .engines.pgd import pgd
@@ -162,6 +224,14 @@ class PruningProbe:
         adversarial = pgd(self.net, self.images, self.labels, eps=self.eps, alpha=self.eps / 4, steps=self.steps,
                           seed=self.seed, batch_size=self.batch_size)
         return self._predict(self.net, adversarial)
+
+    def _patch_probe(self) -> torch.Tensor:
+        others = self.images[self.labels != self.target]
+        if not others.shape[0]:
+            return self.labels[:0]
+        mask, pattern = reconstruct_patch(self.net, others, self.target, area=self.eps, steps=self.steps,
+                                          batch_size=self.batch_size, seed=self.seed)
+        return self._predict(self.net, (1 - mask) * others + mask * pattern)
 
     def _neurons_probe(self) -> torch.Tensor:
         net = convert(self.net, self.kinds).eval()
@@ -187,13 +257,16 @@ def candidate_numbers(num_neurons: int, max_fraction: float, count: int) -> list
 
 def choose_pruning(model: nn.Module, masks: dict[str, torch.Tensor], images: torch.Tensor, labels: torch.Tensor, *,
                    max_target_share: float = 0.05, margin: float = 0.25, min_suspicion: float = 0.4,
-                   max_acc_drop: float = 0.1, probe: str = "inputs", eps: float | None = None, steps: int = 10,
+                   max_acc_drop: float = 0.1, probe: str = "patch", eps: float | None = None, steps: int | None = None,
                    max_fraction: float = 0.5, candidates: int = 50, batch_size: int = 512, seed: int = 0,
                    progress: bool = False) -> Selection:
     """The ``auto`` pruning rule on the defender's clean ``images`` (no trigger, no poisoned data;
     the module docstring says how). Candidates: 0 and up to ``candidates`` numbers of neurons up
     to ``max_fraction`` of them; the walk stops once the choice is made or the clean accuracy
-    falls more than ``max_acc_drop`` (a fraction) below the unpruned model's."""
+    falls more than ``max_acc_drop`` (a fraction) below the unpruned model's. ``eps`` and ``steps``
+    are the probe's (None: ``DEFAULT_EPS`` and ``DEFAULT_STEPS``); with ``probe="patch"`` the
+    suspected target and the sign of a backdoor come from the ``"inputs"`` adversary at its
+    defaults (``Selection.suspicion``)."""
     for value, name in ((max_target_share, "max_target_share"), (min_suspicion, "min_suspicion"),
                         (max_acc_drop, "max_acc_drop")):
         check_fraction(value, name, low_open=False, high_open=False)
@@ -203,8 +276,11 @@ def choose_pruning(model: nn.Module, masks: dict[str, torch.Tensor], images: tor
     if probe not in PROBES:
         raise InputError(f"probe must be one of {PROBES}, got {probe!r}")
     eps = DEFAULT_EPS[probe] if eps is None else eps
+    steps = DEFAULT_STEPS[probe] if steps is None else steps
     if not (isinstance(eps, (int, float)) and eps > 0):
         raise InputError(f"eps must be positive, got {eps}")
+    if probe == "patch" and eps > 1:
+        raise InputError(f"the patch probe's eps is the mask's share of the pixels, in (0, 1]; got {eps}")
     for value, name in ((steps, "steps"), (candidates, "candidates"), (batch_size, "batch_size")):
         check_positive_int(value, name)
     check_images(images)
@@ -212,19 +288,36 @@ def choose_pruning(model: nn.Module, masks: dict[str, torch.Tensor], images: tor
     settings = dict(rule="auto", probe=probe, max_target_share=max_target_share, margin=margin,
                     min_suspicion=min_suspicion, max_acc_drop=max_acc_drop, eps=eps, steps=steps,
                     max_fraction=max_fraction, candidates=candidates, seed=seed, images=int(labels.numel()))
-    adversary = PruningProbe(model, masks, images, labels, probe=probe, eps=eps, steps=steps, batch_size=batch_size,
-                             seed=seed)
+    suspect = "inputs" if probe == "patch" else probe
+    adversary = PruningProbe(model, masks, images, labels, probe=suspect, batch_size=batch_size, seed=seed,
+                             **(dict(eps=eps, steps=steps) if suspect == probe else
+                                dict(eps=DEFAULT_EPS[suspect], steps=DEFAULT_STEPS[suspect])))
     numbers = candidate_numbers(adversary.num_neurons, max_fraction, candidates)
     adversary.prune_to(0)
-    first = adversary.point()
-    target = first.top_class
-    first = _with_share(first, target)
-    points = [first]
-    if target is None or first.concentration < min_suspicion:
+    suspicion = adversary.point()
+    target = suspicion.top_class
+    suspicion = _with_share(suspicion, target)
+    if target is None or suspicion.concentration < min_suspicion:
         why = ("the adversary flips none of the clean images" if target is None else
-               f"only {first.concentration:.2f} of the unpruned model's adversarial examples land on one class "
+               f"only {suspicion.concentration:.2f} of the unpruned model's adversarial examples land on one class "
                f"(< {min_suspicion}): no sign of a backdoor")
-        return Selection(0, f"nothing pruned: {why}", target, points, settings)
+        return Selection(0, f"nothing pruned: {why}", target, [suspicion], settings, suspicion)
+    first, walk, note = suspicion, suspect, ""
+    if probe == "patch":
+        patch = PruningProbe(model, masks, images, labels, probe=probe, eps=eps, steps=steps, batch_size=batch_size,
+                             seed=seed, target=target)
+        patch.prune_to(0)
+        point = patch.point()
+        if point.target_share >= min_suspicion:
+            adversary, first, walk = patch, point, probe
+        else:  # the backdoor does not answer a small patch (a blended or warping trigger): follow the pull
+            note = (f"a patch of {eps:g} of the pixels sends only {point.target_share:.2f} of the other images to "
+                    f"class {target} (< {min_suspicion}), so the walk follows the input adversary; ")
+    settings["walk"] = walk
+    points = [first]
+    pull = note + (f"the trigger reconstructed toward class {target} (sending {first.target_share:.2f} of the other "
+                   f"images there unpruned)" if walk == "patch" else
+                   f"the adversary's pull to class {target} ({first.concentration:.2f} of its examples unpruned)")
     floor = first.acc - max_acc_drop - 1e-9
     bar = None
     if progress:
@@ -233,7 +326,8 @@ def choose_pruning(model: nn.Module, masks: dict[str, torch.Tensor], images: tor
     found = goal = None
     for k in numbers[1:]:
         adversary.prune_to(k)
-        points.append(_with_share(adversary.point(), target))
+        point = adversary.point()
+        points.append(point if walk == "patch" else _with_share(point, target))
         if bar is not None:
             bar.update(1)
         p = points[-1]
@@ -248,19 +342,20 @@ def choose_pruning(model: nn.Module, masks: dict[str, torch.Tensor], images: tor
     within = [p for p in points if p.acc >= floor]
     if found is not None:
         best = [p for p in within if p.pruned <= max(goal, found.pruned)][-1]
-        reason = (f"the adversary's pull to class {target} ({first.concentration:.2f} of its examples unpruned) fell to "
-                  f"{found.target_share:.2f} (<= {max_target_share}) at {found.pruned} neurons; with the margin "
-                  f"{margin:g}: {best.pruned} neurons, clean accuracy {best.acc:.3f} (unpruned {first.acc:.3f})")
-        return Selection(best.pruned, reason, target, points, settings)
+        reason = (f"{pull} fell to {found.target_share:.2f} (<= {max_target_share}) at {found.pruned} neurons; with "
+                  f"the margin {margin:g}: {best.pruned} neurons, clean accuracy {best.acc:.3f} "
+                  f"(unpruned {first.acc:.3f})")
+        return Selection(best.pruned, reason, target, points, settings, suspicion)
     lowest = min(within, key=lambda p: (p.target_share, p.pruned))
     if lowest.target_share <= first.target_share / 2:
-        reason = (f"no pruning within the accuracy budget ({max_acc_drop}) brings the share of class {target} to "
-                  f"{max_target_share}; the lowest, {lowest.target_share:.2f} (unpruned {first.target_share:.2f}), "
-                  f"at {lowest.pruned} neurons")
-        return Selection(lowest.pruned, reason, target, points, settings)
-    reason = (f"nothing pruned: no pruning within the accuracy budget ({max_acc_drop}) halves the share of class "
-              f"{target} ({first.target_share:.2f} unpruned, {lowest.target_share:.2f} at best)")
-    return Selection(0, reason, target, points, settings)
+        reason = note + (f"no pruning within the accuracy budget ({max_acc_drop}) brings the share of class "
+                         f"{target} to {max_target_share}; the lowest, {lowest.target_share:.2f} (unpruned "
+                         f"{first.target_share:.2f}), at {lowest.pruned} neurons")
+        return Selection(lowest.pruned, reason, target, points, settings, suspicion)
+    reason = "nothing pruned: " + note + (f"no pruning within the accuracy budget ({max_acc_drop}) halves the share "
+                                          f"of class {target} ({first.target_share:.2f} unpruned, "
+                                          f"{lowest.target_share:.2f} at best)")
+    return Selection(0, reason, target, points, settings, suspicion)
 
 
 def _with_share(point: SelectionPoint, target: int | None) -> SelectionPoint:

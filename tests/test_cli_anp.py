@@ -82,6 +82,8 @@ def test_pickled_model_needs_trust_pickle(tmp_path, capsys):
     (["--seeds", "2", "--engine", "reference"], "runs on the fast engine"),
     (["--max-target-share", "2"], "--max-target-share must lie in [0, 1]"),
     (["--select-eps", "0"], "--select-eps must be positive"),
+    (["--select-probe", "patch", "--select-eps", "2"], "the patch's share of the pixels"),
+    (["--select-steps", "0"], "--select-steps must be a positive integer"),
 ])
 def test_anp_bad_arguments_exit_2(tmp_path, checkpoint, capsys, args, message):
     argv = ["anp", "--model", str(checkpoint), "--data", "digits", "--out", str(tmp_path / "out"), *FAST, *args]
@@ -134,7 +136,7 @@ def test_bench_rejects_unknown_variants(tmp_path, capsys):
 def test_anp_seed_ensemble_with_the_auto_selection(tmp_path, checkpoint, capsys):
     out = tmp_path / "out"
     args = ["anp", "--model", str(checkpoint), "--data", "digits", "--out", str(out), "--seeds", "2", "--select",
-            "auto", "--acc-budget", "1", *FAST]
+            "auto", "--select-probe", "inputs", "--acc-budget", "1", *FAST]
     assert main(args) == 0
     printed = capsys.readouterr().out
     report = json.loads((out / "report.json").read_text())
@@ -152,3 +154,18 @@ def test_anp_seed_ensemble_with_the_auto_selection(tmp_path, checkpoint, capsys)
     zeroed = sum(int((m.weight == 0).sum()) for m in pruned.modules() if isinstance(m, torch.nn.BatchNorm2d))
     assert zeroed == meta["pruned"]["neurons"] == selection["pruned"]
     assert (out / "selection.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_anp_auto_selection_with_the_patch_probe(tmp_path, checkpoint, capsys):
+    out = tmp_path / "out"
+    args = ["anp", "--model", str(checkpoint), "--data", "digits", "--out", str(out), "--select", "auto",
+            "--select-probe", "patch", "--select-eps", "0.02", "--select-steps", "20", "--no-plot", *FAST]
+    assert main(args) == 0
+    selection = json.loads((out / "report.json").read_text())["selection"]
+    assert selection["settings"]["probe"] == "patch" and selection["settings"]["eps"] == 0.02
+    assert selection["settings"]["steps"] == 20
+    assert selection["suspicion"]["pruned"] == 0 and selection["reason"] in capsys.readouterr().out
+    if selection["settings"]["walk"] == "patch":  # the unpruned model answers the patch: the walk follows it
+        assert selection["points"][0]["target_share"] >= 0.4 and "trigger reconstructed toward" in selection["reason"]
+    else:
+        assert "so the walk follows the input adversary" in selection["reason"]

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from fastpurify import InputError
+from fastpurify.inference import predict
 from fastpurify.models import small_cnn
 from fastpurify.pruning import prune
 from fastpurify import selection as S
@@ -38,13 +39,15 @@ def test_probe_prunes_what_prune_prunes_and_leaves_the_model(probe):
     model, masks, images, labels = _subject()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     probe_ = S.PruningProbe(model, masks, images, labels, probe=probe, eps=S.DEFAULT_EPS[probe], steps=2,
-                            batch_size=10)
+                            batch_size=10, target=labels[0].item() if probe == "patch" else None)
     for k in (0, 3, 9):
         probe_.prune_to(k)
         with torch.no_grad():
             assert torch.equal(probe_.net(images), prune(model, masks, number=k).eval()(images))
         point = probe_.point()
         assert point.pruned == k and 0 <= point.concentration <= 1 and 0 <= point.adv_error <= 1
+        if probe == "patch":  # the share of the images not of the target sent there
+            assert 0 <= point.target_share <= 1 and sum(point.histogram) <= (labels != labels[0]).sum()
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     with pytest.raises(InputError, match="only grows"):
         probe_.prune_to(2)
@@ -54,6 +57,40 @@ def test_the_input_adversary_flips_more_than_the_clean_model_errs():
     model, masks, images, labels = _subject()
     point = S.PruningProbe(model, masks, images, labels, probe="inputs", eps=32 / 255, steps=5, batch_size=24).point()
     assert point.adv_error > 1 - point.acc - 1e-9
+
+
+class _CornerModel(torch.nn.Module):
+    """Logits of 8x8 one-channel images: class 3 scores 40 times the top-left pixel above 0.5 (a
+    one-pixel backdoor; ``backdoor=False``: 40 times the image's mean above 0.5, which no single
+    pixel can carry); the others a fixed random linear map of the image."""
+
+    def __init__(self, backdoor=True):
+        super().__init__()
+        g = torch.Generator().manual_seed(1)
+        self.weight = torch.nn.Parameter(torch.randn(10, 64, generator=g) * 0.3)
+        self.backdoor = backdoor
+
+    def forward(self, x):
+        logits = x.flatten(1) @ self.weight.t()
+        logits = logits.clone()
+        logits[:, 3] = 40 * ((x[:, 0, 0, 0] if self.backdoor else x.mean(dim=(1, 2, 3))) - 0.5)
+        return logits
+
+
+def test_reconstruct_patch_finds_a_one_pixel_trigger_and_keeps_to_its_area():
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(40, 1, 8, 8, generator=g) * 0.5  # the corner stays below 0.5: class 3 never wins alone
+    for area, pixels in ((1 / 64, 1), (0.05, 3)):
+        model = _CornerModel().eval()
+        mask, pattern = S.reconstruct_patch(model, images, 3, area=area, steps=60, batch_size=16)
+        assert mask.shape == (1, 1, 8, 8) and int(mask.sum()) == pixels and set(mask.unique().tolist()) <= {0.0, 1.0}
+        assert mask[0, 0, 0, 0] == 1 and pattern[0, 0, 0, 0] > 0.9  # the trigger's pixel, bright
+        assert pattern.min() >= 0 and pattern.max() <= 1
+        sent = predict(model, (1 - mask) * images + mask * pattern)
+        assert (sent == 3).float().mean() == 1.0
+    clean = _CornerModel(backdoor=False).eval()  # no pixel carries the images to class 3
+    mask, pattern = S.reconstruct_patch(clean, images, 3, area=1 / 64, steps=60, batch_size=16)
+    assert (predict(clean, (1 - mask) * images + mask * pattern) == 3).sum() == 0
 
 
 def _scripted(monkeypatch, curve):
@@ -66,6 +103,8 @@ def _scripted(monkeypatch, curve):
 
 
 def _choose(**kw):
+    """choose_pruning on the small subject; the input adversary's walk unless ``probe`` is given."""
+    kw.setdefault("probe", "inputs")
     model, masks, images, labels = _subject()  # 48 neurons: candidates 0, 1, ..., 24 at max_fraction 0.5
     assert sum(m.numel() for m in masks.values()) == 48
     return S.choose_pruning(model, masks, images, labels, candidates=24, **kw)
@@ -106,6 +145,42 @@ def test_auto_stops_at_the_accuracy_budget_and_falls_back(monkeypatch):
     assert choice.pruned == 0 and "halves the share" in choice.reason  # 0.6 at best: not half of 0.8
 
 
+def _scripted_probes(monkeypatch, pull, patch):
+    """The input adversary's pull {k: share on class 2} and the patch's {k: share sent to class 2}."""
+    def point(self):
+        if self.probe == "patch":
+            assert self.target == 2
+            sent = patch[self.pruned]
+            return S.SelectionPoint(self.pruned, 0.9, sent, (0, 0, round(100 * sent)) + (0,) * 7, 2, 1.0, sent)
+        hist = _pull(pull[self.pruned])
+        top = max(range(len(hist)), key=hist.__getitem__)
+        return S.SelectionPoint(self.pruned, 0.9, 1.0, tuple(hist), top, hist[top] / sum(hist))
+    monkeypatch.setattr(S.PruningProbe, "point", point)
+
+
+def test_the_patch_walk_takes_the_target_from_the_input_adversary_and_prunes_where_the_patch_fails(monkeypatch):
+    # the per-image pull ends after 2 neurons, the reconstructed trigger works until 9
+    _scripted_probes(monkeypatch, {k: 0.8 if k < 2 else 0.0 for k in range(25)},
+                     {k: 1.0 if k < 10 else 0.02 for k in range(25)})
+    choice = _choose(probe="patch")
+    assert choice.target == 2 and choice.suspicion.concentration == 0.8 and choice.settings["walk"] == "patch"
+    assert choice.pruned == 13 and "fell to 0.02 (<= 0.05) at 10 neurons" in choice.reason  # ceil(10 * 1.25)
+    assert "trigger reconstructed toward class 2" in choice.reason
+    assert choice.settings["eps"] == S.DEFAULT_EPS["patch"] and choice.settings["steps"] == S.DEFAULT_STEPS["patch"]
+    assert choice.as_dict()["suspicion"]["concentration"] == 0.8
+    assert _choose(probe="inputs").pruned == 3  # the input adversary alone: ceil(2 * 1.25)
+
+
+def test_the_patch_walk_falls_back_to_the_pull_when_no_patch_carries_the_backdoor(monkeypatch):
+    _scripted_probes(monkeypatch, {k: 0.8 if k < 4 else 0.0 for k in range(25)}, {k: 0.1 for k in range(25)})
+    choice = _choose(probe="patch")
+    assert choice.settings["walk"] == "inputs" and choice.pruned == 5
+    assert "sends only 0.10 of the other images to class 2" in choice.reason
+    _scripted_probes(monkeypatch, {k: 0.3 for k in range(25)}, {k: 1.0 for k in range(25)})
+    choice = _choose(probe="patch")  # no pull: no sign of a backdoor, the patch is never tried
+    assert choice.pruned == 0 and "no sign of a backdoor" in choice.reason and len(choice.points) == 1
+
+
 def test_candidate_numbers():
     assert S.candidate_numbers(96, 0.5, 50) == list(range(49))
     assert S.candidate_numbers(4800, 0.2, 40) == list(range(0, 961, 24))
@@ -114,7 +189,8 @@ def test_candidate_numbers():
 @pytest.mark.parametrize("kw, words", [(dict(probe="gradients"), "probe must be one of"), (dict(eps=0), "eps"),
                                        (dict(max_target_share=1.5), "max_target_share"),
                                        (dict(margin=-1), "margin"),
-                                       (dict(steps=0), "steps"), (dict(max_fraction=0), "max_fraction")])
+                                       (dict(steps=0), "steps"), (dict(max_fraction=0), "max_fraction"),
+                                       (dict(probe="patch", eps=1.5), "share of the pixels")])
 def test_bad_settings_are_refused(kw, words):
     with pytest.raises(InputError, match=words):
         _choose(**kw)

@@ -1,5 +1,7 @@
 """What the measurement scripts share: the subjects (CIFAR-10 CPU scale, cached; digits) and their mask sets.
-Paths from the environment: CIFAR (the data source), SUBJECTS (the subject cache), MASKS, DIGITS."""
+Paths from the environment: CIFAR (the data source), SUBJECTS (the subject cache), MASKS, DIGITS; the CIFAR-10
+subjects' model and training from ARCH (small_cnn; small_cnn_wide for the wider subjects), TRAIN_IMAGES (20000;
+"all": the whole training split less the reserve) and EPOCHS (12)."""
 import os
 import torch
 from fastpurify.backdoor import BadNets, Blend
@@ -15,8 +17,10 @@ _CIFAR = {}
 def cifar():
     """(config, split, cache) of the CPU-scale CIFAR-10 subjects, loaded once."""
     if not _CIFAR:
-        cfg = paper_config("anp", "cpu", arch="small_cnn", attacks=("badnets", "blend"), seeds=3, rate=0.1,
-                           train_images=20000, epochs=12, clean_images=500)
+        images = os.environ.get("TRAIN_IMAGES", "20000")
+        cfg = paper_config("anp", "cpu", arch=os.environ.get("ARCH", "small_cnn"), attacks=("badnets", "blend"),
+                           seeds=3, rate=0.1, train_images=None if images == "all" else int(images),
+                           epochs=int(os.environ.get("EPOCHS", "12")), clean_images=500)
         _CIFAR["v"] = (cfg, split_data(load_source(os.environ.get("CIFAR", "cifar10-jpeg"), progress=False), cfg),
                        subjects_folder(os.environ.get("SUBJECTS", "subjects")))
     return _CIFAR["v"]

@@ -1,9 +1,9 @@
 """Ensemble ANP masks (K = 4, member k = the single run with seed k) for the CIFAR-10 CPU-scale subjects:
-python masks.py badnets,blend 0,1 (attacks, subject seeds)."""
+python masks.py badnets,blend 0,1 (attacks, subject seeds); THREADS (2) threads."""
 import os, sys, time, torch
 from common import subject
 from fastpurify.engines.anp import anp
-torch.set_num_threads(2)
+torch.set_num_threads(int(os.environ.get("THREADS", "2")))
 for attack in sys.argv[1].split(","):
     for seed in [int(s) for s in sys.argv[2].split(",")]:
         name = f"{attack}-s{seed}"

@@ -1,4 +1,6 @@
-"""Each pruning rule on each subject and mask set: pruned, ACC, ASR on the test split."""
+"""Each pruning rule on each subject and mask set: pruned, ACC, ASR on the test split.
+python rules.py SUBJECTS SETS [THREADS] ['{choose_pruning keywords}'] [TAG]; the auto rule's curve is
+(pruned, clean ACC, concentration, top class, target share) per candidate."""
 import os, sys, json, torch, time
 from common import mask_sets, subject
 from fastpurify.selection import choose_pruning
@@ -24,7 +26,9 @@ for name in names:
         t = time.time()
         sel = choose_pruning(model, masks, *clean, **kw)
         m = evaluate(prune(model, masks, number=sel.pruned) if sel.pruned else model, *test, attack)
-        row["auto"] = [sel.pruned, m["acc"], m["asr"], round(time.time() - t, 1), [(p.pruned, round(p.acc, 3), round(p.concentration, 3), p.top_class) for p in sel.points]]
+        curve = [(p.pruned, round(p.acc, 3), round(p.concentration, 3), p.top_class,
+                  None if p.target_share is None else round(p.target_share, 3)) for p in sel.points]
+        row["auto"] = [sel.pruned, m["acc"], m["asr"], round(time.time() - t, 1), curve, sel.settings.get("walk")]
         out[f"{name}/{label}"] = row
         f = lambda r: f"k={r[0]:3d} ACC {100*r[1]:.1f} ASR {100*r[2]:.1f}"
         print(f"{name:12s} {label:5s} before ACC {100*before['acc']:.1f} ASR {100*before['asr']:.1f} | thr {f(row['threshold'])} | clean {f(row['clean_rule'])} | auto {f(row['auto'])} ({row['auto'][3]} s)", flush=True)

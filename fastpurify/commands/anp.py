@@ -25,6 +25,7 @@ from .options import (add_augment_options, add_engine_and_output_options, add_la
 PRUNE_RULES = ("threshold", "number", "fraction", "max_drop")
 SELECT_RULES = ("auto", "threshold", "number", "fraction", "max-drop")
 DEFAULT_SEEDS, DEFAULT_SELECT = 1, "threshold"
+PROBES, DEFAULT_PROBE = ("inputs", "patch", "neurons"), "patch"  # selection.PROBES, without importing torch here
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -58,17 +59,25 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="the ensemble's score per neuron: the mean mask or the mean rank (default: %(default)s)")
     g = p.add_argument_group("pruning (one rule; default: --select %s)" % DEFAULT_SELECT)
     g.add_argument("--select", choices=SELECT_RULES, default=None,
-                   help="auto: prune until the clean images' adversarial examples no longer pile onto one suspected "
-                        "target class (no trigger needed; docs/anp-selection.md); threshold|number|fraction|max-drop: "
-                        "the value given with that option (default: the rule of the value option given, else "
-                        f"{DEFAULT_SELECT})")
+                   help="auto: prune until a trigger reconstructed on the clean images no longer sends them to the "
+                        "class their adversarial examples pile onto (no trigger needed; docs/anp-selection.md); "
+                        "threshold|number|fraction|max-drop: the value given with that option (default: the rule of "
+                        f"the value option given, else {DEFAULT_SELECT})")
     g.add_argument("--max-target-share", type=float, default=0.05,
-                   help="auto: the share of the adversarial examples on the suspected target at which its pull "
-                        "counts as gone (default: %(default)s)")
+                   help="auto: the probe's share on the suspected target at which the backdoor counts as gone "
+                        "(default: %(default)s)")
     g.add_argument("--acc-budget", type=float, default=0.1,
                    help="auto: the most clean accuracy (a fraction) pruning may cost (default: %(default)s)")
-    g.add_argument("--select-eps", type=float, default=32 / 255,
-                   help="auto: the adversary's L-inf bound on the pixels (default: 32/255)")
+    g.add_argument("--select-probe", choices=PROBES, default=DEFAULT_PROBE,
+                   help="auto: what measures the backdoor after each pruning: patch (a trigger reconstructed toward "
+                        "the suspected target: the share of the other images it sends there), inputs (each clean "
+                        "image's PGD examples: their share on the target) or neurons (default: %(default)s)")
+    g.add_argument("--select-eps", type=float, default=None,
+                   help="auto: the probe's bound: the L-inf bound on the pixels (inputs, 32/255), the patch's share "
+                        "of the pixels (patch, 0.01) or the neurons' (neurons, 0.4) (default: the probe's)")
+    g.add_argument("--select-steps", type=int, default=None,
+                   help="auto: the probe's steps per candidate: PGD steps (inputs, 10), Adam steps of the trigger "
+                        "reconstruction (patch, 100) or sign steps (neurons, 10) (default: the probe's)")
     rule = g.add_mutually_exclusive_group()
     rule.add_argument("--threshold", type=float, default=None, help="prune every neuron with mask <= T")
     rule.add_argument("--number", type=int, default=None, help="prune the K smallest masks")
@@ -135,8 +144,13 @@ def _check(args) -> None:
             check_fraction(getattr(args, name), "--" + name.replace("_", "-"), low_open=False, high_open=False)
     if args.number is not None and args.number < 0:
         raise InputError(f"--number must be >= 0, got {args.number}")
-    if not args.select_eps > 0:
+    if args.select_steps is not None:
+        check_positive_int(args.select_steps, "--select-steps")
+    if args.select_eps is not None and not args.select_eps > 0:
         raise InputError(f"--select-eps must be positive, got {args.select_eps}")
+    if args.select_probe == "patch" and args.select_eps is not None and args.select_eps > 1:
+        raise InputError(f"--select-eps is the patch's share of the pixels with --select-probe patch: give a value in "
+                         f"(0, 1], got {args.select_eps}")
     if args.seeds > 1 and args.engine != "fast":
         raise InputError("--seeds K > 1 (a seed ensemble) runs on the fast engine; drop --engine reference")
     _rule(args)
@@ -221,7 +235,8 @@ def _run(args: argparse.Namespace) -> int:
     selection = None
     if rule == "auto":
         selection = choose_pruning(model, result.masks, *clean, max_target_share=args.max_target_share,
-                                   max_acc_drop=args.acc_budget, eps=args.select_eps, progress=not args.no_progress)
+                                   max_acc_drop=args.acc_budget, probe=args.select_probe, eps=args.select_eps,
+                                   steps=args.select_steps, progress=not args.no_progress)
         k = selection.pruned
         pruned_model = prune(model, result.masks, number=k)
         print(f"auto pruning: {selection.reason}")

@@ -31,7 +31,9 @@ def plan(seconds: float, dry_run: bool) -> tuple[dict, dict, dict]:
     if dry_run:
         shared = dict(arch="small_cnn", attacks=("badnets",), rate=0.1, train_images=600, test_images=300,
                       clean_images=40, epochs=1, budget=None, device="cpu")
-        return shared, dict(anp_iterations=5), dict(pbe_adv_epochs=1, pbe_clean_epochs=1, pbe_settings=("clean",))
+        # the plumbing only: the auto rule's trigger reconstructions (100 steps per candidate) do not fit on a CPU
+        return shared, dict(anp_iterations=5, auto_rule=False), dict(pbe_adv_epochs=1, pbe_clean_epochs=1,
+                                                                     pbe_settings=("clean",))
     attacks = ("badnets", "blend") if seconds >= 240 else ("badnets",)
     shared = dict(arch="cifar_resnet18", attacks=attacks, rate=0.1, budget=max(10.0, 0.35 * seconds))
     anp = dict(anp_iterations=2000 if seconds >= 150 else 500)

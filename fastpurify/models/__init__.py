@@ -1,8 +1,8 @@
 """Model constructors by name.
 
-Our own: ``cifar_resnet18`` (official ANP), ``preact_resnet18`` (PBE / BackdoorBench) and
-``small_cnn``. Any torchvision classifier by ``torchvision:<name>`` (``torchvision:resnet50``,
-``torchvision:mobilenet_v2``, ``torchvision:vgg11_bn``, ...) and, where timm is installed
+Our own: ``cifar_resnet18`` (official ANP), ``preact_resnet18`` (PBE / BackdoorBench),
+``small_cnn`` and ``small_cnn_wide`` (width 32). Any torchvision classifier by ``torchvision:<name>``
+(``torchvision:resnet50``, ``torchvision:mobilenet_v2``, ``torchvision:vgg11_bn``, ...) and, where timm is installed
 (``pip install timm``), any timm model by ``timm:<name>`` (``timm:resnet18``,
 ``timm:efficientnet_b0``, ``timm:vit_tiny_patch16_224``, ...; ``timm.list_models('*part*')`` lists
 the names). Both are built freshly initialised: no weights are ever downloaded. No engine requires
@@ -19,12 +19,13 @@ import torch.nn as nn
 from ..validation import InputError, check_num_classes, check_positive_int
 from .preact_resnet import PreActResNet, preact_resnet18
 from .resnet_cifar import CifarResNet, cifar_resnet18
-from .small_cnn import SmallCNN, small_cnn
+from .small_cnn import SmallCNN, small_cnn, small_cnn_wide
 
 OWN_MODELS: dict[str, Callable[..., nn.Module]] = {
     "cifar_resnet18": cifar_resnet18,
     "preact_resnet18": preact_resnet18,
     "small_cnn": small_cnn,
+    "small_cnn_wide": small_cnn_wide,
 }
 TORCHVISION_PREFIX = "torchvision:"
 TIMM_PREFIX = "timm:"
@@ -86,5 +87,5 @@ def _build_timm(arch: str, num_classes: int, in_channels: int, **kwargs) -> nn.M
 
 __all__ = [
     "TIMM_PREFIX", "TORCHVISION_PREFIX", "CifarResNet", "PreActResNet", "SmallCNN", "available_models", "build_model",
-    "cifar_resnet18", "preact_resnet18", "small_cnn",
+    "cifar_resnet18", "preact_resnet18", "small_cnn", "small_cnn_wide",
 ]

@@ -31,3 +31,9 @@ class SmallCNN(nn.Module):
 
 def small_cnn(num_classes: int = 10, in_channels: int = 3, width: int = 16) -> SmallCNN:
     return SmallCNN(num_classes=num_classes, in_channels=in_channels, width=width)
+
+
+def small_cnn_wide(num_classes: int = 10, in_channels: int = 3) -> SmallCNN:
+    """``small_cnn`` at width 32 (192 normalised neurons, 4x the convolution work): the CPU-scale
+    subject with room to prune (docs/anp-selection.md)."""
+    return SmallCNN(num_classes=num_classes, in_channels=in_channels, width=32)

@@ -4,7 +4,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from fastpurify.models import available_models, build_model, cifar_resnet18, preact_resnet18, small_cnn
+from fastpurify.models import (available_models, build_model, cifar_resnet18, preact_resnet18, small_cnn,
+                               small_cnn_wide)
 from fastpurify.validation import InputError
 
 
@@ -35,7 +36,7 @@ def test_preact_resnet18_structure():
     assert sum(p.numel() for p in model.parameters()) == 11_171_146  # BackdoorBench's PreActResNet18
 
 
-@pytest.mark.parametrize("build", [cifar_resnet18, preact_resnet18, small_cnn])
+@pytest.mark.parametrize("build", [cifar_resnet18, preact_resnet18, small_cnn, small_cnn_wide])
 @pytest.mark.parametrize("in_channels, size, classes", [(3, 32, 10), (1, 16, 7), (2, 20, 43)])
 def test_forward_any_size_channels_classes(build, in_channels, size, classes):
     model = build(num_classes=classes, in_channels=in_channels).eval()
@@ -54,7 +55,8 @@ def test_torchvision_models_build_by_name(name):
 
 def test_model_names():
     names = available_models()
-    assert {"cifar_resnet18", "preact_resnet18", "small_cnn", "torchvision:resnet50"} <= set(names)
+    assert {"cifar_resnet18", "preact_resnet18", "small_cnn", "small_cnn_wide", "torchvision:resnet50"} <= set(names)
+    assert build_model("small_cnn_wide").features[0].out_channels == 32
     with pytest.raises(InputError, match="unknown model.*'timm:<name>'"):
         build_model("resnet9000")
     with pytest.raises(InputError, match="no classifier"):
