@@ -69,13 +69,12 @@ def selection_curve(selection, path: str | Path, *, title: str = "ANP: the trigg
     plt, fig, ax = _figure()
     xs = [p.pruned for p in selection.points]
     ax.plot(xs, [100 * p.acc for p in selection.points], marker="o", color="#228833", label="clean ACC")
+    patch = selection.settings.get("walk") == "patch"
     ax.plot(xs, [100 * p.adv_error for p in selection.points], marker=".", color="#bbbbbb",
-            label="clean images the adversary flips" + (" (of the other classes)"
-                                                       if selection.settings.get("walk") == "patch" else ""))
+            label="clean images the adversary flips" + (" (of the other classes)" if patch else ""))
     if selection.target is not None:
         label = (f"share of the other images the trigger reconstructed toward class {selection.target} sends there"
-                 if selection.settings.get("walk") == "patch" else
-                 f"share of those on the suspected target (class {selection.target})")
+                 if patch else f"share of those on the suspected target (class {selection.target})")
         ax.plot(xs, [100 * (p.target_share or 0.0) for p in selection.points], marker="s", color="#aa3377",
                 label=label)
     ax.axhline(100 * selection.settings["max_target_share"], color="#aa3377", linestyle=":", linewidth=1)

@@ -170,10 +170,7 @@ class PruningProbe:
     def __init__(self, model: nn.Module, masks: dict[str, torch.Tensor], images: torch.Tensor, labels: torch.Tensor,
                  *, probe: str, eps: float, steps: int, batch_size: int, seed: int = 0, target: int | None = None):
         _check_layers(model, masks)
-        if probe not in PROBES:
-            raise InputError(f"probe must be one of {PROBES}, got {probe!r}")
-        if probe == "patch" and target is None:
-            raise InputError("the patch probe reconstructs a trigger toward a class: give its target")
+        self._set_probe(probe, eps, steps, target)
         self.kinds = sorted({layer_kind(m) for n, m in model.named_modules() if n in masks})
         self.net = copy.deepcopy(model).eval()
         for p in self.net.parameters():
@@ -181,11 +178,24 @@ class PruningProbe:
         self.device = model_device(self.net)
         self.layers = dict(self.net.named_modules())
         self.images, self.labels = images.to(self.device), labels.to(self.device)
-        self.probe, self.eps, self.steps, self.batch_size, self.seed = probe, eps, steps, batch_size, seed
-        self.target = target
+        self.batch_size, self.seed = batch_size, seed
         self.masks = masks
         self.num_neurons = sum(m.numel() for m in masks.values())
         self.pruned = 0
+
+    def _set_probe(self, probe: str, eps: float, steps: int, target: int | None) -> None:
+        if probe not in PROBES:
+            raise InputError(f"probe must be one of {PROBES}, got {probe!r}")
+        if probe == "patch" and target is None:
+            raise InputError("the patch probe reconstructs a trigger toward a class: give its target")
+        self.probe, self.eps, self.steps, self.target = probe, eps, steps, target
+
+    def under(self, probe: str, *, eps: float, steps: int, target: int | None = None) -> "PruningProbe":
+        """This probe's pruned copy and images (shared, not copied: prune one of the two only) under
+        another adversary."""
+        other = copy.copy(self)
+        other._set_probe(probe, eps, steps, target)
+        return other
 
     @torch.no_grad()
     def prune_to(self, k: int) -> None:
@@ -288,10 +298,12 @@ def choose_pruning(model: nn.Module, masks: dict[str, torch.Tensor], images: tor
     settings = dict(rule="auto", probe=probe, max_target_share=max_target_share, margin=margin,
                     min_suspicion=min_suspicion, max_acc_drop=max_acc_drop, eps=eps, steps=steps,
                     max_fraction=max_fraction, candidates=candidates, seed=seed, images=int(labels.numel()))
-    suspect = "inputs" if probe == "patch" else probe
-    adversary = PruningProbe(model, masks, images, labels, probe=suspect, batch_size=batch_size, seed=seed,
-                             **(dict(eps=eps, steps=steps) if suspect == probe else
-                                dict(eps=DEFAULT_EPS[suspect], steps=DEFAULT_STEPS[suspect])))
+    if probe == "patch":  # the suspicion comes from the input adversary at its defaults
+        adversary = PruningProbe(model, masks, images, labels, probe="inputs", eps=DEFAULT_EPS["inputs"],
+                                 steps=DEFAULT_STEPS["inputs"], batch_size=batch_size, seed=seed)
+    else:
+        adversary = PruningProbe(model, masks, images, labels, probe=probe, eps=eps, steps=steps,
+                                 batch_size=batch_size, seed=seed)
     numbers = candidate_numbers(adversary.num_neurons, max_fraction, candidates)
     adversary.prune_to(0)
     suspicion = adversary.point()
@@ -302,11 +314,9 @@ def choose_pruning(model: nn.Module, masks: dict[str, torch.Tensor], images: tor
                f"only {suspicion.concentration:.2f} of the unpruned model's adversarial examples land on one class "
                f"(< {min_suspicion}): no sign of a backdoor")
         return Selection(0, f"nothing pruned: {why}", target, [suspicion], settings, suspicion)
-    first, walk, note = suspicion, suspect, ""
+    first, walk, note = suspicion, adversary.probe, ""
     if probe == "patch":
-        patch = PruningProbe(model, masks, images, labels, probe=probe, eps=eps, steps=steps, batch_size=batch_size,
-                             seed=seed, target=target)
-        patch.prune_to(0)
+        patch = adversary.under(probe, eps=eps, steps=steps, target=target)
         point = patch.point()
         if point.target_share >= min_suspicion:
             adversary, first, walk = patch, point, probe

@@ -1,5 +1,6 @@
 """``fastpurify anp`` and ``fastpurify bench anp`` from the command line (small, CPU)."""
 
+import inspect
 import json
 import re
 
@@ -7,8 +8,10 @@ import numpy as np
 import pytest
 import torch
 
+from fastpurify import selection
 from fastpurify.checkpoint import load_model
 from fastpurify.cli import main
+from fastpurify.commands import anp as command
 from fastpurify.masks import load_masks
 from fastpurify.models import small_cnn
 
@@ -154,6 +157,11 @@ def test_anp_seed_ensemble_with_the_auto_selection(tmp_path, checkpoint, capsys)
     zeroed = sum(int((m.weight == 0).sum()) for m in pruned.modules() if isinstance(m, torch.nn.BatchNorm2d))
     assert zeroed == meta["pruned"]["neurons"] == selection["pruned"]
     assert (out / "selection.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_command_offers_the_selection_probes_and_default():
+    assert set(command.PROBES) == set(selection.PROBES)
+    assert command.DEFAULT_PROBE == inspect.signature(selection.choose_pruning).parameters["probe"].default
 
 
 def test_anp_auto_selection_with_the_patch_probe(tmp_path, checkpoint, capsys):
