@@ -94,6 +94,23 @@ def _build(name, model, images, labels, batch_size, device, large: dict | None =
                       channels_last=False if name == "fast-nchw" else None)
 
 
+def profile_variants(names: tuple[str, ...], *, arch: str = "cifar_resnet18", batch_size: int = 128,
+                     num_images: int = 500, image_size: int = 32, device=None, iterations: int = 10) -> dict:
+    """Each variant's step under ``torch.profiler`` (:func:`.profile.profile_step`): its wall time
+    against its kernels' device time, by kind, and the top kernels."""
+    from .profile import profile_step
+
+    device = resolve_device(device)
+    model, images, labels = synthetic_subject(arch, num_images, device, image_size=image_size)
+    out = {}
+    with tf32_enabled(device.type == "cuda"):
+        for name in names:
+            step = _build(name, model, images, labels, batch_size, device)
+            out[name] = profile_step(step, device, iterations=iterations)
+            del step
+    return out
+
+
 def pruned_set_change(model, images, labels, *, batch_size, device, iterations) -> dict:
     """Neurons at threshold 0.2 that bf16 autocast changes against fp32 after the same run."""
     kw = dict(batch_size=batch_size, iterations=iterations, device=device, progress=False, seed=0)

@@ -22,8 +22,8 @@ Bytes each must move: forward reads x and writes y (2 tensors of x's size); forw
 moves x, y, x again, dy and dx (5). GB/s = those bytes / the median time.
 
 Timing: ``warmup`` untimed calls, then ``repeats`` timed calls. On CUDA each call is timed alone
-with CUDA events after a 256 MiB write that flushes the L2 cache (as ``triton.testing.do_bench``
-does), so it is the device time of a cold call; on CPU the wall time of each call between
+with CUDA events after a ~2 ms spin (the host queues the call meanwhile) and a 256 MiB write that
+flushes the L2 cache (as ``triton.testing.do_bench`` does), so it is the device time of a cold call; on CPU the wall time of each call between
 synchronisations. Each row records median/min/max milliseconds, the fused variant's speed-ups
 (the other variant's median / the fused median) and a cross-check of fused against the
 composition (max absolute difference of y, dx and the mask/noise gradients), so a fast but
@@ -62,6 +62,7 @@ SHAPES = {
     "smoke": ((8, 16, 6, 6), (8, 8, 3, 3)),
 }
 FLUSH_BYTES = 256 * 2 ** 20  # > the 50 MB L2 of an H100
+HOST_LEAD_CYCLES = 4_000_000  # ~2 ms of a spinning kernel at 2 GHz: time for the host to queue one call
 
 
 # ---------------------------------------------------------------------------------------------
@@ -245,6 +246,10 @@ class _Runner:
         events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
                   for _ in range(self.repeats)]
         for start, end in events:
+            # The device spins while the host queues this call, so the events time the call's
+            # kernels and never a device waiting for the host's next launch (run 2 saw single
+            # calls of ~2.4 ms at shapes whose kernels take 0.03 ms).
+            torch.cuda._sleep(HOST_LEAD_CYCLES)
             if self.flush is not None:
                 self.flush.zero_()
             start.record()
@@ -375,8 +380,8 @@ def run_bn_benchmark(*, shapes="cifar_resnet18", groups: int = 2, layouts=LAYOUT
                                    modes=list(modes), variants=list(variants), dtype="float32", warmup=warmup,
                                    repeats=repeats, seed=seed,
                                    fused_backend=FP.backend_for(torch.empty(0, device=device)),
-                                   timer=("CUDA events, one call each, L2 flushed before each" if runner.flush
-                                          is not None else "CUDA events, one call each" if runner.cuda else
+                                   timer=("CUDA events, one call each after a spin, L2 flushed before each" if runner.flush
+                                          is not None else "CUDA events, one call each after a spin" if runner.cuda else
                                           "wall clock, one call each, between synchronisations"),
                                    compile_dynamic=compile_dynamic,
                                    budget_s=None if deadline is None else round(deadline - time.monotonic(), 1),

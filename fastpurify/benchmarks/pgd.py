@@ -110,6 +110,18 @@ def chunk_step(attack: Attack, images: torch.Tensor, labels: torch.Tensor, batch
     return step
 
 
+def profile_variants(names: tuple[str, ...], *, arch: str = "preact_resnet18", batch_size: int = 512,
+                     image_size: int = 32, steps: int = 10, device=None, iterations: int = 4) -> dict:
+    """Each variant's chunk step under ``torch.profiler`` (:func:`.profile.profile_step`)."""
+    from .profile import profile_step
+
+    device = resolve_device(device)
+    model, images, labels = synthetic_subject(arch, 2 * batch_size, device, image_size=image_size)
+    pgd_kw = dict(PGD_KW, steps=steps)
+    return {name: profile_step(chunk_step(build_attack(name, model, device, pgd_kw), images, labels, batch_size),
+                               device, iterations=iterations) for name in names}
+
+
 def agreement(adv: torch.Tensor, ref: torch.Tensor, x0: torch.Tensor, eps: float) -> dict:
     """How close a variant's examples are to the reference's (same images and seed)."""
     diff = (adv.float() - ref.float()).abs()

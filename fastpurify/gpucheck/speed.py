@@ -12,6 +12,7 @@ import contextlib
 import time
 
 from ..benchmarks.common import Timing, add_ratios
+from ..benchmarks.profile import format_profile
 
 # Per stage: the GPU sizes, then the dry-run (CPU smoke) sizes.
 SIZES = {
@@ -19,9 +20,11 @@ SIZES = {
            dict(shapes="smoke", warmup=1, repeats=3)),
     "anp": (dict(arch="cifar_resnet18", batch_size=128, num_images=500, image_size=32, warmup=3, iterations=10,
                  repeats=5, end_to_end=2000, bf16_check=200,
-                 variants=("reference", "fast"), after=("reference-compile", "fast-bf16", "fast-seeds4")),
+                 variants=("reference", "fast"), profile=("fast", "fast-bf16"),
+                 after=("reference-compile", "fast-bf16", "fast-nchw", "fast-seeds4")),
             dict(arch="small_cnn", batch_size=16, num_images=32, image_size=16, warmup=1, iterations=2, repeats=2,
-                 end_to_end=20, bf16_check=0, variants=("reference", "fast"), after=("fast-eager",))),
+                 end_to_end=20, bf16_check=0, variants=("reference", "fast"), profile=("fast",),
+                 after=("fast-eager",))),
     "pgd": (dict(arch="preact_resnet18", batch_size=512, num_images=2048, image_size=32, warmup=3, iterations=4,
                  repeats=5, steps=10, variants=("reference", "fast", "reference-compile", "fast-bf16")),
             dict(arch="small_cnn", batch_size=8, num_images=16, image_size=16, warmup=1, iterations=1, repeats=2,
@@ -131,9 +134,15 @@ def run_anp(record, opts) -> None:
             iters = s["bf16_check"]
             record.run_step("anp bf16 pruned set", lambda: record.put(anp_bf16_pruned_set=bf16_check(s, iters)),
                             need=2.5 * iters * fast_ms / 1e3 + 15)
+        if fast_ms is not None:
+            record.run_step("anp profile", lambda: record.put(anp_profile=anp.profile_variants(
+                s["profile"], arch=s["arch"], batch_size=s["batch_size"], num_images=s["num_images"],
+                image_size=s["image_size"])), need=20)
         result = per_variant(record, "anp", s["after"], run_one, results=runs) or result
-    if result:
-        record.put(table=anp.format_table(result))
+    tables = [anp.format_table(result)] if result else []
+    tables += [format_profile(name, p) for name, p in record.data.get("anp_profile", {}).items()]
+    if tables:
+        record.put(table="\n\n".join(tables))
         print(record.data["table"])
 
 
@@ -181,11 +190,20 @@ def run_pgd(record, opts) -> None:
     s = sizes("pgd", opts.dry_run)
     kw = {k: s[k] for k in ("arch", "batch_size", "num_images", "image_size", "warmup", "iterations", "repeats",
                             "steps")}
+    runs = []  # reference and fast first (then profiled), the torch.compile and bf16 variants after
     with device_setup(opts.dry_run):
-        result = per_variant(record, "pgd", s["variants"],
-                             lambda v: pgd.run_pgd_benchmark(variants=(v,), **kw, progress=print))
-    if result:
-        record.put(table=pgd.format_table(result))
+        result = per_variant(record, "pgd", s["variants"][:2],
+                             lambda v: pgd.run_pgd_benchmark(variants=(v,), **kw, progress=print), results=runs)
+        if result:
+            record.run_step("pgd profile", lambda: record.put(pgd_profile=pgd.profile_variants(
+                s["variants"][:2], arch=s["arch"], batch_size=s["batch_size"], image_size=s["image_size"],
+                steps=s["steps"])), need=15)
+        result = per_variant(record, "pgd", s["variants"][2:],
+                             lambda v: pgd.run_pgd_benchmark(variants=(v,), **kw, progress=print), results=runs) or result
+    tables = [pgd.format_table(result)] if result else []
+    tables += [format_profile(name, p) for name, p in record.data.get("pgd_profile", {}).items()]
+    if tables:
+        record.put(table="\n\n".join(tables))
         print(record.data["table"])
 
 
