@@ -223,3 +223,22 @@ def test_a_pytest_started_inside_an_xdist_worker_still_logs(tmp_path):
     summary = pytest_log.summarize(log)
     assert summary["counts"] == {"passed": 1, "failed": 1}
     assert [f["test"] for f in summary["failures"]] == ["test_tiny.py::test_bad"]
+
+
+def test_sanitizer_summaries_are_not_findings():
+    """Run 3 (H200) counted racecheck's own "RACECHECK SUMMARY: 0 hazards displayed" as a finding."""
+    from fastpurify.gpucheck.correctness import findings
+
+    clean = ("========= COMPUTE-SANITIZER\n.............\n"
+             "========= RACECHECK SUMMARY: 0 hazards displayed (0 errors, 0 warnings)\n"
+             "========= ERROR SUMMARY: 0 errors\n")
+    assert findings(clean) == []
+    hazard = "========= Error: Race reported between Write access at bn_stats_kernel+0x1a0\n"
+    invalid = "========= Invalid __global__ read of size 4 bytes\n"
+    assert findings(clean + hazard + invalid) == [hazard.strip(), invalid.strip()]
+    from fastpurify.gpucheck.correctness import judge
+
+    assert judge({"exit_code": 0, "timed_out": False}, clean)["clean"]
+    assert not judge({"exit_code": 0, "timed_out": False}, clean + hazard)["clean"]
+    assert not judge({"exit_code": 0, "timed_out": True}, clean)["clean"]  # cut off: not every process summarised
+    assert not judge({"exit_code": None, "timed_out": False}, ".....\n")["clean"]  # no summary at all

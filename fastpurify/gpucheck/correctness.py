@@ -102,19 +102,24 @@ def part_problem(r: dict) -> str | None:
 
 
 def run_tests(record, opts) -> None:
-    """Both parts at once, each on half of the workers (on an H200 the gpu-marked part alone did
-    not finish in 40 % of the stage while the suites took 45 s: both pay xdist's start-up)."""
+    """Both parts at once (on an H200 the gpu-marked part alone did not finish in 40 % of the
+    stage while the suites took 45 s: both pay xdist's start-up)."""
     out_dir = Path(opts.out)
-    workers = 1 if opts.dry_run or not _has("xdist") else max(1, min(4, (os.cpu_count() or 2) // 4))
+    cores = os.cpu_count() or 2
+    parallel = not opts.dry_run and _has("xdist")
+    # The compiled suites (660 tests, ~185 s of test time on an H200, mostly Triton compiling on
+    # the CPU) get half the cores; the 22 gpu-marked tests (~55 s on 4 workers) a quarter.
+    workers = {"gpu-marked": max(1, min(4, cores // 4)) if parallel else 1,
+               "compiled": max(1, min(8, cores // 2)) if parallel else 1}
     timeout = PER_TEST_TIMEOUT_S if _has("pytest_timeout") else None
     record.put(workers_per_part=workers, per_test_timeout_s=timeout, kernels_compiled_before=compiled_kernels())
     suites = DRY_SUITES if opts.dry_run else SUITES
     device_env = {} if opts.dry_run else {"FASTPURIFY_TEST_DEVICE": "cuda"}
     started = time.monotonic()
     runs = {"gpu-marked": PytestRun("gpu-marked", ["tests", "-m", "gpu"], out_dir=out_dir, env=dict(os.environ),
-                                    workers=workers, timeout=timeout),
+                                    workers=workers["gpu-marked"], timeout=timeout),
             "compiled": PytestRun("compiled", suites, out_dir=out_dir, env=dict(os.environ, **device_env),
-                                  workers=workers, timeout=timeout)}
+                                  workers=workers["compiled"], timeout=timeout)}
     parts = {}
     for name, run in runs.items():
         parts[name] = run.finish(record.deadline - 1)
@@ -124,6 +129,25 @@ def run_tests(record, opts) -> None:
 
 
 SUMMARY_LINE = re.compile(r"(ERROR SUMMARY|RACECHECK SUMMARY|LEAK SUMMARY)[^\n]*")
+
+
+def findings(text: str) -> list[str]:
+    """The tool's reports of an error or hazard (its summary lines, e.g. "RACECHECK SUMMARY: 0
+    hazards displayed", are not findings), at most 30."""
+    return [line for line in text.splitlines() if line.startswith("=========") and not SUMMARY_LINE.search(line)
+            and re.search(r"Invalid|Race|hazard|Hazard|out of bounds|misaligned", line)][:30]
+
+
+def judge(r: dict, text: str) -> dict:
+    """A sanitizer run's verdict from its log ``text``, into its record ``r`` (``exit_code``,
+    ``timed_out``): the tool's summary lines, its findings and whether it is clean: the tool
+    summarised every process with no error and did not exit with its error code (a failing test
+    is reported in the counts and failures, not here)."""
+    r["summary"] = [m.group(0).strip() for m in SUMMARY_LINE.finditer(text)]
+    r["findings"] = findings(text)
+    r["clean"] = (bool(r["summary"]) and all(re.search(r"\b0 errors", s) for s in r["summary"])
+                  and not r["findings"] and r["exit_code"] != 86 and not r["timed_out"])
+    return r
 
 
 def run_sanitizer(record, opts) -> None:
@@ -145,14 +169,7 @@ def run_sanitizer(record, opts) -> None:
     results = {}
     for which, run in runs.items():
         r = run.finish(record.deadline - 1)
-        text = (out_dir / "logs" / f"pytest-{which}.log").read_text(errors="replace")
-        r["summary"] = [m.group(0).strip() for m in SUMMARY_LINE.finditer(text)]
-        r["findings"] = [line for line in text.splitlines() if line.startswith("=========") and
-                         re.search(r"Invalid|Race|hazard|Hazard|out of bounds|misaligned", line)][:30]
-        # Clean: the tool summarised every process with no error, and did not exit with its
-        # error code (a failing test is reported in counts/failures, not here).
-        r["clean"] = (bool(r["summary"]) and all(re.search(r"\b0 errors", s) for s in r["summary"])
-                      and not r["findings"] and r["exit_code"] != 86 and not r["timed_out"])
+        judge(r, (out_dir / "logs" / f"pytest-{which}.log").read_text(errors="replace"))
         results[which] = r
         record.put(sanitizer=results)
         if r["clean"] and not r["failures"]:

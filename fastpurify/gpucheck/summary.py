@@ -249,9 +249,11 @@ def environment_of(stages: dict) -> dict:
 
 def rebuild(out_dir: Path, results_dir: Path | None = None) -> dict:
     """The summary and combined JSON again from the records in ``out_dir`` (the combined JSON's
-    stages where it exists, else each ``<stage>.json``), the test counts recomputed from the
-    pytest logs: for a run cut off before its summary, or written by an older version."""
+    stages where it exists, else each ``<stage>.json``), the test counts and sanitizer verdicts
+    recomputed from the logs: for a run cut off before its summary, or written by an older
+    version."""
     from . import pytest_log
+    from .correctness import judge
     from .plan import STAGE_NAMES
 
     out_dir = Path(out_dir)
@@ -267,6 +269,11 @@ def rebuild(out_dir: Path, results_dir: Path | None = None) -> dict:
             log = out_dir / "logs" / f"pytest-{part}.jsonl"
             if log.exists():
                 p.update(pytest_log.summarize(log))
+        for tool, r in (rec.get("sanitizer") or {}).items():  # the verdict of this version's rules
+            log = out_dir / "logs" / f"pytest-{tool}.log"
+            if log.exists():
+                judge(r, log.read_text(errors="replace"))
+                _rejudge_step(rec, tool, r)
         records.append(rec)
     g = old.get("gpucheck") or {}
     seconds = g.get("seconds") or sum(r.get("wall_seconds", r.get("seconds", 0)) for r in records)
@@ -274,6 +281,16 @@ def rebuild(out_dir: Path, results_dir: Path | None = None) -> dict:
     dry_run = g.get("dry_run", any(r.get("dry_run") for r in records))
     return write_outputs(out_dir, records, budget=g.get("budget", seconds), dry_run=dry_run,
                          commit=commit, seconds=seconds, results_dir=results_dir)
+
+
+def _rejudge_step(rec: dict, name: str, r: dict) -> None:
+    """A sanitizer step judged again: ok when clean with no failing test; the stage's status
+    again as :meth:`.record.StageRecord.finish` sets it, where every step is ok."""
+    for step in rec.get("steps", []):
+        if step["name"] == name and r["clean"] and not r.get("failures"):
+            step.update(status="ok", reason="")
+    if rec.get("steps") and all(s["status"] == "ok" for s in rec["steps"]) and rec.get("status") == "partial":
+        rec["status"] = "ok"
 
 
 def write_outputs(out_dir: Path, records: list[dict], *, budget: float, dry_run: bool, commit: str, seconds: float,

@@ -179,20 +179,26 @@ def test_nan_images_are_refused(cnn):
 @pytest.mark.gpu
 @pytest.mark.parametrize("cuda_graph", [False, True])
 def test_cuda_engine_matches_the_reference(cuda_graph, exact_cuda):
-    """The compiled kernels in the engine, in float64 on the GPU: ANP's sign steps flip on any
-    near-zero gradient, so in float32 two correct implementations drift apart within a few
-    iterations (a gap of 0.25 after 20 on an H100); in float64 they must agree. (Triton passes
-    eps and momentum as float32 scalars, hence 1e-3 rather than 1e-9.)"""
+    """The compiled kernels in the engine, in float64 on the GPU, against the reference. ANP on a
+    ResNet-18 is chaotic at the scale of a float32 rounding: its sign steps flip on near-zero
+    gradients, and on the CPU rounding only eps, alpha and lr to float32 moved the float64 masks
+    by 0.14 after 20 iterations. Compiled Triton passes Python floats as float32 kernel
+    arguments, so this run uses hyper-parameters and a BatchNorm eps that float32 holds exactly
+    (with the paper's 0.4 / 0.2 / 0.2 / 0.9 an H200 measured a gap of 0.22;
+    bench/anp_float64_gap.py): the two must then agree to float64 rounding."""
     torch.manual_seed(0)
     model = build_model("cifar_resnet18", num_classes=10, in_channels=3).cuda().double()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.eps = 2.0 ** -17
     data = clean_set(64, size=32)
-    kw = dict(iterations=20, batch_size=32, progress=False, seed=1)
+    kw = dict(iterations=20, batch_size=32, progress=False, seed=1, eps=0.375, alpha=0.25, lr=0.25, momentum=0.875)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a failed capture would warn and fall back
         fast = fastpurify.anp(model, data, device="cuda", cuda_graph=cuda_graph, tf32=False, **kw)
     ref = reference_anp(model, (data[0].cuda(), data[1].cuda()), **kw)
     assert fast.engine["cuda_graph"] == cuda_graph and fast.engine["backend"] == "triton"
-    assert max_gap(ref.masks, fast.masks) < 1e-3
+    assert max_gap(ref.masks, fast.masks) < 1e-6
 
 
 def test_only_the_first_iteration_checks_the_layer_arguments(cnn, monkeypatch):
