@@ -7,7 +7,7 @@ import torch
 from fastpurify import functional as FP
 from fastpurify.validation import InputError
 
-from .devices import TEST_DEVICE, device_generator, on_device, to_device
+from .devices import TEST_DEVICE, device_generator, float64_tol, on_device, to_device
 
 
 def tensor(values):
@@ -167,7 +167,7 @@ def test_pgd_l2_step(backend, shape, dtype, eps):
     assert out.data_ptr() == x.data_ptr()
     # Compiled, Triton passes the Python floats alpha and eps as float32 scalars (the interpreter
     # keeps them float64): a float64 step then carries their float32 rounding, ~1e-9 here.
-    tol = 2e-6 if dtype == torch.float32 else (1e-8 if x.is_cuda and backend == "triton" else 1e-12)
+    tol = 2e-6 if dtype == torch.float32 else float64_tol(backend)
     torch.testing.assert_close(x.double(), expected, rtol=tol, atol=tol)
     d_norm = (x.double() - x0.double()).flatten(1).norm(dim=1)
     assert float(d_norm.max()) <= eps + 1e-5

@@ -12,7 +12,7 @@ from fastpurify.layers import convert, layer_path, layer_paths, perturbed_layers
 from fastpurify.neurons import neuron_layers
 from fastpurify.validation import InputError
 
-from .devices import TEST_DEVICE, on_device
+from .devices import TEST_DEVICE, float64_tol, on_device
 
 
 def timm_layers():
@@ -119,8 +119,10 @@ def test_converted_norm_is_exactly_the_original(name, backend):
     x = on_device(torch.randn(shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64))
     for train in (False, True):
         expected, got = run_both(model, converted, x, train)
-        # The PyTorch path calls the same ops with the same values: bitwise. The kernels: float64 rounding.
-        tol = 0 if backend == "torch" else 1e-12
+        # The PyTorch path calls the same ops with the same values: bitwise. The kernels: float64
+        # rounding, and compiled the float32 rounding of eps and momentum (an H200: up to 1.2e-11
+        # in the outputs, more in the running statistics).
+        tol = 0 if backend == "torch" else float64_tol(backend)
         assert torch.allclose(got, expected, rtol=tol, atol=tol), (name, train, (got - expected).abs().max())
     for a, b in zip(model.buffers(), converted.buffers()):
         assert torch.allclose(a, b, rtol=tol, atol=tol)  # running statistics moved identically

@@ -161,7 +161,7 @@ TARGETS = (
     Target("ANP on ResNet-50, 224 px, batch 64", "measured, peak memory", _large("resnet50")),
     Target("ANP on ViT-B/16", "measured, peak memory", _large("vit_b_16")),
     Target("CIFAR-10 (JPEG copy): ANP, ResNet-18", "paper ACC - 2, ASR <= paper + 2 (paper values not in fastpurify)",
-           _fidelity("anp", ("threshold", "clean-rule"))),
+           _fidelity("anp", ("threshold", "clean-rule", "auto"))),
     Target("CIFAR-10 (JPEG copy): PBE", "paper ACC - 2, ASR <= paper + 2 (paper values not in fastpurify)",
            _fidelity("pbe", ("clean-set", "no-clean"))),
 )
