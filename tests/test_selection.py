@@ -145,13 +145,16 @@ def test_auto_stops_at_the_accuracy_budget_and_falls_back(monkeypatch):
     assert choice.pruned == 0 and "halves the share" in choice.reason  # 0.6 at best: not half of 0.8
 
 
-def _scripted_probes(monkeypatch, pull, patch):
-    """The input adversary's pull {k: share on class 2} and the patch's {k: share sent to class 2}."""
+def _scripted_probes(monkeypatch, pull, patch, others=None):
+    """The input adversary's pull {k: share on class 2} and the patch's {k: share sent to class 2};
+    ``others``: the share a patch toward any other class sends there (None: none is asked for)."""
     def point(self):
         if self.probe == "patch":
-            assert self.target == 2
-            sent = patch[self.pruned]
-            return S.SelectionPoint(self.pruned, 0.9, sent, (0, 0, round(100 * sent)) + (0,) * 7, 2, 1.0, sent)
+            assert self.target == 2 or others is not None
+            sent = patch[self.pruned] if self.target == 2 else others
+            hist = [0] * 10
+            hist[self.target] = round(100 * sent)
+            return S.SelectionPoint(self.pruned, 0.9, sent, tuple(hist), self.target, 1.0, sent)
         hist = _pull(pull[self.pruned])
         top = max(range(len(hist)), key=hist.__getitem__)
         return S.SelectionPoint(self.pruned, 0.9, 1.0, tuple(hist), top, hist[top] / sum(hist))
@@ -176,9 +179,43 @@ def test_the_patch_walk_falls_back_to_the_pull_when_no_patch_carries_the_backdoo
     choice = _choose(probe="patch")
     assert choice.settings["walk"] == "inputs" and choice.pruned == 5
     assert "sends only 0.10 of the other images to class 2" in choice.reason
+
+
+def test_the_patch_scan_names_the_target_where_the_pull_is_too_weak(monkeypatch):
+    """The per-image adversary's pull (0.3) is under min_suspicion, as on CIFAR-10 BadNets subjects
+    (0.32 on an H200's ResNet-18, 0.36 on the CPU's wide CNN): a patch toward every class finds
+    the one it reaches far better than the others."""
+    _scripted_probes(monkeypatch, {k: 0.3 for k in range(25)}, {k: 1.0 if k < 10 else 0.02 for k in range(25)},
+                     others=0.2)
+    choice = _choose(probe="patch")
+    assert choice.target == 2 and choice.settings["suspected_by"] == "patch scan"
+    assert choice.settings["class_shares"] == [0.2, 0.2, 1.0] + [0.2] * 7
+    assert choice.suspicion.target_share == 1.0 and choice.settings["walk"] == "patch"
+    assert choice.pruned == 13 and "fell to 0.02 (<= 0.05) at 10 neurons" in choice.reason
+    assert "but a patch of 0.01 of the pixels sends at most 1.00 of the other images to class 2 (next 0.20)" \
+        in choice.reason
+    # a strong pull names the target without a scan
+    _scripted_probes(monkeypatch, {k: 0.8 for k in range(25)}, {k: 1.0 if k < 10 else 0.02 for k in range(25)})
+    choice = _choose(probe="patch")
+    assert choice.settings["suspected_by"] == "inputs" and "class_shares" not in choice.settings
+
+
+@pytest.mark.parametrize("target_share, others", [(0.5, 0.3), (0.3, 0.0), (0.1, 0.1)])
+def test_nothing_is_pruned_when_no_class_stands_out_of_the_scan(monkeypatch, target_share, others):
+    _scripted_probes(monkeypatch, {k: 0.3 for k in range(25)}, {k: target_share for k in range(25)}, others=others)
+    choice = _choose(probe="patch")  # 0.5 < 2 x 0.3; 0.3 < min_suspicion; nothing above 0.1
+    assert choice.pruned == 0 and "no class stands out" in choice.reason and len(choice.points) == 1
+    assert len(choice.settings["class_shares"]) == 10
     _scripted_probes(monkeypatch, {k: 0.3 for k in range(25)}, {k: 1.0 for k in range(25)})
-    choice = _choose(probe="patch")  # no pull: no sign of a backdoor, the patch is never tried
-    assert choice.pruned == 0 and "no sign of a backdoor" in choice.reason and len(choice.points) == 1
+    choice = _choose(probe="inputs")  # only the patch probe scans
+    assert choice.pruned == 0 and "no sign of a backdoor" in choice.reason and "class_shares" not in choice.settings
+
+
+def test_patch_outlier():
+    assert S.patch_outlier([0.0, 1.0, 0.25, 0.03], 0.4) == 1
+    assert S.patch_outlier([0.0, 0.45, 0.25], 0.4) is None  # not twice the next
+    assert S.patch_outlier([0.0, 0.35, 0.0], 0.4) is None  # under min_suspicion
+    assert S.patch_outlier([0.9], 0.4) == 0 and S.patch_outlier([], 0.4) is None
 
 
 def test_candidate_numbers():

@@ -1,7 +1,7 @@
 """What the measurement scripts share: the subjects (CIFAR-10 CPU scale, cached; digits) and their mask sets.
 Paths from the environment: CIFAR (the data source), SUBJECTS (the subject cache), MASKS, DIGITS; the CIFAR-10
 subjects' model and training from ARCH (small_cnn; small_cnn_wide for the wider subjects), TRAIN_IMAGES (20000;
-"all": the whole training split less the reserve) and EPOCHS (12)."""
+"all": the whole training split less the reserve) and EPOCHS (12); CLEAN, the folder of the clean controls."""
 import os
 import torch
 from fastpurify.backdoor import BadNets, Blend
@@ -27,7 +27,8 @@ def cifar():
 
 
 def subject(name):
-    """(model, attack, the defender's clean images, the test images) of "digits-<attack>-<seed>" or "<attack>-s<seed>"."""
+    """(model, attack, the defender's clean images, the test images) of "digits-<attack>-<seed>" or "<attack>-s<seed>"
+    (attack "clean": a model trained without poison, clean_models.py; its attack None)."""
     if name.startswith("digits"):
         images, labels = load_digits(size=16)
         _, test = train_test_split(images, labels, 0.2, seed=0)
@@ -37,6 +38,12 @@ def subject(name):
         return model.eval(), attack, (test[0][:100], test[1][:100]), (test[0][100:], test[1][100:])
     cfg, split, cache = cifar()
     attack, seed = name.split("-s")
+    if attack == "clean":  # a model trained on the same split without poison: CLEAN/clean-<arch>-<seed>.pt
+        from fastpurify.models import build_model
+        arch = os.environ.get("ARCH", "small_cnn")
+        model = build_model(arch, num_classes=10, in_channels=3)
+        model.load_state_dict(torch.load(os.path.join(os.environ.get("CLEAN", "."), f"clean-{arch}-{seed}.pt")))
+        return model.eval(), None, defender_clean(split, cfg), split.test
     s = get_subject(split, cfg, attack, int(seed), recipe=cfg.recipe, device=torch.device("cpu"), cache=cache,
                     progress=False)
     return s.model, s.attack, defender_clean(split, cfg), split.test

@@ -29,6 +29,9 @@ for name in names:
         curve = [(p.pruned, round(p.acc, 3), round(p.concentration, 3), p.top_class,
                   None if p.target_share is None else round(p.target_share, 3)) for p in sel.points]
         row["auto"] = [sel.pruned, m["acc"], m["asr"], round(time.time() - t, 1), curve, sel.settings.get("walk")]
+        row["auto_reason"], row["suspected_by"] = sel.reason, sel.settings.get("suspected_by")
+        if "class_shares" in sel.settings:
+            row["class_shares"] = sel.settings["class_shares"]
         out[f"{name}/{label}"] = row
         f = lambda r: f"k={r[0]:3d} ACC {100*r[1]:.1f} ASR {100*r[2]:.1f}"
         print(f"{name:12s} {label:5s} before ACC {100*before['acc']:.1f} ASR {100*before['asr']:.1f} | thr {f(row['threshold'])} | clean {f(row['clean_rule'])} | auto {f(row['auto'])} ({row['auto'][3]} s)", flush=True)

@@ -70,8 +70,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="auto: the most clean accuracy (a fraction) pruning may cost (default: %(default)s)")
     g.add_argument("--select-probe", choices=PROBES, default=DEFAULT_PROBE,
                    help="auto: what measures the backdoor after each pruning: patch (a trigger reconstructed toward "
-                        "the suspected target: the share of the other images it sends there), inputs (each clean "
-                        "image's PGD examples: their share on the target) or neurons (default: %(default)s)")
+                        "the suspected target: the share of the other images it sends there; where the input "
+                        "adversary's pull names no target, a patch toward every class in turn names it), inputs "
+                        "(each clean image's PGD examples: their share on the target) or neurons "
+                        "(default: %(default)s)")
     g.add_argument("--select-eps", type=float, default=None,
                    help="auto: the probe's bound: the L-inf bound on the pixels (inputs, 32/255), the patch's share "
                         "of the pixels (patch, 0.01) or the neurons' (neurons, 0.4) (default: the probe's)")
