@@ -23,16 +23,20 @@ _CONV_HINTS = ("conv", "gemm", "xmma", "cutlass", "cudnn", "wgrad", "dgrad", "fp
                "sm90", "sm80", "cublas", "winograd")
 
 
+_TRITON_FUNCTIONS = ("JITFunction", "InterpretedFunction")  # compiled; under TRITON_INTERPRET=1
+
+
 def triton_kernel_names() -> frozenset[str]:
-    """The names of the ``kernels`` package's launched ``@triton.jit`` functions (those named
+    """The names of ``fastpurify.kernels``' launched ``@triton.jit`` functions (those named
     ``*_kernel``; the rest are device helpers), empty without Triton."""
     names = set()
     for module in ("batch_norm", "group_norm", "layer_norm", "norm_common", "updates", "pgd", "cosine"):
         try:
-            mod = importlib.import_module(f"kernels.{module}")
+            mod = importlib.import_module(f"fastpurify.kernels.{module}")
         except ImportError:
             continue
-        names.update(name for name, value in vars(mod).items() if type(value).__name__ == "JITFunction" and name.endswith("_kernel"))
+        names.update(name for name, value in vars(mod).items()
+                     if type(value).__name__ in _TRITON_FUNCTIONS and name.endswith("_kernel"))
     return frozenset(names)
 
 
