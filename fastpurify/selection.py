@@ -352,16 +352,18 @@ def choose_pruning(model: nn.Module, masks: dict[str, torch.Tensor], images: tor
         shares = [p.target_share for p in scan]
         settings["class_shares"] = [round(v, 4) for v in shares]
         named = patch_outlier(shares, min_suspicion)
-        ranked = sorted(shares, reverse=True)
-        scanned = (f"a patch of {eps:g} of the pixels sends at most {ranked[0]:.2f} of the other images to one "
-                   f"class (next {ranked[1] if len(ranked) > 1 else 0.0:.2f})")
+        ranked = sorted(shares, reverse=True) + [0.0]
+
+        def scanned(where: str) -> str:
+            return (f"a patch of {eps:g} of the pixels sends at most {ranked[0]:.2f} of the other images to {where} "
+                    f"(next {ranked[1]:.2f})")
         if named is None:
-            return Selection(0, f"nothing pruned: {why}, and {scanned}: no class stands out (>= {min_suspicion} and "
-                                f"{SCAN_RATIO:g}x the next): no sign of a backdoor", target, [suspicion], settings,
-                             suspicion)
+            return Selection(0, f"nothing pruned: {why}, and {scanned('one class')}: no class stands out "
+                                f"(>= {min_suspicion} and {SCAN_RATIO:g}x the next): no sign of a backdoor", target,
+                             [suspicion], settings, suspicion)
         target, patch_point = named, scan[named]
         suspicion, settings["suspected_by"] = patch_point, "patch scan"
-        note = f"{why}, but {scanned.replace('one class', f'class {named}')}; "
+        note = f"{why}, but {scanned(f'class {named}')}; "
     if probe == "patch":
         patch = adversary.under(probe, eps=eps, steps=steps, target=target)
         point = patch.point() if patch_point is None else patch_point

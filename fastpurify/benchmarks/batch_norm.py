@@ -23,12 +23,13 @@ moves x, y, x again, dy and dx (5). GB/s = those bytes / the median time.
 
 Timing: ``warmup`` untimed calls, then ``repeats`` timed calls. On CUDA each call is timed alone
 with CUDA events after a ~2 ms spin (the host queues the call meanwhile) and a 256 MiB write that
-flushes the L2 cache (as ``triton.testing.do_bench`` does), so it is the device time of a cold call; on CPU the wall time of each call between
-synchronisations. Each row records median/min/max milliseconds, the fused variant's speed-ups
-(the other variant's median / the fused median) and a cross-check of fused against the
-composition (max absolute difference of y, dx and the mask/noise gradients), so a fast but
-wrong kernel shows. ``deadline`` (a ``time.monotonic()`` value): no measurement starts after
-it; what was not measured is listed in ``skipped`` with reason ``"budget"``.
+flushes the L2 cache (as ``triton.testing.do_bench`` does), so it is the device time of a cold
+call; on CPU the wall time of each call between synchronisations. Each row records
+median/min/max milliseconds, the fused variant's speed-ups (the other variant's median / the
+fused median) and a cross-check of fused against the composition (max absolute difference of y,
+dx and the mask/noise gradients), so a fast but wrong kernel shows. ``deadline`` (a
+``time.monotonic()`` value): no measurement starts after it; what was not measured is listed in
+``skipped`` with reason ``"budget"``.
 """
 
 from __future__ import annotations
@@ -380,8 +381,9 @@ def run_bn_benchmark(*, shapes="cifar_resnet18", groups: int = 2, layouts=LAYOUT
                                    modes=list(modes), variants=list(variants), dtype="float32", warmup=warmup,
                                    repeats=repeats, seed=seed,
                                    fused_backend=FP.backend_for(torch.empty(0, device=device)),
-                                   timer=("CUDA events, one call each after a spin, L2 flushed before each" if runner.flush
-                                          is not None else "CUDA events, one call each after a spin" if runner.cuda else
+                                   timer=("CUDA events, one call each after a spin, L2 flushed before each"
+                                          if runner.flush is not None else
+                                          "CUDA events, one call each after a spin" if runner.cuda else
                                           "wall clock, one call each, between synchronisations"),
                                    compile_dynamic=compile_dynamic,
                                    budget_s=None if deadline is None else round(deadline - time.monotonic(), 1),

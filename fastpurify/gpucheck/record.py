@@ -18,6 +18,13 @@ from ..files import write_json
 COMMIT_ENV = "FASTPURIFY_COMMIT"
 
 
+def status_of(steps: list[dict]) -> str:
+    """A stage's status from its steps: ok when every step passed, partial when some were
+    skipped or failed, failed when none ran."""
+    ran = [s for s in steps if s["status"] == "ok"]
+    return "ok" if steps and len(ran) == len(steps) else ("partial" if ran else "failed")
+
+
 class StageRecord:
     """The stage's JSON: ``stage``, ``status`` (running, ok, partial, failed, skipped), ``reason``,
     ``seconds``, ``commit``, ``steps`` (one entry per step: name, status, seconds, reason) and
@@ -71,12 +78,9 @@ class StageRecord:
         return value
 
     def finish(self, status: str | None = None, reason: str = "") -> None:
-        """Final status: given, or ok when every step passed, partial when some were skipped or
-        failed, failed when none ran."""
-        steps = self.data["steps"]
+        """Final status: given, or :func:`status_of` its steps."""
         if status is None:
-            ran = [s for s in steps if s["status"] == "ok"]
-            status = "ok" if steps and len(ran) == len(steps) else ("partial" if ran else "failed")
+            status = status_of(self.data["steps"])
         self.data.update(status=status, reason=reason or self.data["reason"],
                          seconds=round(time.monotonic() - self.start, 2))
         self.save()

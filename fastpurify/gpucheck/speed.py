@@ -100,6 +100,14 @@ def _median(result: dict | None, name: str) -> float | None:
     return None
 
 
+def put_tables(record, table: str | None, profiles: str) -> None:
+    """The stage's text: the benchmark's ``table`` and each profile recorded under ``profiles``."""
+    tables = ([table] if table else []) + [format_profile(name, p) for name, p in record.data.get(profiles, {}).items()]
+    if tables:
+        record.put(table="\n\n".join(tables))
+        print(record.data["table"])
+
+
 def run_bn(record, opts) -> None:
     from ..benchmarks import batch_norm
 
@@ -139,11 +147,7 @@ def run_anp(record, opts) -> None:
                 s["profile"], arch=s["arch"], batch_size=s["batch_size"], num_images=s["num_images"],
                 image_size=s["image_size"])), need=20)
         result = per_variant(record, "anp", s["after"], run_one, results=runs) or result
-    tables = [anp.format_table(result)] if result else []
-    tables += [format_profile(name, p) for name, p in record.data.get("anp_profile", {}).items()]
-    if tables:
-        record.put(table="\n\n".join(tables))
-        print(record.data["table"])
+    put_tables(record, anp.format_table(result) if result else None, "anp_profile")
 
 
 def end_to_end(record, s: dict, fast_ms: float) -> dict:
@@ -191,20 +195,18 @@ def run_pgd(record, opts) -> None:
     kw = {k: s[k] for k in ("arch", "batch_size", "num_images", "image_size", "warmup", "iterations", "repeats",
                             "steps")}
     runs = []  # reference and fast first (then profiled), the torch.compile and bf16 variants after
+
+    def run_one(v):
+        return pgd.run_pgd_benchmark(variants=(v,), **kw, progress=print)
+
     with device_setup(opts.dry_run):
-        result = per_variant(record, "pgd", s["variants"][:2],
-                             lambda v: pgd.run_pgd_benchmark(variants=(v,), **kw, progress=print), results=runs)
+        result = per_variant(record, "pgd", s["variants"][:2], run_one, results=runs)
         if result:
             record.run_step("pgd profile", lambda: record.put(pgd_profile=pgd.profile_variants(
                 s["variants"][:2], arch=s["arch"], batch_size=s["batch_size"], image_size=s["image_size"],
                 steps=s["steps"])), need=15)
-        result = per_variant(record, "pgd", s["variants"][2:],
-                             lambda v: pgd.run_pgd_benchmark(variants=(v,), **kw, progress=print), results=runs) or result
-    tables = [pgd.format_table(result)] if result else []
-    tables += [format_profile(name, p) for name, p in record.data.get("pgd_profile", {}).items()]
-    if tables:
-        record.put(table="\n\n".join(tables))
-        print(record.data["table"])
+        result = per_variant(record, "pgd", s["variants"][2:], run_one, results=runs) or result
+    put_tables(record, pgd.format_table(result) if result else None, "pgd_profile")
 
 
 def run_pbe(record, opts) -> None:

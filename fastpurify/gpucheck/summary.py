@@ -284,13 +284,15 @@ def rebuild(out_dir: Path, results_dir: Path | None = None) -> dict:
 
 
 def _rejudge_step(rec: dict, name: str, r: dict) -> None:
-    """A sanitizer step judged again: ok when clean with no failing test; the stage's status
-    again as :meth:`.record.StageRecord.finish` sets it, where every step is ok."""
+    """A sanitizer step judged again: ok when clean with no failing test; a stage whose status
+    came from its steps (partial) gets it from them again (:func:`.record.status_of`)."""
+    from .record import status_of
+
     for step in rec.get("steps", []):
         if step["name"] == name and r["clean"] and not r.get("failures"):
             step.update(status="ok", reason="")
-    if rec.get("steps") and all(s["status"] == "ok" for s in rec["steps"]) and rec.get("status") == "partial":
-        rec["status"] = "ok"
+    if rec.get("status") == "partial":
+        rec["status"] = status_of(rec["steps"])
 
 
 def write_outputs(out_dir: Path, records: list[dict], *, budget: float, dry_run: bool, commit: str, seconds: float,
