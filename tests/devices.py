@@ -9,7 +9,7 @@ set), and turns TF32 off. The GPU check's command:
 
     FASTPURIFY_TEST_DEVICE=cuda python -m pytest tests/kernels tests/test_functional_batch_norm.py \
         tests/test_functional_layer_norm.py tests/test_functional_group_norm.py tests/test_functional_updates.py \
-        tests/test_layers.py tests/test_layers_norms.py
+        tests/test_layers.py tests/test_layers_norms.py tests/test_eval_norms.py
 
 Tests that only make sense on the CPU carry :data:`cpu_only`.
 

@@ -204,3 +204,21 @@ def test_a_data_file_has_no_training_split(tmp_path, checkpoint, capsys):
     path = _train_file(tmp_path, False)
     assert main(["pbe", "--model", str(checkpoint), "--data", str(path), "--out", str(tmp_path / "out"), *FAST]) == 2
     assert "train.npz has no training split: give --train-data FILE" in capsys.readouterr().err
+
+
+def test_no_fused_norms_reaches_the_engine(tmp_path, checkpoint, monkeypatch):
+    """``--no-fused-norms`` hands ``fused_norms=False`` to the engine; without it the engine decides (None)."""
+    import importlib
+
+    engine = importlib.import_module("fastpurify.engines.pbe")  # the module (the package exports its function)
+    seen = []
+    original = engine.pbe
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs["fused_norms"])
+        return original(*args, **kwargs)
+    monkeypatch.setattr(engine, "pbe", recording)
+    for extra in ([], ["--no-fused-norms"]):
+        assert main(["pbe", "--model", str(checkpoint), "--clean-images", "40", "--eps", "8/255", "--flip", "off",
+                     "--padding", "0", "--out", str(tmp_path / f"out{len(extra)}"), "--no-plot", *extra, *FAST]) == 0
+    assert seen == [None, False]

@@ -16,7 +16,8 @@ initialised model: the speed does not depend on them):
    device-side batches, fused SGD), ``fast`` (as it runs by default: adds channels_last — on CUDA,
    and on the CPU for float32 models — and on CUDA the graphs of the training step and of the PGD
    loop and TF32), ``fast-bf16`` (CUDA: ``fast`` under
-   bfloat16 autocast).
+   bfloat16 autocast), ``fast-native-norms`` (CUDA: ``fast`` with PGD through PyTorch's eval
+   BatchNorms instead of fastpurify's fused eval kernels, ``fused_norms=False``).
 2. **Scoring**: one pass over ``score_images`` images that gives each its cosine similarity
    between the infected model's logits (computed beforehand, once, as both implementations do)
    and the current model's (a seeded perturbation of the infected one stands in for the
@@ -47,8 +48,8 @@ from ..validation import check_positive_int
 from .common import (Timing, choose_variants, compile_model, environment, run_variants, skipped_lines,
                      synthetic_subject, table, time_variant, timed)
 
-VARIANTS = ("reference", "reference-compile", "fast-eager", "fast", "fast-bf16")
-CUDA_ONLY = ("fast-bf16",)
+VARIANTS = ("reference", "reference-compile", "fast-eager", "fast", "fast-bf16", "fast-native-norms")
+CUDA_ONLY = ("fast-bf16", "fast-native-norms")
 CPU_DEFAULT_SKIP = ("reference-compile",)
 SCORE_VARIANTS = ("reference", "fast", "fast-bf16")
 PBE_KW = dict(eps=6 / 255, alpha=None, pgd_steps=7, random_start=False, regenerate="round", lr=1e-3, momentum=0.9,
@@ -58,6 +59,8 @@ PBE_KW = dict(eps=6 / 255, alpha=None, pgd_steps=7, random_start=False, regenera
 def _fast_options(name: str) -> dict:
     if name == "fast-eager":
         return dict(cuda_graph=False, channels_last=False)
+    if name == "fast-native-norms":
+        return dict(fused_norms=False)
     return dict(precision="bf16") if name == "fast-bf16" else {}
 
 

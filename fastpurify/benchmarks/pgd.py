@@ -21,7 +21,10 @@ Variants (each adds one of the wins of the issue to the one before it):
 - ``fast``: the engine as ``fastpurify.pgd`` runs it: the images handed to the model in
   channels_last (on CUDA, and on the CPU for float32 models), and on CUDA the graph and TF32 for
   convolutions and matmuls;
-- ``fast-bf16`` (CUDA): ``fast`` under bfloat16 autocast.
+- ``fast-bf16`` (CUDA): ``fast`` under bfloat16 autocast;
+- ``fast-native-norms`` (CUDA): ``fast`` with the model's eval BatchNorms left to PyTorch
+  (``fused_norms=False``), to measure what the fused eval kernels
+  (:mod:`fastpurify.eval_norms`) add.
 
 The reference variants, ``fast-eager`` and ``fast-graph`` run under PyTorch's TF32 defaults
 (recorded in the environment); ``fast`` and ``fast-bf16`` turn TF32 on as the engine does.
@@ -52,8 +55,9 @@ from ..validation import check_positive_int
 from .common import (build_variants, choose_variants, compile_model, environment, run_variants, skipped_lines,
                      synthetic_subject, table, time_interleaved, time_variant, timed)
 
-VARIANTS = ("reference", "reference-frozen", "reference-compile", "fast-eager", "fast-graph", "fast", "fast-bf16")
-CUDA_ONLY = ("fast-graph", "fast-bf16")
+VARIANTS = ("reference", "reference-frozen", "reference-compile", "fast-eager", "fast-graph", "fast", "fast-bf16",
+            "fast-native-norms")
+CUDA_ONLY = ("fast-graph", "fast-bf16", "fast-native-norms")
 CPU_DEFAULT_SKIP = ("reference-compile",)
 PGD_KW = dict(eps=8 / 255, alpha=2 / 255, steps=10, random_start=True, norm="linf")
 
@@ -71,11 +75,11 @@ def _reference_attack(model: nn.Module, device: torch.device, *, frozen: bool, c
 
 
 def _fast_attack(model: nn.Module, device: torch.device, *, graph: bool, channels_last: bool, tf32: bool,
-                 precision: str, pgd_kw: dict) -> Attack:
+                 precision: str, fused_norms: bool | None, pgd_kw: dict) -> Attack:
     net = copy.deepcopy(model).to(device)
     kw = {k: v for k, v in pgd_kw.items() if k != "random_start"}
     engine = PGDAttack(net, precision=precision, cuda_graph=graph, capture_after=1, channels_last=channels_last,
-                       **kw)
+                       fused_norms=fused_norms, **kw)
 
     def attack(x, y, g):
         with tf32_enabled(True) if tf32 else contextlib.nullcontext():
@@ -91,10 +95,11 @@ def build_attack(name: str, model: nn.Module, device: torch.device, pgd_kw: dict
         return _reference_attack(model, device, frozen=name == "reference-frozen",
                                  compiled=name == "reference-compile", pgd_kw=pgd_kw)
     cuda = device.type == "cuda"
-    default = name in ("fast", "fast-bf16")
+    default = name in ("fast", "fast-bf16", "fast-native-norms")
     return _fast_attack(model, device, graph=cuda and (default or name == "fast-graph"),
                         channels_last=default and channels_last_default(device, model_dtype(model)),
-                        tf32=cuda and default, precision="bf16" if name == "fast-bf16" else "fp32", pgd_kw=pgd_kw)
+                        tf32=cuda and default, precision="bf16" if name == "fast-bf16" else "fp32",
+                        fused_norms=False if name == "fast-native-norms" else None, pgd_kw=pgd_kw)
 
 
 def chunk_step(attack: Attack, images: torch.Tensor, labels: torch.Tensor, batch_size: int,
@@ -137,10 +142,12 @@ def _note(name: str, attack: Attack) -> str:
     parts = [f"{engine.graphs.captured} CUDA graph(s)"] if engine.graphs.enabled else []
     if engine.memory_format == torch.channels_last:
         parts.append("channels_last input")
-    if name in ("fast", "fast-bf16") and engine.device.type == "cuda":
+    if name in ("fast", "fast-bf16", "fast-native-norms") and engine.device.type == "cuda":
         parts.append("TF32")
     if engine.precision == "bf16":
         parts.append("bf16")
+    if engine.norms is not None:
+        parts.append(f"{len(engine.norms)} fused eval BatchNorm(s)")
     return ", ".join(parts)
 
 

@@ -106,6 +106,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
                         "drawn at random (default: %(default)s)")
     g.add_argument("--seed", type=int, default=0)
     add_engine_and_output_options(p, out="runs/pbe")
+    p.add_argument("--no-fused-norms", action="store_true",
+                   help="fast engine: run PGD through the model's own eval BatchNorms instead of fastpurify's fused "
+                        "eval kernels (which it uses on CUDA)")
     add_large_model_options(p, masks=False)
     return p
 
@@ -421,7 +424,8 @@ def _purify(args, model, inputs: PBEInputs, attack, settings: dict):
     return fast_pbe(model, **data, **settings, device=args.device, precision=args.precision,
                     cuda_graph=False if args.no_cuda_graph else None,
                     channels_last=False if args.no_channels_last else None, tf32=not args.no_tf32,
-                    micro_batch=micro_batch_option(args), checkpoint=args.checkpoint)
+                    micro_batch=micro_batch_option(args), checkpoint=args.checkpoint,
+                    fused_norms=False if args.no_fused_norms else None)
 
 
 def _metrics(m: dict | None) -> str:

@@ -147,7 +147,7 @@ class PBEEngine:
 
     def __init__(self, model: nn.Module, plan: PBEPlan, *, device: torch.device, channels_last: bool,
                  cuda_graph: bool, precision: str, pgd_batch_size: int, score_batch_size: int,
-                 micro_batch: int | None = None, checkpoint: bool = False):
+                 micro_batch: int | None = None, checkpoint: bool = False, fused_norms: bool | None = None):
         memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.model = to_memory_format(copy.deepcopy(model).to(device), channels_last)  # a copy; never the caller's
         self.checkpointed = checkpoint_blocks(self.model) if checkpoint else []
@@ -161,7 +161,7 @@ class PBEEngine:
                                precision=precision, cuda_graph=cuda_graph, memory_format=memory_format,
                                micro_batch=micro_batch)
         self.attack = PGDAttack(self.model, eps=cfg["eps"], alpha=cfg["alpha"], steps=cfg["pgd_steps"],
-                                precision=precision, cuda_graph=cuda_graph)
+                                precision=precision, cuda_graph=cuda_graph, fused_norms=fused_norms)
         self.generator = make_generator(plan.seed, device)
 
     def _sampler(self, images: torch.Tensor, labels: torch.Tensor) -> DeviceBatchSampler:
@@ -240,7 +240,7 @@ def pbe(model: nn.Module, train_data: Any = None, clean_data: Any = None, *,
         progress: bool = True, device: torch.device | str | None = None, cuda_graph: bool | None = None,
         channels_last: bool | None = None, tf32: bool = True, precision: str = "fp32",
         pgd_batch_size: int | None = None, score_batch_size: int = 1024, micro_batch: int | None = None,
-        checkpoint: bool = False) -> PBEResult:
+        checkpoint: bool = False, fused_norms: bool | None = None) -> PBEResult:
     """Purify a copy of ``model`` with PBE; returns ``(purified, report)`` (a :class:`PBEResult`).
 
     With ``clean_data`` (a clean extra set): one round on it. Without: the progressive setting
@@ -273,7 +273,9 @@ def pbe(model: nn.Module, train_data: Any = None, clean_data: Any = None, *,
     (:func:`fastpurify.purification.default_exclude_low_loss`).
     Speed options: ``device`` (default: CUDA if available),
     ``cuda_graph`` (None: on CUDA), ``channels_last`` (None: on CUDA, and on the CPU for a
-    float32 or bfloat16 model), ``tf32``, ``precision`` ("fp32"/"bf16"),
+    float32 or bfloat16 model), ``tf32``, ``precision`` ("fp32"/"bf16"), ``fused_norms`` (PGD
+    through the model's eval-mode BatchNorms on fastpurify's fused eval kernels,
+    :mod:`fastpurify.eval_norms`; None: on CUDA),
     ``pgd_batch_size`` (images per PGD chunk; None: 512 on CUDA, ``batch_size`` on the CPU, where
     large chunks only thrash the caches) and ``score_batch_size``. ``model`` is never modified.
 
@@ -322,7 +324,7 @@ def pbe(model: nn.Module, train_data: Any = None, clean_data: Any = None, *,
     with tf32_enabled(tf32 and device.type == "cuda"):
         engine = PBEEngine(model, plan, device=device, channels_last=channels_last, cuda_graph=use_graph,
                            precision=precision, pgd_batch_size=pgd_batch_size, score_batch_size=score_batch_size,
-                           micro_batch=micro_batch, checkpoint=checkpoint)
+                           micro_batch=micro_batch, checkpoint=checkpoint, fused_norms=fused_norms)
         report = PBEReport(settings=plan.settings, before=measure(engine.model, plan), poisoned=plan.poisoned)
         if plan.test is not None:
             report.adversarial_labels = adversarial_labels(engine.model, plan)

@@ -14,7 +14,10 @@ The same attack, keywords and random draws as :func:`fastpurify.reference.pgd` (
    small input per step, the model's own weights untouched;
 5. on CUDA the whole ``steps``-step loop of a chunk is captured in a CUDA graph (self-checked
    against an eager run) and replayed for every chunk of that shape; TF32 by default; bfloat16
-   autocast on request (the loss and the update stay in float32).
+   autocast on request (the loss and the update stay in float32);
+6. on CUDA the model's eval-mode BatchNorms run through fastpurify's fused eval kernels
+   (:mod:`fastpurify.eval_norms`: one streaming kernel each way in the activations' layout, where
+   PyTorch's input gradient of an eval BatchNorm is non-vectorised on channels_last).
 
 The model is in eval mode for the attack; every submodule's own flag is restored afterwards.
 """
@@ -32,6 +35,7 @@ import torch.nn.functional as F
 from .. import distributed as D
 from .. import functional as FP
 from ..data import make_generator
+from ..eval_norms import EvalNorms
 from ..inference import eval_mode, frozen, model_device, model_dtype
 from ..validation import InputError, check_images, check_labels, check_pgd_settings, check_positive_int
 from .runtime import GraphCache, check_precision, logits_in, tf32_enabled, use_channels_last
@@ -47,12 +51,14 @@ class PGDAttack:
     use and replayed from then on; the graph reads the model's parameters and buffers where
     they live, so it stays valid while an optimizer updates them in place (the PBE engine).
     ``channels_last``: hand the model each step's images in channels_last (the buffers and the
-    update stay contiguous; the input gradient comes back through the copy).
+    update stay contiguous; the input gradient comes back through the copy). ``fused_norms``:
+    route the model's eval-mode BatchNorms through the fused eval kernels during the attack
+    (:class:`~fastpurify.eval_norms.EvalNorms`; None: on CUDA).
     """
 
     def __init__(self, model: nn.Module, *, eps: float, alpha: float, steps: int, norm: str = "linf",
                  lo: float = 0.0, hi: float = 1.0, precision: str = "fp32", cuda_graph: bool = False,
-                 capture_after: int = 3, channels_last: bool = False):
+                 capture_after: int = 3, channels_last: bool = False, fused_norms: bool | None = None):
         check_pgd_settings(eps=eps, alpha=alpha, steps=steps, norm=norm, lo=lo, hi=hi)
         check_precision(precision)
         self.model, self.eps, self.alpha, self.steps, self.norm = model, eps, alpha, steps, norm
@@ -60,11 +66,14 @@ class PGDAttack:
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.device = model_device(model)
         self.graphs = GraphCache(cuda_graph, after=capture_after)
+        use_norms = self.device.type == "cuda" if fused_norms is None else bool(fused_norms)
+        self.norms = EvalNorms(model) if use_norms else None
         self._buffers: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     @contextlib.contextmanager
     def prepared(self) -> Iterator[None]:
-        with eval_mode(self.model), frozen(self.model), torch.enable_grad():
+        norms = self.norms.active() if self.norms is not None else contextlib.nullcontext()
+        with eval_mode(self.model), frozen(self.model), torch.enable_grad(), norms:
             yield
 
     def keep_batches(self, sizes: set[int]) -> None:
@@ -144,7 +153,7 @@ def pgd(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, eps: fl
         alpha: float = 2 / 255, steps: int = 10, random_start: bool = True, norm: str = "linf", lo: float = 0.0,
         hi: float = 1.0, seed: int | None = None, generator: torch.Generator | None = None, batch_size: int = 512,
         cuda_graph: bool | None = None, channels_last: bool | None = None, tf32: bool = True,
-        precision: str = "fp32", progress: bool = False) -> torch.Tensor:
+        precision: str = "fp32", fused_norms: bool | None = None, progress: bool = False) -> torch.Tensor:
     """Untargeted PGD examples of ``images`` (N, C, H, W, pixels in [lo, hi]) that raise the
     model's cross-entropy on ``labels``; returned detached on the images' device.
 
@@ -155,7 +164,8 @@ def pgd(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, eps: fl
     CUDA out-of-memory error), ``cuda_graph`` (None: on CUDA when there are at least
     8 full chunks), ``channels_last`` (the images the model sees; None: on CUDA, and on the CPU
     for a float32 or bfloat16 model; the model itself is not converted), ``tf32``, ``precision``
-    ("fp32" or "bf16" autocast), ``progress``. Under an
+    ("fp32" or "bf16" autocast), ``fused_norms`` (the model's eval-mode BatchNorms through
+    fastpurify's fused eval kernels; None: on CUDA), ``progress``. Under an
     initialised ``torch.distributed`` process group each rank attacks its share of the images
     and every rank returns all of them.
     """
@@ -180,7 +190,7 @@ def pgd(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, eps: fl
         generator = make_generator(seed, device)
     channels_last = use_channels_last(channels_last, device, x0, model_dtype(model))
     engine = PGDAttack(model, eps=eps, alpha=alpha, steps=steps, norm=norm, lo=lo, hi=hi, precision=precision,
-                       cuda_graph=use_graph, capture_after=1, channels_last=channels_last)
+                       cuda_graph=use_graph, capture_after=1, channels_last=channels_last, fused_norms=fused_norms)
     bar = None
     if progress and D.is_main():
         from tqdm.auto import tqdm

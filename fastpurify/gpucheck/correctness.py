@@ -26,7 +26,7 @@ from .environment import ROOT, sanitizer_path
 
 SUITES = ["tests/kernels", "tests/test_functional_batch_norm.py", "tests/test_functional_layer_norm.py",
           "tests/test_functional_group_norm.py", "tests/test_functional_updates.py", "tests/test_layers.py",
-          "tests/test_layers_norms.py"]
+          "tests/test_layers_norms.py", "tests/test_eval_norms.py"]
 DRY_SUITES = ["tests/kernels/test_batch_norm_kernel.py", "-k", "writes_every_output and not shape2"]  # ~5 s on CPU
 # Under memcheck on an H200 the kernel tests ran at about one a second (47 in 44 s, the real-shape
 # ones slowest): the BatchNorm outputs-written tests, the split reductions in training mode, and
