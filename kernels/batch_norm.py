@@ -418,7 +418,7 @@ class LaunchPlan:
 @functools.lru_cache(maxsize=4096)
 def launch_plan(shape: tuple[int, int, int], strides: tuple[int, int, int], groups: int, sms: int,
                 itemsize: int, *, splits: int | None = None, tile: tuple[int, int] | None = None,
-                interpret: bool = False) -> LaunchPlan:
+                warps: int | None = None, interpret: bool = False) -> LaunchPlan:
     """The launch plan of a BatchNorm on an (N, C, S) view with these (sample, channel, spatial)
     strides, ``groups`` groups, on a GPU with ``sms`` SMs, for ``itemsize``-byte values. Pure
     (cached): runs on every call.
@@ -435,8 +435,9 @@ def launch_plan(shape: tuple[int, int, int], strides: tuple[int, int, int], grou
       quarter of its own traffic). Channel blocks narrow (down to ``MIN_ROW_BYTES`` a row) while
       more than ``PREFERRED_SPLITS`` splits, or more than those caps allow, would be needed to
       reach the programs wanted.
-    - ``splits`` / ``tile`` (tests): force about that many splits per group and channel block
-      (rounded so that none is empty) and a (BLOCK_R, BLOCK_C) tile.
+    - ``splits`` / ``tile`` / ``warps`` (tests, and the plan sweep of
+      ``fastpurify.benchmarks.bn_plans``): force about that many splits per group and channel
+      block (rounded so that none is empty), a (BLOCK_R, BLOCK_C) tile and the warps a program.
     - ``interpret`` (Triton's interpreter on CPU, which runs programs one after another): tiles
       of ``INTERPRET_TILE`` values, rows of up to ``INTERPRET_ROW`` channels, one split unless
       forced. The code paths are the same; only the sizes differ.
@@ -490,8 +491,9 @@ def launch_plan(shape: tuple[int, int, int], strides: tuple[int, int, int], grou
         domain, size, count = (ng, s), (q, t), along_n * splits_s
     block_p = min(pow2(count), max(1, MERGE_TILE // block_c))
     values = block_r * block_c
-    return LaunchPlan(channels_inner, block_r, block_c, block_p, 4 if values <= 2048 else 8, channel_blocks,
-                      count, splits_s, domain, size, groups * count * channel_blocks)
+    warps = warps or (4 if values <= 2048 else 8)
+    return LaunchPlan(channels_inner, block_r, block_c, block_p, warps, channel_blocks, count, splits_s, domain, size,
+                      groups * count * channel_blocks)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -502,7 +504,7 @@ def _strides(t: torch.Tensor) -> tuple[int, int, int]:
     return t.stride(0), t.stride(1), (t.stride(2) if t.dim() == 3 else 0)
 
 
-def _geometry(x3: torch.Tensor, others, groups: int, splits, tile):
+def _geometry(x3: torch.Tensor, others, groups: int, splits, tile, warps=None):
     """(plan, (S, Ng), strides of x3 and of each of ``others``, index type) as the kernels take
     them. When every tensor's rows merge (sample stride = S * spatial stride: channels_last,
     (N, C)), the rows are passed as one axis (S = 1), so that the kernels need no division."""
@@ -511,7 +513,7 @@ def _geometry(x3: torch.Tensor, others, groups: int, splits, tile):
     tensors = [x3, *others]
     strides = [_strides(t) for t in tensors]
     plan = launch_plan((n, c, s), strides[0], groups, sm_count(x3.device), x3.element_size(), splits=splits,
-                       tile=tile, interpret=interpreting() and not x3.is_cuda)
+                       tile=tile, warps=warps, interpret=interpreting() and not x3.is_cuda)
     assert 2 * groups * plan.splits * c < 2**31, "the partial statistics are indexed in int32"
     ng = n // groups
     if plan.channels_inner and s > 1 and all(sn == s * ss for sn, _, ss in strides):
@@ -523,12 +525,12 @@ def _geometry(x3: torch.Tensor, others, groups: int, splits, tile):
 def bn_forward(x3: torch.Tensor, y3: torch.Tensor, weight, bias, mask, noise, noise_bias, running_mean,
                running_var, mean: torch.Tensor, rstd: torch.Tensor, *, groups: int, training: bool,
                update_running: bool, momentum: float, eps: float, splits: int | None = None,
-               tile: tuple[int, int] | None = None) -> None:
+               tile: tuple[int, int] | None = None, warps: int | None = None) -> None:
     """Launch the forward on (N, C, S) views ``x3`` -> ``y3``; fills ``mean``/``rstd`` (G, C)
-    and, if ``update_running``, the running statistics in place (exactly once). ``splits`` and
-    ``tile`` override the launch plan (tests)."""
+    and, if ``update_running``, the running statistics in place (exactly once). ``splits``,
+    ``tile`` and ``warps`` override the launch plan (tests, the plan sweep)."""
     C = x3.shape[1]
-    plan, (S, Ng), (sx, sy), idx = _geometry(x3, [y3], groups, splits, tile)
+    plan, (S, Ng), (sx, sy), idx = _geometry(x3, [y3], groups, splits, tile, warps)
     acc = accumulator_dtype(x3.dtype)
     part = torch.empty(2, groups, plan.splits, C, dtype=mean.dtype, device=x3.device) if training else mean
     plane = groups * plan.splits * C
@@ -548,17 +550,17 @@ def bn_forward(x3: torch.Tensor, y3: torch.Tensor, weight, bias, mask, noise, no
 
 def bn_backward(x3, dy3, dx3, weight, bias, mask, noise, noise_bias, mean, rstd, *, groups: int,
                 training: bool, dmask=None, dnoise=None, dnoise_bias=None, dweight=None, dbias=None,
-                splits: int | None = None, tile: tuple[int, int] | None = None) -> None:
+                splits: int | None = None, tile: tuple[int, int] | None = None, warps: int | None = None) -> None:
     """Launch the backward; writes ``dx3`` (if given) and each per-channel gradient buffer that
     is given (None: not needed, no work spent on it). The per-split sums are computed only when
-    something needs them (training-mode dx, or any per-channel gradient). ``splits`` and
-    ``tile`` override the launch plan (tests)."""
+    something needs them (training-mode dx, or any per-channel gradient). ``splits``, ``tile``
+    and ``warps`` override the launch plan (tests, the plan sweep)."""
     C = x3.shape[1]
     need_params = any(t is not None for t in (dmask, dnoise, dnoise_bias, dweight, dbias))
     if dx3 is None and not need_params:
         return
     plan, (S, Ng), (sx, sd, sg), idx = _geometry(x3, [dy3, dx3 if dx3 is not None else x3], groups, splits,
-                                                 tile)
+                                                 tile, warps)
     acc = accumulator_dtype(x3.dtype)
     need_sums = need_params or training
     part = torch.empty(2, groups, plan.splits, C, dtype=mean.dtype, device=x3.device) if need_sums else mean

@@ -38,7 +38,7 @@ def test_dry_run_writes_every_file(dry_run):
     assert seconds < 240 + 15
     for name in ("summary.md", "gpucheck.json"):
         assert (out / name).is_file()
-    ran = [n for n in STAGE_NAMES if n not in ("sanitizer", "cifar")]
+    ran = [n for n in STAGE_NAMES if n not in ("sanitizer", "bnplans", "cifar")]
     for name in ran:
         assert (out / f"{name}.json").is_file(), name
         assert (out / "logs" / f"{name}.log").is_file(), name
@@ -55,6 +55,7 @@ def test_dry_run_records_what_each_stage_measured(dry_run):
     for name in ("environment", "tests", "bn", "anp", "pgd", "pbe", "large"):
         assert stages[name]["status"] == "ok", (name, stages[name].get("reason"), stages[name].get("steps"))
     assert "compute-sanitizer" in stages["sanitizer"]["reason"]
+    assert "CUDA device" in stages["bnplans"]["reason"]
     assert "--cifar" in stages["cifar"]["reason"]
     env = result["environment"]
     for key in ("device", "torch", "triton", "python", "date"):

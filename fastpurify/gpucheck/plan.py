@@ -43,6 +43,8 @@ STAGES = (
     Stage("sanitizer", 0.12, "compute-sanitizer memcheck and racecheck over the kernel tests"),
     Stage("bn", 0.06, "fused BatchNorm vs PyTorch composition vs torch.compile vs cuDNN, CIFAR ResNet-18 shapes, "
                       "both layouts"),
+    Stage("bnplans", 0.08, "the fused BatchNorm's launch plans swept (tiles, splits, warps) against the default "
+                           "and cuDNN, CIFAR ResNet-18 shapes, channels_last and NCHW"),
     Stage("anp", 0.25, "bench anp on CIFAR ResNet-18 (batch 128, 500 images), 2,000 iterations end to end, "
                        "bf16 pruned-set change"),
     Stage("pgd", 0.14, "bench pgd: PGD-10, batch 512, PreAct-ResNet-18"),
@@ -82,6 +84,8 @@ def cannot_run(name: str, *, dry_run: bool, cifar: str | None) -> str | None:
             return "dry run: compute-sanitizer needs a CUDA device"
         if sanitizer_path() is None:
             return "compute-sanitizer not found on PATH or in /usr/local/cuda/bin"
+    if name == "bnplans" and dry_run:
+        return "dry run: the plan sweep times compiled kernels on a CUDA device"
     if name == "cifar":
         from .fidelity import unavailable
 

@@ -120,6 +120,20 @@ def run_bn(record, opts) -> None:
     print(record.data["table"])
 
 
+def run_bn_plans(record, opts) -> None:
+    """The launch-plan sweep (issue 14): channels_last first, the layout whose targets are not met."""
+    from ..benchmarks import bn_plans
+
+    with device_setup(opts.dry_run):
+        # a candidate compiles four kernels before it is timed: stop well before the stage's end
+        result = record.run_step("bn plans", lambda: bn_plans.sweep_plans(
+            "cifar_resnet18", ("nhwc", "nchw"), deadline=record.deadline - 10, progress=print,
+            on_phase=lambda partial: record.put(bn_plans=partial)), optional=False)
+    if result:
+        record.put(bn_plans=result, table=bn_plans.format_table(result))
+        print(record.data["table"])
+
+
 def run_anp(record, opts) -> None:
     from ..benchmarks import anp
 

@@ -17,6 +17,7 @@ RUNNERS = {
     "tests": "correctness:run_tests",
     "sanitizer": "correctness:run_sanitizer",
     "bn": "speed:run_bn",
+    "bnplans": "speed:run_bn_plans",
     "anp": "speed:run_anp",
     "pgd": "speed:run_pgd",
     "pbe": "speed:run_pbe",
