@@ -130,6 +130,14 @@ class MemberSamplers:
         batches = [s.sample() for s in self.samplers]
         return torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
 
+    def sample_into(self, images: torch.Tensor, labels: torch.Tensor, rows: slice = slice(None)) -> None:
+        """:meth:`sample`'s batch written into the buffers, member k's into its block of rows (every row)."""
+        if rows != slice(None):
+            raise InputError("an ensemble's batch is written whole (its members' blocks)")
+        b = self.samplers[0].batch_size
+        for k, sampler in enumerate(self.samplers):
+            sampler.sample_into(images[k * b:(k + 1) * b], labels[k * b:(k + 1) * b])
+
 
 def draws(images: torch.Tensor, labels: torch.Tensor, batch_size: int, seed: int, members: int, *,
           device: torch.device, **options):

@@ -26,3 +26,18 @@ def test_profile_off_cuda_reports_the_wall_time_and_the_operators():
     assert any("conv" in r["name"] for r in p["top"]) and "kernel_ms_per_step" not in p
     assert all(r["kind"] == "cpu operator" for r in p["top"])
     assert format_profile("step", p).startswith("profile of step: 3 steps")
+
+
+def test_launch_counts_tell_launches_outside_graphs_from_graph_launches():
+    from types import SimpleNamespace
+
+    from fastpurify.benchmarks.profile import format_profile, launch_counts
+
+    events = [SimpleNamespace(key=k, count=c) for k, c in
+              [("cudaLaunchKernel", 30), ("cuLaunchKernelEx", 10), ("cudaMemcpyAsync", 4), ("cudaMemsetAsync", 2),
+               ("cudaGraphLaunch", 10), ("aten::add", 99), ("cudaStreamSynchronize", 10)]]
+    counts = launch_counts(events, iterations=10)
+    assert counts == {"launches_outside_graphs_per_step": 4.6, "graph_launches_per_step": 1.0}
+    text = format_profile("fast", {"iterations": 10, "wall_ms_per_step": 8.0, "kernel_ms_per_step": 7.5,
+                                   "busy_share": 0.94, "kernels_per_step": 150, "by_kind": {}, "top": [], **counts})
+    assert "launches outside CUDA graphs 4.6 a step, graph launches 1" in text

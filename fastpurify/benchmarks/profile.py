@@ -51,6 +51,23 @@ def kernel_kind(name: str, ours: frozenset[str]) -> str:
     return KINDS[2]
 
 
+# CUDA runtime / driver calls the profiler records on the host: a launch outside a CUDA graph (a
+# kernel, a copy, a memset) or the launch of a whole captured graph.
+LAUNCH_CALLS = ("cudaLaunchKernel", "cuLaunchKernel", "cudaMemcpyAsync", "cudaMemsetAsync", "cuMemcpyAsync",
+                "cuMemsetD")
+GRAPH_CALLS = ("cudaGraphLaunch", "cuGraphLaunch")
+
+
+def launch_counts(events, iterations: int) -> dict:
+    """Per step, from the profiler's host events (``key`` = the call's name, ``count``): launches
+    outside any CUDA graph (kernels, copies and memsets the host issued one by one) and graph
+    launches (each replaying all the kernels it captured)."""
+    outside = sum(e.count for e in events if e.key.startswith(LAUNCH_CALLS))
+    graphs = sum(e.count for e in events if e.key.startswith(GRAPH_CALLS))
+    return {"launches_outside_graphs_per_step": round(outside / iterations, 2),
+            "graph_launches_per_step": round(graphs / iterations, 2)}
+
+
 def profile_step(step: Callable[[], object], device: torch.device, *, iterations: int = 10, warmup: int = 2,
                  top: int = 12) -> dict:
     """``warmup`` untimed steps, then ``iterations`` under the profiler; per step: wall ms, the
@@ -89,7 +106,9 @@ def profile_step(step: Callable[[], object], device: torch.device, *, iterations
         busy = sum(by_kind.values())
         out.update(kernel_ms_per_step=round(busy, 3), busy_share=round(busy / out["wall_ms_per_step"], 3),
                    by_kind={k: round(v, 3) for k, v in by_kind.items()},
-                   kernels_per_step=round(sum(r["calls_per_step"] for r in rows), 1))
+                   kernels_per_step=round(sum(r["calls_per_step"] for r in rows), 1),
+                   **launch_counts([e for e in prof.key_averages() if not str(e.device_type).endswith("CUDA")],
+                                   iterations))
     return out
 
 
@@ -98,6 +117,9 @@ def format_profile(name: str, p: dict) -> str:
     if "kernel_ms_per_step" in p:
         lines[0] += (f", kernels {p['kernel_ms_per_step']:.2f} ms ({100 * p['busy_share']:.0f} % busy), "
                      f"{p['kernels_per_step']:.0f} kernels a step")
+        if "launches_outside_graphs_per_step" in p:
+            lines[0] += (f"; launches outside CUDA graphs {p['launches_outside_graphs_per_step']:g} a step, "
+                         f"graph launches {p['graph_launches_per_step']:g}")
         lines.append("  by kind (ms a step): " + ", ".join(f"{k} {v:.2f}" for k, v in p["by_kind"].items()))
     for r in p["top"]:
         lines.append(f"  {r['ms_per_step']:8.3f} ms  x{r['calls_per_step']:<6g} {r['kind']:<20} {r['name'][:80]}")

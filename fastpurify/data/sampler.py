@@ -32,19 +32,36 @@ def augment_batch(images: torch.Tensor, generator: torch.Generator, padding: int
     Same semantics as torchvision's ``RandomCrop(size, padding)`` + ``RandomHorizontalFlip()``
     applied image by image, but done for the whole batch at once on its device.
     """
+    offsets, flip_u = draw_augmentation(images.shape[0], generator, padding, flip, images.device)
+    return apply_augmentation(images, offsets, flip_u, padding)
+
+
+def draw_augmentation(n: int, generator: torch.Generator, padding: int, flip: bool,
+                      device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The augmentation's random draws for ``n`` images, in the module's order: the crop
+    offsets (n, 2) (None without padding), then one uniform per image for the flip (None without
+    flips; an image is flipped where its draw is < 0.5)."""
+    offsets = torch.randint(0, 2 * padding + 1, (n, 2), generator=generator, device=device) if padding > 0 else None
+    flip_u = torch.rand(n, generator=generator, device=device) if flip else None
+    return offsets, flip_u
+
+
+def apply_augmentation(images: torch.Tensor, offsets: torch.Tensor | None, flip_u: torch.Tensor | None,
+                       padding: int) -> torch.Tensor:
+    """The crop (``offsets``, after zero padding by ``padding``) and the flip (``flip_u < 0.5``) of
+    :func:`draw_augmentation`'s draws, applied to the batch."""
     n, _, h, w = images.shape
     dev = images.device
     out = images
-    if padding > 0:
+    if offsets is not None:
         padded = F.pad(images, (padding, padding, padding, padding))
-        offsets = torch.randint(0, 2 * padding + 1, (n, 2), generator=generator, device=dev)
         rows = offsets[:, 0, None] + torch.arange(h, device=dev)  # (N, H)
         cols = offsets[:, 1, None] + torch.arange(w, device=dev)  # (N, W)
         batch = torch.arange(n, device=dev)[:, None, None]
         # Advanced indexing on axes 0, 2, 3 puts the channel axis last: (N, H, W, C).
         out = padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
-    if flip:
-        flips = torch.rand(n, generator=generator, device=dev) < 0.5
+    if flip_u is not None:
+        flips = flip_u < 0.5
         out = torch.where(flips[:, None, None, None], out.flip(-1), out)
     # A fresh NCHW tensor with the default strides (a 1-channel result of the indexing above
     # would keep NHWC strides, which changes the convolution algorithm the next layer picks).
@@ -93,6 +110,32 @@ class DeviceBatchSampler:
         if self.augment:
             x = augment_batch(x, self.generator, self.padding, self.flip)
         return x, y
+
+    def sample_into(self, images: torch.Tensor, labels: torch.Tensor, rows: slice = slice(None)) -> None:
+        """:meth:`sample`'s batch (the same draws, the same values), rows ``rows`` of it written into
+        ``images`` and ``labels`` (an engine's batch buffers: any strides, any float dtype). Where the
+        Triton kernels run (CUDA, or the interpreter) the gather, crop, flip and writes are one
+        launch after the draws (``kernels/augment.py``); elsewhere PyTorch's ops and a copy."""
+        n = self.batch_size
+        index = torch.randint(self.images.shape[0], (n,), generator=self.generator, device=self.device)
+        offsets, flip_u = (draw_augmentation(n, self.generator, self.padding, self.flip, self.device) if self.augment
+                           else (None, None))
+        if images.shape[0] != len(range(n)[rows]) or images.shape[1:] != self.images.shape[1:]:
+            raise InputError(f"the batch buffer holds {tuple(images.shape)}, but rows {rows} of a batch of "
+                             f"{(n, *self.images.shape[1:])} were asked for")
+        from ..functional import backend_for  # the data layer's one fused operation: lazily, as the kernels
+
+        if backend_for(images) == "triton" and images.device == self.device:
+            from ..kernels.augment import gather_augment
+
+            gather_augment(self.images, self.labels, index[rows], None if offsets is None else offsets[rows],
+                           None if flip_u is None else flip_u[rows], self.padding, images, labels)
+            return
+        x = self.images[index]
+        if self.augment:
+            x = apply_augmentation(x, offsets, flip_u, self.padding)
+        images.copy_(x[rows])
+        labels.copy_(self.labels[index][rows])
 
     def sample(self) -> tuple[torch.Tensor, torch.Tensor]:
         """One batch of ``batch_size`` drawn uniformly with replacement."""

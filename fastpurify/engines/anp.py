@@ -62,8 +62,9 @@ class ANPDiverged(RuntimeError):
 class ANPEngine:
     """A converted, frozen copy of a model on ``device`` with its arena, and one ANP iteration.
 
-    The iteration reads the static ``images``/``labels`` buffers (filled by :meth:`load_batch`
-    with this process's share of the batch) and the noise drawn into the arena, so it can be
+    The iteration reads the static ``images``/``labels`` buffers (filled by the sampler's
+    ``sample_into``, one fused launch after its draws, or by :meth:`load_batch`, with this
+    process's share of the batch) and the noise drawn into the arena, so it can be
     captured in a CUDA graph as it is. ``micro_batch`` splits that share into equal
     micro-batches: each gradient is accumulated over them (each micro-batch's loss weighted by
     its share of the whole batch), and under a process group summed over the ranks with one
@@ -191,8 +192,7 @@ class ANPEngine:
         ensemble takes :class:`MemberSamplers` and one noise generator per member. The first
         iteration checks the arguments of every perturbed layer's call; later ones, the same calls
         on the same buffers, skip those checks (``functional.argument_checks``)."""
-        images, labels = sampler.sample()
-        self.load_batch(images[shard], labels[shard])
+        sampler.sample_into(self.images, self.labels, shard)  # one fused launch after the draws, into the buffers
         self.arena.draw_noise(self.eps, noise_generator)
         with FP.argument_checks(not self._checked):
             (run or self.step)()
