@@ -1,7 +1,8 @@
 """Compile fastpurify's Triton kernels for an H100 (sm_90) without a GPU, through the real launchers.
 
-Run as a script (``python -m tests.kernels.sm90_compile [--op bn|gn] [--all-modes]
-[--layout contiguous|channels_last]``; ``--op`` picks BatchNorm, the default, or GroupNorm) in a
+Run as a script (``python -m tests.kernels.sm90_compile [--op bn|gn|augment] [--all-modes]
+[--layout contiguous|channels_last]``; ``--op`` picks BatchNorm, the default, GroupNorm or ANP's
+batch augmentation) in a
 process where TRITON_INTERPRET is unset: Triton's active driver is replaced by one that reports the
 target ``("cuda", 90, 32)``, every ``JITFunction.run`` becomes a compile-only warmup
 (nothing is launched), and the launchers are called on ``meta`` tensors (no memory). Each launch
@@ -230,6 +231,27 @@ def group_norm_other_modes(layouts=(False, True)):
     y.backward(torch.empty_like(y))
 
 
+def augment_launches(layouts=(False, True)):
+    """ANP's batch at the CIFAR shapes: 128 of 500 images gathered, cropped and flipped into the
+    engine's buffer (float32, per layout), and without augmentation into a float64 one."""
+    import torch
+
+    from fastpurify.kernels.augment import gather_augment
+
+    meta = lambda *shape, dtype=torch.float32: torch.empty(*shape, dtype=dtype, device="meta")  # noqa: E731
+    src, labels = meta(500, 3, 32, 32), meta(500, dtype=torch.long)
+    index, offsets, flip_u = meta(128, dtype=torch.long), meta(128, 2, dtype=torch.long), meta(128)
+    cases = []
+    for channels_last in layouts:
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        for dtype, augmented in ((torch.float32, True), (torch.float64, False)):
+            dst = meta(128, 3, 32, 32, dtype=dtype).contiguous(memory_format=fmt)
+            gather_augment(src, labels, index, offsets if augmented else None, flip_u if augmented else None,
+                           4 if augmented else 0, dst, meta(128, dtype=torch.long))
+            cases.append(dict(channels_last=channels_last, dtype=str(dtype), augmented=augmented))
+    return cases
+
+
 def compile_both_layouts(*options) -> list[dict]:
     """For the compile tests: this module run as a script with ``options`` in two processes at once
     (contiguous and channels_last: disjoint variants), without TRITON_INTERPRET; their JSON
@@ -269,7 +291,8 @@ def main() -> None:
     layouts = {None: (False, True), "contiguous": (False,), "channels_last": (True,)}[layout]
     op = sys.argv[sys.argv.index("--op") + 1] if "--op" in sys.argv else "bn"
     launches = install_sm90_driver()
-    cases = (batch_norm_launches(BN_SHAPES, layouts) if op == "bn" else group_norm_launches(GN_SHAPES, layouts))
+    cases = {"bn": lambda: batch_norm_launches(BN_SHAPES, layouts), "gn": lambda: group_norm_launches(GN_SHAPES, layouts),
+             "augment": lambda: augment_launches(layouts)}[op]()
     anp_launches = len(launches)
     if "--all-modes" in sys.argv:
         (other_modes if op == "bn" else group_norm_other_modes)(layouts)
