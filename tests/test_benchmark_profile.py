@@ -6,7 +6,8 @@ from fastpurify.benchmarks.profile import KINDS, format_profile, kernel_kind, pr
 
 def test_kernels_are_sorted_into_their_kinds():
     ours = triton_kernel_names()
-    assert {"bn_stats_kernel", "bn_grad_apply_kernel", "ln_forward_kernel", "pgd_linf_step_kernel"} <= ours
+    assert {"bn_stats_kernel", "bn_grad_apply_kernel", "ln_forward_kernel", "pgd_linf_step_kernel",
+            "gather_augment_kernel"} <= ours
     assert not any(n.startswith("_") or not n.endswith("_kernel") for n in ours)  # device helpers are not launched
     assert kernel_kind("bn_grad_sums_kernel", ours) == KINDS[0]
     assert kernel_kind("sm90_xmma_fprop_implicit_gemm_f32f32_tf32f32_f32_nhwckrsc_nhwc", ours) == KINDS[1]

@@ -30,7 +30,7 @@ def triton_kernel_names() -> frozenset[str]:
     """The names of ``fastpurify.kernels``' launched ``@triton.jit`` functions (those named
     ``*_kernel``; the rest are device helpers), empty without Triton."""
     names = set()
-    for module in ("batch_norm", "group_norm", "layer_norm", "norm_common", "updates", "pgd", "cosine"):
+    for module in ("batch_norm", "group_norm", "layer_norm", "norm_common", "updates", "pgd", "cosine", "augment"):
         try:
             mod = importlib.import_module(f"fastpurify.kernels.{module}")
         except ImportError:
