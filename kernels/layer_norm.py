@@ -29,6 +29,7 @@ from .runtime import accumulator_dtype, interpreting
 
 MAX_BLOCK_C = 1024  # features in one tile on a GPU: a whole row of ViT-B/L, Swin and ConvNeXt
 INTERPRET_BLOCK_C = 256  # under the interpreter, so that C = 1000 walks several chunks in tests
+PARAM_GRAD_FEATURES = 32  # features a program of the parameter-gradient reduction sums
 
 
 @triton.jit
@@ -216,9 +217,10 @@ def _sm_count(index: int) -> int:
 def tile_shape(x3: torch.Tensor, rows: int, c: int) -> tuple[int, int, int]:
     """(BLOCK_R, BLOCK_C, num_warps) for ``x3`` (N, C, S) with ``rows`` rows per group. Features
     contiguous in memory (tokens, NHWC, channels_last): a whole row of up to 1024 features in one
-    tile, with rows for about 4096 values. Features strided (LayerNorm2d on NCHW): 64 rows
-    (contiguous positions) a tile, 32 beyond 128 features, and the features in chunks of up to
-    256. Under the interpreter one config: chunks of up to 256 features, about 16384 values."""
+    tile, with rows for about 4096 values. Features strided (LayerNorm2d on NCHW): 32 rows
+    (contiguous positions: 128-byte runs) a tile, 16 beyond 128 features, and the features in
+    chunks of up to 256, about 4096 values (compiled for sm_90: at most 128 registers at 8 warps,
+    two programs an SM; tiles of 8192 values took 188-221, one program an SM). Under the interpreter one config: chunks of up to 256 features, about 16384 values."""
     rows_p2 = triton.next_power_of_2(rows)
     if interpreting():
         block_c = min(triton.next_power_of_2(c), INTERPRET_BLOCK_C)
@@ -227,8 +229,8 @@ def tile_shape(x3: torch.Tensor, rows: int, c: int) -> tuple[int, int, int]:
         block_c = min(triton.next_power_of_2(c), MAX_BLOCK_C)
         block_r = max(1, min(rows_p2, 4096 // block_c))
     else:
-        block_r = min(rows_p2, 32 if c > 128 else 64)
-        block_c = min(triton.next_power_of_2(c), 8192 // block_r, 256)
+        block_r = min(rows_p2, 16 if c > 128 else 32)
+        block_c = min(triton.next_power_of_2(c), 4096 // block_r, 256)
     return block_r, block_c, 4 if block_r * block_c <= 2048 else 8
 
 
@@ -299,7 +301,9 @@ def ln_backward(x3: torch.Tensor, dy3: torch.Tensor, dx3: torch.Tensor | None, w
         ACC=acc, ONE_TILE=one_tile, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=warps)
     if not need_sums:
         return
-    block_pc = min(triton.next_power_of_2(c), 128)
+    # 32 features a program (128-byte rows of the partials): 24 programs at ViT-B's C = 768, where
+    # 128 features gave 6, each reducing a sixth of the (G, P, C) partials alone
+    block_pc = min(triton.next_power_of_2(c), PARAM_GRAD_FEATURES)
     ln_param_grads_kernel[(triton.cdiv(c, block_pc),)](
         part_a, part_b, pick(weight), pick(bias), mask, pick(noise), pick(noise_bias),
         pick(dmask), pick(dnoise), pick(dnoise_bias), pick(dweight), pick(dbias),

@@ -1,8 +1,8 @@
 """Compile fastpurify's Triton kernels for an H100 (sm_90) without a GPU, through the real launchers.
 
-Run as a script (``python -m tests.kernels.sm90_compile [--op bn|gn|augment] [--all-modes]
-[--layout contiguous|channels_last]``; ``--op`` picks BatchNorm, the default, GroupNorm or ANP's
-batch augmentation) in a
+Run as a script (``python -m tests.kernels.sm90_compile [--op bn|gn|other] [--all-modes]
+[--layout contiguous|channels_last]``; ``--op`` picks BatchNorm, the default, GroupNorm or the
+other kernels: ANP's batch, LayerNorm, the row cosine) in a
 process where TRITON_INTERPRET is unset: Triton's active driver is replaced by one that reports the
 target ``("cuda", 90, 32)``, every ``JITFunction.run`` becomes a compile-only warmup
 (nothing is launched), and the launchers are called on ``meta`` tensors (no memory). Each launch
@@ -252,6 +252,38 @@ def augment_launches(layouts=(False, True)):
     return cases
 
 
+def other_launches(layouts=(False, True)):
+    """The kernels outside the BatchNorm and GroupNorm suites, through their real launchers: ANP's
+    batch (:func:`augment_launches`); LayerNorm forward and backward (mask and noise gradients,
+    two groups) on ViT-B/16's tokens (128, 197, 768) and, as LayerNorm2d on NCHW (contiguous
+    layout) or on NHWC (channels_last), at ConvNeXt-T's stages (batch 128, two groups); PBE's row
+    cosine on 2,500 and 50,000 rows of 10 logits and 4,096 of 1,000."""
+    import torch
+
+    from fastpurify import functional as FP
+
+    FP.backend_for = lambda *tensors: "triton"
+    cases = augment_launches(layouts)
+    meta = lambda *shape, grad=False: torch.empty(*shape, device="meta").requires_grad_(grad)  # noqa: E731
+
+    def layer_norm(x, channel_dim):
+        c = x.shape[channel_dim]
+        y = FP.perturbed_layer_norm(x.requires_grad_(), meta(c), meta(c), meta(c, grad=True), meta(2, c, grad=True),
+                                    meta(2, c, grad=True), groups=2, channel_dim=channel_dim)
+        y.backward(torch.empty_like(y))
+
+    for channels_last in layouts:
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        for c, side in ((96, 56), (192, 28), (384, 14), (768, 7)):
+            layer_norm(meta(128, c, side, side).contiguous(memory_format=fmt), 1)
+            cases.append(dict(op="layernorm2d", shape=[128, c, side, side], channels_last=channels_last))
+        if channels_last:  # once: the tokens have no layouts
+            layer_norm(meta(128, 197, 768), -1)
+            for n, k in ((2500, 10), (50000, 10), (4096, 1000)):
+                FP.logits_cosine(meta(n, k), meta(n, k))
+    return cases
+
+
 def compile_both_layouts(*options) -> list[dict]:
     """For the compile tests: this module run as a script with ``options`` in two processes at once
     (contiguous and channels_last: disjoint variants), without TRITON_INTERPRET; their JSON
@@ -292,7 +324,7 @@ def main() -> None:
     op = sys.argv[sys.argv.index("--op") + 1] if "--op" in sys.argv else "bn"
     launches = install_sm90_driver()
     cases = {"bn": lambda: batch_norm_launches(BN_SHAPES, layouts), "gn": lambda: group_norm_launches(GN_SHAPES, layouts),
-             "augment": lambda: augment_launches(layouts)}[op]()
+             "other": lambda: other_launches(layouts)}[op]()
     anp_launches = len(launches)
     if "--all-modes" in sys.argv:
         (other_modes if op == "bn" else group_norm_other_modes)(layouts)

@@ -130,7 +130,8 @@ def test_tiles_follow_the_memory_layout(monkeypatch):
     nhwc = as_ncs(torch.empty(2, 96, 56, 56, device=TEST_DEVICE).contiguous(memory_format=torch.channels_last), 1)
     assert tile_shape(tokens, 197, 768)[:2] == (4, 1024)  # a whole row of features, read along them
     assert tile_shape(nhwc, 56 * 56, 96)[:2] == (32, 128)
-    assert tile_shape(nchw, 49, 768)[:2] == (32, 256)  # 32 contiguous positions; the features in chunks
+    assert tile_shape(nchw, 49, 768)[:2] == (16, 256)  # 16 contiguous positions; the features in chunks
+    assert tile_shape(as_ncs(torch.empty(2, 96, 56, 56, device=TEST_DEVICE), 1), 56 * 56, 96)[:2] == (32, 128)
     monkeypatch.setattr(LN, "interpreting", lambda: True)
     assert tile_shape(tokens, 197, 768)[1] == 256  # one config under the interpreter
 
@@ -156,14 +157,15 @@ def compile_for_sm90(fn, consts, warps):
         sys.exit(3)
     triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
 
-for one_tile, block_r, block_c in ((True, 4, 1024), (False, 32, 256)):
+# the tiles of tile_shape: tokens (a whole row), LayerNorm2d on NCHW (one tile; chunks)
+for one_tile, block_r, block_c in ((True, 4, 1024), (True, 32, 128), (False, 16, 256)):
     for on in (True, False):
         tile = dict(ACC=tl.float32, ONE_TILE=one_tile, BLOCK_R=block_r, BLOCK_C=block_c)
         compile_for_sm90(LN.ln_forward_kernel, dict(HAS_W=on, HAS_B=on, HAS_NOISE=on, HAS_NOISE_B=on, **tile), 8)
         compile_for_sm90(LN.ln_backward_kernel, dict(HAS_W=on, HAS_NOISE=on, NEED_DX=True, NEED_SUMS=on, **tile), 8)
         compile_for_sm90(LN.ln_param_grads_kernel, dict(
             HAS_W=on, HAS_B=on, HAS_NOISE=on, HAS_NOISE_B=on, NEED_DMASK=True, NEED_DNOISE=on, NEED_DNOISE_B=on,
-            NEED_DW=on, NEED_DB=on, ACC=tl.float32, BLOCK_P=32, BLOCK_C=128), 4)
+            NEED_DW=on, NEED_DB=on, ACC=tl.float32, BLOCK_P=32, BLOCK_C=LN.PARAM_GRAD_FEATURES), 4)
 print("compiled")
 """
 
