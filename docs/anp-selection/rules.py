@@ -1,4 +1,5 @@
-"""Each pruning rule on each subject and mask set: pruned, ACC, ASR on the test split.
+"""Each pruning rule on each subject and mask set: pruned, ACC, ASR on the test split (ASR None on a clean
+control, "clean-s<seed>").
 python rules.py SUBJECTS SETS [THREADS] ['{choose_pruning keywords}'] [TAG]; the auto rule's curve is
 (pruned, clean ACC, concentration, top class, target share) per candidate."""
 import os, sys, json, torch, time
@@ -16,24 +17,25 @@ for name in names:
     before = evaluate(model, *test, attack)
     for label in sets:
         masks = masks_by[label]
-        row = {"before": [before["acc"], before["asr"]]}
+        row = {"before": [before["acc"], before.get("asr")]}
         k_thr = count_pruned(masks, threshold=0.2)
         m = evaluate(prune(model, masks, number=k_thr), *test, attack)
-        row["threshold"] = [k_thr, m["acc"], m["asr"]]
+        row["threshold"] = [k_thr, m["acc"], m.get("asr")]
         choice = prune_by_clean_accuracy(model, masks, *clean, max_drop=0.02)
         m = evaluate(choice.model, *test, attack)
-        row["clean_rule"] = [choice.point.pruned, m["acc"], m["asr"]]
+        row["clean_rule"] = [choice.point.pruned, m["acc"], m.get("asr")]
         t = time.time()
         sel = choose_pruning(model, masks, *clean, **kw)
         m = evaluate(prune(model, masks, number=sel.pruned) if sel.pruned else model, *test, attack)
         curve = [(p.pruned, round(p.acc, 3), round(p.concentration, 3), p.top_class,
                   None if p.target_share is None else round(p.target_share, 3)) for p in sel.points]
-        row["auto"] = [sel.pruned, m["acc"], m["asr"], round(time.time() - t, 1), curve, sel.settings.get("walk")]
+        row["auto"] = [sel.pruned, m["acc"], m.get("asr"), round(time.time() - t, 1), curve, sel.settings.get("walk")]
         row["auto_reason"], row["suspected_by"] = sel.reason, sel.settings.get("suspected_by")
         if "class_shares" in sel.settings:
             row["class_shares"] = sel.settings["class_shares"]
         out[f"{name}/{label}"] = row
-        f = lambda r: f"k={r[0]:3d} ACC {100*r[1]:.1f} ASR {100*r[2]:.1f}"
-        print(f"{name:12s} {label:5s} before ACC {100*before['acc']:.1f} ASR {100*before['asr']:.1f} | thr {f(row['threshold'])} | clean {f(row['clean_rule'])} | auto {f(row['auto'])} ({row['auto'][3]} s)", flush=True)
+        pct = lambda v: "n/a" if v is None else f"{100*v:.1f}"
+        f = lambda r: f"k={r[0]:3d} ACC {pct(r[1])} ASR {pct(r[2])}"
+        print(f"{name:12s} {label:5s} before ACC {pct(before['acc'])} ASR {pct(before.get('asr'))} | thr {f(row['threshold'])} | clean {f(row['clean_rule'])} | auto {f(row['auto'])} ({row['auto'][3]} s)", flush=True)
 tag = sys.argv[5] if len(sys.argv) > 5 else "rules"
 json.dump(out, open(os.environ.get("OUT", ".") + f"/{tag}-{'_'.join(names)[:60]}.json", "w"))

@@ -117,15 +117,15 @@ class DeviceBatchSampler:
         Triton kernels run (CUDA, or the interpreter) the gather, crop, flip and writes are one
         launch after the draws (``kernels/augment.py``); elsewhere PyTorch's ops and a copy."""
         n = self.batch_size
-        index = torch.randint(self.images.shape[0], (n,), generator=self.generator, device=self.device)
-        offsets, flip_u = (draw_augmentation(n, self.generator, self.padding, self.flip, self.device) if self.augment
-                           else (None, None))
         if images.shape[0] != len(range(n)[rows]) or images.shape[1:] != self.images.shape[1:]:
             raise InputError(f"the batch buffer holds {tuple(images.shape)}, but rows {rows} of a batch of "
                              f"{(n, *self.images.shape[1:])} were asked for")
+        index = torch.randint(self.images.shape[0], (n,), generator=self.generator, device=self.device)
+        offsets, flip_u = (draw_augmentation(n, self.generator, self.padding, self.flip, self.device) if self.augment
+                           else (None, None))
         from ..functional import backend_for  # the data layer's one fused operation: lazily, as the kernels
 
-        if backend_for(images) == "triton" and images.device == self.device:
+        if images.dim() == 4 and images.device == self.device and backend_for(images) == "triton":
             from ..kernels.augment import gather_augment
 
             gather_augment(self.images, self.labels, index[rows], None if offsets is None else offsets[rows],

@@ -72,8 +72,10 @@ def test_an_ensemble_writes_each_members_block():
 def test_a_buffer_of_the_wrong_shape_is_refused():
     x, y = dataset()
     sampler = DeviceBatchSampler(x, y, 8)
+    state = sampler.generator.get_state()
     with pytest.raises(InputError, match=r"the batch buffer holds \(7, 3, 7, 5\)"):
         sampler.sample_into(torch.empty(7, 3, 7, 5, device=x.device), torch.empty(7, dtype=torch.long, device=x.device))
+    assert torch.equal(sampler.generator.get_state(), state)  # refused before any draw
 
 
 def test_padding_wider_than_the_image_gives_zeros_where_the_crop_leaves_it():
