@@ -86,8 +86,10 @@ def perturbed_batch_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: tor
                          mask: torch.Tensor, noise: torch.Tensor | None = None,
                          noise_bias: torch.Tensor | None = None, running_mean: torch.Tensor | None = None,
                          running_var: torch.Tensor | None = None, training: bool = True, momentum: float = 0.1,
-                         eps: float = 1e-5, groups: int = 1) -> torch.Tensor:
-    """BatchNorm whose scale is ``weight * (mask + noise[g])`` and shift ``bias * (1 + noise_bias[g])``.
+                         eps: float = 1e-5, groups: int = 1, relu: bool = False) -> torch.Tensor:
+    """BatchNorm whose scale is ``weight * (mask + noise[g])`` and shift ``bias * (1 + noise_bias[g])``;
+    with ``relu``, ReLU of that (fused: the backward recomputes where the output is positive from
+    x, so nothing more is kept, and the ReLU costs no pass of its own).
 
     ``x`` is (N, C) or (N, C, *spatial), contiguous or channels_last. The batch is ``groups``
     equal contiguous chunks, each normalised with its own statistics in training mode (exactly
@@ -106,9 +108,10 @@ def perturbed_batch_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: tor
     noise, noise_bias = _rows(noise, groups, c), _rows(noise_bias, groups, c)
     if backend_for(x) == "triton":
         return _PerturbedBatchNorm.apply(x, weight, bias, mask, noise, noise_bias, running_mean, running_var,
-                                         training, momentum, eps, groups)
-    return _perturbed_batch_norm_torch(x, weight, bias, mask, noise, noise_bias, running_mean, running_var,
-                                       training, momentum, eps, groups)
+                                         training, momentum, eps, groups, relu)
+    y = _perturbed_batch_norm_torch(x, weight, bias, mask, noise, noise_bias, running_mean, running_var,
+                                    training, momentum, eps, groups)
+    return F.relu(y) if relu else y
 
 
 def _check_batch_norm(x, weight, bias, mask, noise, noise_bias, running_mean, running_var, training, eps, groups):
@@ -214,7 +217,7 @@ class _PerturbedBatchNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, mask, noise, noise_bias, running_mean, running_var, training, momentum,
-                eps, groups):
+                eps, groups, relu):
         from .kernels.batch_norm import bn_forward
 
         x3 = _ncs(x)
@@ -227,9 +230,9 @@ class _PerturbedBatchNorm(torch.autograd.Function):
         rstd = torch.empty_like(mean)
         update = training and running_mean is not None and running_var is not None
         bn_forward(x3, y3, weight, bias, mask, noise, noise_bias, running_mean, running_var, mean, rstd,
-                   groups=groups, training=training, update_running=update, momentum=momentum, eps=eps)
+                   groups=groups, training=training, update_running=update, momentum=momentum, eps=eps, relu=relu)
         ctx.save_for_backward(x3, weight, bias, mask, noise, noise_bias, mean, rstd)
-        ctx.training, ctx.groups, ctx.shape = training, groups, x.shape
+        ctx.training, ctx.groups, ctx.shape, ctx.relu = training, groups, x.shape, relu
         return y
 
     @staticmethod
@@ -242,10 +245,10 @@ class _PerturbedBatchNorm(torch.autograd.Function):
         dweight, dbias, dmask, dnoise, dnoise_b = _param_grad_buffers(ctx, weight, bias, mask, noise, noise_bias)
         bn_backward(x3, dy3, dx, weight, bias, mask, noise, noise_bias, mean, rstd, groups=ctx.groups,
                     training=ctx.training, dmask=dmask, dnoise=dnoise, dnoise_bias=dnoise_b, dweight=dweight,
-                    dbias=dbias)
+                    dbias=dbias, relu=ctx.relu)
         if dx is not None:
             dx = dx.view(ctx.shape)
-        return dx, dweight, dbias, dmask, dnoise, dnoise_b, None, None, None, None, None, None
+        return dx, dweight, dbias, dmask, dnoise, dnoise_b, None, None, None, None, None, None, None
 
 
 # ---------------------------------------------------------------------------------------------

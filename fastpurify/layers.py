@@ -72,6 +72,8 @@ class _Neurons:
 
 
 class _PerturbedBatchNorm(_Neurons, nn.modules.batchnorm._BatchNorm):
+    fused_relu = False  # set by fastpurify.fusion where the ReLU after it was folded in: ReLU(BatchNorm)
+
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
                  track_running_stats: bool = True, device=None, dtype=None):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
@@ -90,7 +92,7 @@ class _PerturbedBatchNorm(_Neurons, nn.modules.batchnorm._BatchNorm):
         return FP.perturbed_batch_norm(
             x, self.weight, self.bias, self.neuron_mask, noise, noise_bias,
             self.running_mean if track else None, self.running_var if track else None,
-            training=use_batch_stats, momentum=factor, eps=self.eps, groups=self.batch_groups)
+            training=use_batch_stats, momentum=factor, eps=self.eps, groups=self.batch_groups, relu=self.fused_relu)
 
 
 class PerturbedBatchNorm1d(_PerturbedBatchNorm):

@@ -131,6 +131,20 @@ def _group_affine(W, B, MASK, NOISE, NOISE_B, g, cs, cmask, s_noise, s_noise_b, 
 
 
 @triton.jit
+def _output_affine(rstd, w, factor, b, bias_factor, CHANNELS_INNER: tl.constexpr):
+    """(a, shift) of the output y = (x - mean) * a + shift, per channel, as a tile broadcasts them:
+    one expression for the forward and for the backward's ReLU mask, which recomputes y from x."""
+    return col(rstd * w * factor, CHANNELS_INNER), col(b * bias_factor, CHANNELS_INNER)
+
+
+@triton.jit
+def _relu_blocks(x, mean, a, shift):
+    """Where a fused ReLU stops the gradient: y <= 0 for y recomputed as the forward computed it
+    (PyTorch's ReLU backward, ``threshold_backward``: a NaN output passes it)."""
+    return (x - mean) * a + shift <= 0
+
+
+@triton.jit
 def _merge_stats(PART, plane, g, cs, cmask, C, splits, U0, U1, Q, T, splits_s, M, ACC: tl.constexpr,
                  BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     """Mean minus the group's pivot x0, and biased variance, of group g's channels ``cs`` from its
@@ -208,13 +222,13 @@ def bn_normalize_kernel(X, Y, W, B, MASK, NOISE, NOISE_B, RUN_MEAN, RUN_VAR, MEA
                         C, S, Ng, G, sxn, sxc, sxs, syn, syc, sys_, s_noise, s_noise_b, eps, momentum,
                         C_BLOCKS, splits, U0, U1, Q, T, splits_s, plane,
                         TRAINING: tl.constexpr, UPDATE_RUNNING: tl.constexpr, HAS_NOISE: tl.constexpr,
-                        HAS_NOISE_B: tl.constexpr, ACC: tl.constexpr, IDX: tl.constexpr,
+                        HAS_NOISE_B: tl.constexpr, RELU: tl.constexpr, ACC: tl.constexpr, IDX: tl.constexpr,
                         CHANNELS_INNER: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
                         BLOCK_P: tl.constexpr):
     """Grid ``(G * splits * C_BLOCKS,)``. Each program takes its group's mean and variance of its
     channels (training: merged from all the group's splits in ``PART``; eval: the running
     statistics), writes y = (x - mean) * rstd * w * (mask + noise[g]) + b * (1 + noise_bias[g])
-    for the rows of its split, and, if it is split 0, saves mean and rstd = 1/sqrt(var + eps) to
+    (then ReLU(y) with ``RELU``, NaN kept) for the rows of its split, and, if it is split 0, saves mean and rstd = 1/sqrt(var + eps) to
     ``MEAN``/``RSTD`` (G, C). The program of group 0, split 0 of each channel block also folds
     every group's statistics into the running ones in group order (unbiased variance) and stores
     them once (``UPDATE_RUNNING``)."""
@@ -246,8 +260,7 @@ def bn_normalize_kernel(X, Y, W, B, MASK, NOISE, NOISE_B, RUN_MEAN, RUN_VAR, MEA
         tl.store(RSTD + g * C + cs, rstd, mask=cmask)
     w, b, factor, bias_factor = _group_affine(W, B, MASK, NOISE, NOISE_B, g, cs, cmask, s_noise, s_noise_b,
                                               HAS_NOISE, HAS_NOISE_B, ACC)
-    a = col(rstd * w * factor, CHANNELS_INNER)
-    shift = col(b * bias_factor, CHANNELS_INNER)
+    a, shift = _output_affine(rstd, w, factor, b, bias_factor, CHANNELS_INNER)
     mean = col(mean, CHANNELS_INNER)
     base_n = g * Ng
     a0, a1, b0, b1 = _split_bounds(sp, U0, U1, Q, T, splits_s)
@@ -256,20 +269,30 @@ def bn_normalize_kernel(X, Y, W, B, MASK, NOISE, NOISE_B, RUN_MEAN, RUN_VAR, MEA
             n, s, valid = _tile(u, v, a1, b1, base_n, S, cmask, IDX, CHANNELS_INNER, BLOCK_R)
             x = tl.load(X + _offsets(n, s, cs, sxn, sxc, sxs, CHANNELS_INNER), mask=valid, other=0.0).to(ACC)
             y = (x - mean) * a + shift
+            if RELU:
+                y = tl.where(y < 0, 0.0, y)
             tl.store(Y + _offsets(n, s, cs, syn, syc, sys_, CHANNELS_INNER), y.to(Y.dtype.element_ty), mask=valid)
 
 
 @triton.jit(do_not_specialize=NOT_SPECIALIZED)
-def bn_grad_sums_kernel(X, DY, MEAN, RSTD, PART, C, S, Ng, sxn, sxc, sxs, sdn, sdc, sds,
-                        C_BLOCKS, splits, U0, U1, Q, T, splits_s, plane, ACC: tl.constexpr, IDX: tl.constexpr,
-                        CHANNELS_INNER: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+def bn_grad_sums_kernel(X, DY, W, B, MASK, NOISE, NOISE_B, MEAN, RSTD, PART, C, S, Ng, sxn, sxc, sxs, sdn, sdc, sds,
+                        s_noise, s_noise_b, C_BLOCKS, splits, U0, U1, Q, T, splits_s, plane,
+                        HAS_NOISE: tl.constexpr, HAS_NOISE_B: tl.constexpr, RELU: tl.constexpr, ACC: tl.constexpr,
+                        IDX: tl.constexpr, CHANNELS_INNER: tl.constexpr, BLOCK_R: tl.constexpr,
+                        BLOCK_C: tl.constexpr):
     """Grid ``(G * splits * C_BLOCKS,)``. Each program reduces its split of its group for its
     channels to sum(dy * xhat) and sum(dy) (xhat recomputed from x and the saved statistics;
-    per-lane accumulators in ACC) and stores them into ``PART[0, g, sp, :]`` and ``PART[1, g, sp, :]``."""
+    per-lane accumulators in ACC; with ``RELU`` dy is zeroed where the recomputed output is
+    <= 0) and stores them into ``PART[0, g, sp, :]`` and ``PART[1, g, sp, :]``."""
     g, sp, cb = _decode(C_BLOCKS, splits)
     cs, cmask = _channels(cb, C, BLOCK_C)
+    rstd_c = tl.load(RSTD + g * C + cs, mask=cmask, other=0.0).to(ACC)
     mean = col(tl.load(MEAN + g * C + cs, mask=cmask, other=0.0).to(ACC), CHANNELS_INNER)
-    rstd = col(tl.load(RSTD + g * C + cs, mask=cmask, other=0.0).to(ACC), CHANNELS_INNER)
+    rstd = col(rstd_c, CHANNELS_INNER)
+    if RELU:
+        w, b, factor, bias_factor = _group_affine(W, B, MASK, NOISE, NOISE_B, g, cs, cmask, s_noise, s_noise_b,
+                                                  HAS_NOISE, HAS_NOISE_B, ACC)
+        a_out, shift = _output_affine(rstd_c, w, factor, b, bias_factor, CHANNELS_INNER)
     base_n = g * Ng
     a0, a1, b0, b1 = _split_bounds(sp, U0, U1, Q, T, splits_s)
     acc_dyx = tile_zeros(ACC, CHANNELS_INNER, BLOCK_R, BLOCK_C)
@@ -279,6 +302,8 @@ def bn_grad_sums_kernel(X, DY, MEAN, RSTD, PART, C, S, Ng, sxn, sxc, sxs, sdn, s
             n, s, valid = _tile(u, v, a1, b1, base_n, S, cmask, IDX, CHANNELS_INNER, BLOCK_R)
             x = tl.load(X + _offsets(n, s, cs, sxn, sxc, sxs, CHANNELS_INNER), mask=valid, other=0.0).to(ACC)
             dy = tl.load(DY + _offsets(n, s, cs, sdn, sdc, sds, CHANNELS_INNER), mask=valid, other=0.0).to(ACC)
+            if RELU:
+                dy = tl.where(_relu_blocks(x, mean, a_out, shift), 0.0, dy)
             acc_dyx += dy * tl.where(valid, (x - mean) * rstd, 0.0)
             acc_dy += dy
     slot = (g * splits + sp) * C + cs
@@ -325,16 +350,17 @@ def bn_grad_apply_kernel(X, DY, DX, W, B, MASK, NOISE, NOISE_B, MEAN, RSTD, PART
                          C, S, Ng, G, sxn, sxc, sxs, sdn, sdc, sds, sgn, sgc, sgs, s_noise, s_noise_b,
                          C_BLOCKS, splits, U0, U1, Q, T, splits_s, plane,
                          TRAINING: tl.constexpr, HAS_NOISE: tl.constexpr, HAS_NOISE_B: tl.constexpr,
-                         NEED_DX: tl.constexpr, NEED_DMASK: tl.constexpr, NEED_DNOISE: tl.constexpr,
-                         NEED_DNOISE_B: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
+                         RELU: tl.constexpr, NEED_DX: tl.constexpr, NEED_DMASK: tl.constexpr,
+                         NEED_DNOISE: tl.constexpr, NEED_DNOISE_B: tl.constexpr, NEED_DW: tl.constexpr,
+                         NEED_DB: tl.constexpr,
                          ACC: tl.constexpr, IDX: tl.constexpr, CHANNELS_INNER: tl.constexpr,
                          BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
     """Grid ``(G * splits * C_BLOCKS,)`` with ``NEED_DX``, else ``(C_BLOCKS,)``. With Sdy and Sdyx
     group g's sums merged from ``PART`` in split order, each program writes for the rows of its
     split dx = w * (mask + noise[g]) * rstd * (dy - Sdy/M - xhat * Sdyx/M) (training) or
-    w * (mask + noise[g]) * rstd * dy (eval, no sums needed). The program of group 0, split 0 of
-    each channel block first writes the per-channel gradients that are asked for
-    (:func:`_channel_grads`)."""
+    w * (mask + noise[g]) * rstd * dy (eval, no sums needed), dy zeroed where the recomputed output
+    is <= 0 with ``RELU``. The program of group 0, split 0 of each channel block first writes
+    the per-channel gradients that are asked for (:func:`_channel_grads`)."""
     if NEED_DX:
         g, sp, cb = _decode(C_BLOCKS, splits)
     else:
@@ -351,9 +377,12 @@ def bn_grad_apply_kernel(X, DY, DX, W, B, MASK, NOISE, NOISE_B, MEAN, RSTD, PART
                                                   HAS_NOISE, HAS_NOISE_B, ACC)
         rstd = tl.load(RSTD + g * C + cs, mask=cmask, other=0.0).to(ACC)
         a = col(w * factor * rstd, CHANNELS_INNER)
+        if TRAINING or RELU:
+            mean = col(tl.load(MEAN + g * C + cs, mask=cmask, other=0.0).to(ACC), CHANNELS_INNER)
+        if RELU:
+            a_out, shift = _output_affine(rstd, w, factor, b, bias_factor, CHANNELS_INNER)
         if TRAINING:
             sdyx, sdy = _merge_sums(PART, plane, g, cs, cmask, C, splits, ACC, BLOCK_P, BLOCK_C)
-            mean = col(tl.load(MEAN + g * C + cs, mask=cmask, other=0.0).to(ACC), CHANNELS_INNER)
             c1 = col(sdy / M, CHANNELS_INNER)
             c2 = col(sdyx / M, CHANNELS_INNER)
             rstd_t = col(rstd, CHANNELS_INNER)
@@ -363,9 +392,12 @@ def bn_grad_apply_kernel(X, DY, DX, W, B, MASK, NOISE, NOISE_B, MEAN, RSTD, PART
             for v in range(b0, b1, 1 if CHANNELS_INNER else BLOCK_R):
                 n, s, valid = _tile(u, v, a1, b1, base_n, S, cmask, IDX, CHANNELS_INNER, BLOCK_R)
                 dy = tl.load(DY + _offsets(n, s, cs, sdn, sdc, sds, CHANNELS_INNER), mask=valid, other=0.0).to(ACC)
-                if TRAINING:
+                if TRAINING or RELU:
                     x = tl.load(X + _offsets(n, s, cs, sxn, sxc, sxs, CHANNELS_INNER), mask=valid,
                                 other=0.0).to(ACC)
+                if RELU:
+                    dy = tl.where(_relu_blocks(x, mean, a_out, shift), 0.0, dy)
+                if TRAINING:
                     dx = a * (dy - c1 - (x - mean) * rstd_t * c2)
                 else:
                     dx = a * dy
@@ -524,11 +556,11 @@ def _geometry(x3: torch.Tensor, others, groups: int, splits, tile, warps=None):
 
 def bn_forward(x3: torch.Tensor, y3: torch.Tensor, weight, bias, mask, noise, noise_bias, running_mean,
                running_var, mean: torch.Tensor, rstd: torch.Tensor, *, groups: int, training: bool,
-               update_running: bool, momentum: float, eps: float, splits: int | None = None,
+               update_running: bool, momentum: float, eps: float, relu: bool = False, splits: int | None = None,
                tile: tuple[int, int] | None = None, warps: int | None = None) -> None:
-    """Launch the forward on (N, C, S) views ``x3`` -> ``y3``; fills ``mean``/``rstd`` (G, C)
-    and, if ``update_running``, the running statistics in place (exactly once). ``splits``,
-    ``tile`` and ``warps`` override the launch plan (tests, the plan sweep)."""
+    """Launch the forward on (N, C, S) views ``x3`` -> ``y3`` (``relu``: ReLU of the output); fills
+    ``mean``/``rstd`` (G, C) and, if ``update_running``, the running statistics in place (exactly
+    once). ``splits``, ``tile`` and ``warps`` override the launch plan (tests, the plan sweep)."""
     C = x3.shape[1]
     plan, (S, Ng), (sx, sy), idx = _geometry(x3, [y3], groups, splits, tile, warps)
     acc = accumulator_dtype(x3.dtype)
@@ -545,14 +577,16 @@ def bn_forward(x3: torch.Tensor, y3: torch.Tensor, weight, bias, mask, noise, no
         mean, rstd, part, C, S, Ng, groups, *sx, *sy, row_stride(noise), row_stride(noise_bias),
         float(eps), float(momentum), *plan.split_args, plane,
         TRAINING=training, UPDATE_RUNNING=update_running, HAS_NOISE=noise is not None,
-        HAS_NOISE_B=noise_bias is not None, BLOCK_P=plan.block_p, **common)
+        HAS_NOISE_B=noise_bias is not None, RELU=relu, BLOCK_P=plan.block_p, **common)
 
 
 def bn_backward(x3, dy3, dx3, weight, bias, mask, noise, noise_bias, mean, rstd, *, groups: int,
                 training: bool, dmask=None, dnoise=None, dnoise_bias=None, dweight=None, dbias=None,
-                splits: int | None = None, tile: tuple[int, int] | None = None, warps: int | None = None) -> None:
+                relu: bool = False, splits: int | None = None, tile: tuple[int, int] | None = None,
+                warps: int | None = None) -> None:
     """Launch the backward; writes ``dx3`` (if given) and each per-channel gradient buffer that
-    is given (None: not needed, no work spent on it). The per-split sums are computed only when
+    is given (None: not needed, no work spent on it); ``relu``: the forward's output went through
+    a fused ReLU (recomputed from ``x3``, so nothing more is saved). The per-split sums are computed only when
     something needs them (training-mode dx, or any per-channel gradient). ``splits``, ``tile``
     and ``warps`` override the launch plan (tests, the plan sweep)."""
     C = x3.shape[1]
@@ -567,16 +601,18 @@ def bn_backward(x3, dy3, dx3, weight, bias, mask, noise, noise_bias, mean, rstd,
     plane = groups * plan.splits * C
     common = dict(ACC=acc, IDX=idx, CHANNELS_INNER=plan.channels_inner, BLOCK_R=plan.block_r, BLOCK_C=plan.block_c,
                   num_warps=plan.warps)
-    if need_sums:
-        bn_grad_sums_kernel[(plan.programs,)](x3, dy3, mean, rstd, part, C, S, Ng, *sx, *sd, *plan.split_args,
-                                              plane, **common)
     pick = lambda t: t if t is not None else mean  # noqa: E731  (never read nor written)
+    if need_sums:
+        bn_grad_sums_kernel[(plan.programs,)](
+            x3, dy3, weight, bias, mask, pick(noise), pick(noise_bias), mean, rstd, part, C, S, Ng, *sx, *sd,
+            row_stride(noise), row_stride(noise_bias), *plan.split_args, plane, HAS_NOISE=noise is not None,
+            HAS_NOISE_B=noise_bias is not None, RELU=relu, **common)
     grid = (plan.programs if dx3 is not None else plan.channel_blocks,)
     bn_grad_apply_kernel[grid](
         x3, dy3, pick(dx3), weight, bias, mask, pick(noise), pick(noise_bias), mean, rstd, part,
         pick(dmask), pick(dnoise), pick(dnoise_bias), pick(dweight), pick(dbias),
         C, S, Ng, groups, *sx, *sd, *sg, row_stride(noise), row_stride(noise_bias), *plan.split_args, plane,
-        TRAINING=training, HAS_NOISE=noise is not None, HAS_NOISE_B=noise_bias is not None,
+        TRAINING=training, HAS_NOISE=noise is not None, HAS_NOISE_B=noise_bias is not None, RELU=relu,
         NEED_DX=dx3 is not None, NEED_DMASK=dmask is not None, NEED_DNOISE=dnoise is not None,
         NEED_DNOISE_B=dnoise_bias is not None, NEED_DW=dweight is not None, NEED_DB=dbias is not None,
         BLOCK_P=plan.block_p, **common)

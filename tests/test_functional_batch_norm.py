@@ -8,7 +8,7 @@ from fastpurify import functional as FP
 from fastpurify.validation import InputError
 
 from .devices import TEST_DEVICE, cpu_only, on_device
-from .formulas import batch_norm, batch_norm_grads, random_running_stats
+from .formulas import _grads, batch_norm, batch_norm_grads, random_running_stats
 from .norm_inputs import arena_views, assert_bitwise_deterministic, assert_every_gradient, detached, inputs, params
 
 SHAPES = [  # (shape, groups, training, channels_last)
@@ -47,6 +47,51 @@ def test_forward_and_every_gradient(backend, shape, groups, training, channels_l
                                  **ref_stats, training=training, groups=groups)
     assert_every_gradient(dict(x=x, **p), ref_grads)
     assert (p["weight"].grad is not None) == weight_grad
+
+
+@pytest.mark.parametrize("weight_grad", [False, True])
+@pytest.mark.parametrize("shape, groups, training, channels_last", SHAPES)
+def test_fused_relu_forward_and_every_gradient(backend, shape, groups, training, channels_last, weight_grad):
+    """``relu=True`` is ReLU(BatchNorm): the output and every gradient against the float64 formula
+    followed by ReLU (the kernels recompute where the output is positive from x in the backward)."""
+    c = shape[1]
+    x, p = inputs(shape, channels_last), params(c, groups, weight_grad=weight_grad)
+    s = random_running_stats(c)
+    ref_stats = {k: v.clone() for k, v in s.items()}
+    y = FP.perturbed_batch_norm(x, **p, **s, training=training, groups=groups, relu=True)
+    ref = torch.relu(batch_norm(x.detach(), **detached(p), **ref_stats, training=training, groups=groups)[0])
+    assert torch.allclose(y.double(), ref, atol=2e-5, rtol=1e-5)
+    assert (y == 0).any() and (y > 0).any()  # the ReLU cuts somewhere and passes somewhere
+    if x.dim() == 4 and shape[2] * shape[3] > 1:
+        assert y.is_contiguous(memory_format=torch.channels_last) == channels_last
+    dy = on_device(torch.randn(shape, generator=torch.Generator().manual_seed(2)))
+    y.backward(dy)
+
+    def relu_of_batch_norm(*args, **kw):
+        return torch.relu(batch_norm(*args, **kw)[0])
+    ref_grads = _grads(relu_of_batch_norm, x, p["weight"], p["bias"], p["mask"], p["noise"], p["noise_bias"], dy,
+                       **ref_stats, training=training, groups=groups)
+    assert_every_gradient(dict(x=x, **p), ref_grads)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_fused_relu_treats_nan_as_torch_relu(channels_last, monkeypatch):
+    """A NaN input: NaN out of the ReLU (not 0), and the gradient through it as PyTorch's ReLU
+    backward gives it (zeroed only where the output is <= 0): both backends alike."""
+    runs = {}
+    for backend in ("torch", "triton"):
+        monkeypatch.setenv("FASTPURIFY_BACKEND", backend)
+        x = inputs((4, 3, 5, 5), channels_last).detach().clone()
+        x[1, 2, 3, 4] = float("nan")
+        x.requires_grad_()
+        y = FP.perturbed_batch_norm(x, **detached(params(3, 1, noisy=False)), **random_running_stats(3),
+                                    training=False, relu=True)
+        y.backward(torch.ones_like(y))
+        runs[backend] = (y.detach(), x.grad)
+    (y_t, g_t), (y_k, g_k) = runs["torch"], runs["triton"]
+    assert torch.isnan(y_k[1, 2, 3, 4]) and torch.equal(torch.isnan(y_k), torch.isnan(y_t))
+    assert torch.allclose(y_k, y_t, equal_nan=True, atol=1e-6) and torch.allclose(g_k, g_t, atol=1e-6)
+    assert g_k[1, 2, 3, 4] != 0 and (g_k == 0).any()
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

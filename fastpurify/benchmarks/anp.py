@@ -21,6 +21,9 @@ Variants (each isolates one of DESIGN.md §4's wins):
 - ``fast-nchw`` (by default on the CPU only): ``fast`` with ``channels_last=False``, on the CPU
   the reference's arithmetic bit for bit (the CPU default before 2026-11-27);
 - ``fast-bf16``: ``fast`` under bfloat16 autocast;
+- ``fast-unfused`` (by default on CUDA only): ``fast`` without the ReLUs folded into the
+  BatchNorms before them (``fused_relu=False``; :mod:`fastpurify.fusion`, on by default on CUDA):
+  what the folding adds;
 - ``fast-seeds4``: ``fast`` as a batched seed ensemble of 4 members (``fastpurify.anp(seeds=4,
   batched=True)``, the default on CUDA): one iteration advances 4 independent mask sets, so its
   time over ``fast``'s is what the batched ensemble costs (4.0: no better than the 4 runs one
@@ -45,7 +48,7 @@ from .common import (build_variants, choose_variants, compile_model, environment
                      synthetic_subject, table, time_interleaved, time_variant)
 
 VARIANTS = ("reference", "reference-frozen", "reference-compile", "fast-separate", "fast-eager", "fast",
-            "fast-nchw", "fast-bf16", "fast-seeds4")
+            "fast-nchw", "fast-bf16", "fast-unfused", "fast-seeds4")
 ENSEMBLE_MEMBERS = 4
 ANP_KW = dict(eps=0.4, steps=1, alpha=0.2, lr=0.2, momentum=0.9, clamp_noise=True)
 
@@ -64,10 +67,13 @@ def _reference_step(model, images, labels, batch_size, device, *, frozen=False, 
 
 
 def _fast_step(model, images, labels, batch_size, device, *, grouped=None, graph=True, precision="fp32",
-               large: dict | None = None, members: int = 1, channels_last: bool | None = None) -> Callable:
+               large: dict | None = None, members: int = 1, channels_last: bool | None = None,
+               fuse_relu: bool | None = None) -> Callable:
     channels_last = use_channels_last(channels_last, device, images)  # as fastpurify.anp
+    fuse_relu = device.type == "cuda" if fuse_relu is None else fuse_relu  # as fastpurify.anp
     engine = ANPEngine(model, (members * batch_size, *images.shape[1:]), device=device, grouped=grouped,
-                       channels_last=channels_last, precision=precision, members=members, **(large or {}), **ANP_KW)
+                       channels_last=channels_last, precision=precision, members=members, fuse_relu=fuse_relu,
+                       **(large or {}), **ANP_KW)
     sampler, noise = draws(images, labels, batch_size, 0, members, device=device)
     graphed = engine.capture() if graph and device.type == "cuda" else None
 
@@ -75,6 +81,7 @@ def _fast_step(model, images, labels, batch_size, device, *, grouped=None, graph
         engine.iterate(sampler, noise, graphed)
     step.graphed = graphed is not None
     step.channels_last = channels_last
+    step.fused_relus = engine.fused_relus
     return step
 
 
@@ -89,9 +96,10 @@ def _build(name, model, images, labels, batch_size, device, large: dict | None =
     if members > 1 and large and (large.get("micro_batch") or large.get("checkpoint")):
         raise InputError("fast-seeds4 (a seed ensemble) does not combine with micro_batch or checkpoint")
     return _fast_step(model, images, labels, batch_size, device, grouped=grouped,
-                      graph=name in ("fast", "fast-bf16", "fast-seeds4"),
+                      graph=name in ("fast", "fast-bf16", "fast-seeds4", "fast-unfused"),
                       precision="bf16" if name == "fast-bf16" else "fp32", large=large, members=members,
-                      channels_last=False if name == "fast-nchw" else None)
+                      channels_last=False if name == "fast-nchw" else None,
+                      fuse_relu=False if name == "fast-unfused" else None)
 
 
 def profile_variants(names: tuple[str, ...], *, arch: str = "cifar_resnet18", batch_size: int = 128,
@@ -144,7 +152,8 @@ def run_anp_benchmark(*, arch: str = "cifar_resnet18", batch_size: int = 128, nu
                         ("repeats", repeats)):
         check_positive_int(value, name)
     defaults = variants is None
-    variants = choose_variants(variants, VARIANTS, device, cpu_default_skip=("reference-compile", "fast-bf16"))
+    variants = choose_variants(variants, VARIANTS, device,
+                               cpu_default_skip=("reference-compile", "fast-bf16", "fast-unfused"))
     if defaults and device.type == "cuda":  # NCHW on CUDA only when named
         variants = tuple(v for v in variants if v != "fast-nchw")
     if defaults and (micro_batch or checkpoint):  # the ensemble does not micro-batch: left out of a large run
@@ -159,6 +168,8 @@ def run_anp_benchmark(*, arch: str = "cifar_resnet18", batch_size: int = 128, nu
         parts = ["CUDA graph"] if getattr(step, "graphed", False) else []
         if device.type == "cpu" and hasattr(step, "channels_last"):
             parts.append("channels_last" if step.channels_last else "NCHW")
+        if getattr(step, "fused_relus", 0):
+            parts.append(f"{step.fused_relus} ReLUs folded")
         return ", ".join(parts)
 
     def measure(name):

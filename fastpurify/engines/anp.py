@@ -36,6 +36,7 @@ from .. import functional as FP
 from ..arena import NeuronArena
 from ..data import DeviceBatchSampler, as_tensors
 from ..ensemble import AGGREGATES, EnsembleArena, MemberSamplers, aggregate_masks, draws
+from ..fusion import fuse_batch_norm_relu
 from ..inference import anp_mode, model_dtype
 from ..layers import convert, layer_paths
 from ..masks import ANPResult
@@ -75,7 +76,7 @@ class ANPEngine:
                  steps: int, alpha: float, lr: float, momentum: float, clamp_noise: bool, grouped: bool | None = None,
                  channels_last: bool = False, precision: str = "fp32", mask_layers=DEFAULT_KINDS,
                  micro_batch: int | None = None, global_batch: int | None = None, checkpoint: bool = False,
-                 members: int = 1):
+                 members: int = 1, fuse_relu: bool = False):
         net = convert(model, mask_layers).to(device)  # a copy; the caller's model is untouched
         for p in net.parameters():
             p.requires_grad_(False)  # 1. frozen weights
@@ -83,6 +84,9 @@ class ANPEngine:
             if isinstance(layer, nn.modules.batchnorm._BatchNorm):
                 layer.track_running_stats = False  # batch statistics; no running-stat writes
         anp_mode(net)  # BatchNorm on batch statistics, as the official script; no dropout
+        self.fused_relus = 0  # ReLUs folded into the BatchNorm before them (fastpurify.fusion; not with checkpoint,
+        if fuse_relu and not checkpoint:  # which wraps the model's own blocks)
+            net, self.fused_relus = fuse_batch_norm_relu(net)
         self.checkpointed = checkpoint_blocks(net) if checkpoint else []
         self.model = to_memory_format(net, channels_last)
         self.members = members  # a seed ensemble: ``images`` holds the members' batches one after another
@@ -281,7 +285,7 @@ def anp(model: nn.Module, clean_data: Any, *, eps: float = 0.4, steps: int = 1, 
         cuda_graph: bool | None = None, channels_last: bool | None = None, tf32: bool = True,
         precision: str = "fp32", check_every: int = 50, mask_layers: Iterable[str] | str = DEFAULT_KINDS,
         micro_batch: int | str | None = None, checkpoint: bool = False, seeds: int = 1,
-        aggregate: str = "mean", batched: bool | None = None) -> ANPResult:
+        aggregate: str = "mean", batched: bool | None = None, fused_relu: bool | None = None) -> ANPResult:
     """Learn ANP masks for ``model`` on the defender's clean data; ``model`` is never modified.
 
     ``clean_data``: ``(images, labels)`` tensors or arrays, a Dataset or a DataLoader (anything
@@ -301,7 +305,9 @@ def anp(model: nn.Module, clean_data: Any, *, eps: float = 0.4, steps: int = 1, 
     one ulp (bench/NOTES.md, 2026-11-27). ``channels_last=False`` on the CPU: the reference's
     arithmetic bit for bit), ``tf32`` (CUDA
     convolutions and matmuls), ``precision`` ("fp32" or "bf16" autocast), ``check_every``
-    (iterations between host checks of the loss). Prune afterwards with :func:`fastpurify.prune`.
+    (iterations between host checks of the loss), ``fused_relu`` (a ReLU that is all a BatchNorm's
+    output feeds, folded into the BatchNorm's kernels: :mod:`fastpurify.fusion`; None: on CUDA;
+    the same function, the ReLU's two passes saved). Prune afterwards with :func:`fastpurify.prune`.
 
     Memory: ``micro_batch`` (a divisor of the batch, "auto": the largest that fits in free CUDA
     memory, None: the whole batch) processes each batch in micro-batches with accumulated
@@ -336,7 +342,7 @@ def anp(model: nn.Module, clean_data: Any, *, eps: float = 0.4, steps: int = 1, 
                   batch_size=batch_size, clamp_noise=clamp_noise, augment=augment, padding=padding, flip=flip,
                   device=device, progress=progress, grouped=grouped, cuda_graph=cuda_graph,
                   channels_last=channels_last, tf32=tf32, precision=precision, check_every=check_every,
-                  mask_layers=mask_layers, micro_batch=micro_batch, checkpoint=checkpoint)
+                  mask_layers=mask_layers, micro_batch=micro_batch, checkpoint=checkpoint, fused_relu=fused_relu)
         return _one_after_another(model, clean_data, seed, seeds, aggregate, kw)
     _check_batched(seeds, micro_batch, checkpoint)
     shard = _rank_batch(batch_size)
@@ -362,7 +368,8 @@ def anp(model: nn.Module, clean_data: Any, *, eps: float = 0.4, steps: int = 1, 
     engine = ANPEngine(model, (seeds * local, *images.shape[1:]), device=device, eps=eps, steps=steps, alpha=alpha,
                        lr=lr, momentum=momentum, clamp_noise=clamp_noise, grouped=grouped,
                        channels_last=channels_last, precision=precision, mask_layers=mask_layers,
-                       global_batch=seeds * batch_size, checkpoint=checkpoint, members=seeds)
+                       global_batch=seeds * batch_size, checkpoint=checkpoint, members=seeds,
+                       fuse_relu=device.type == "cuda" if fused_relu is None else bool(fused_relu))
     if checkpoint and not engine.checkpointed:
         warnings.warn(f"checkpoint=True but {type(model).__name__} has no blocks to checkpoint (children of a "
                       "Sequential holding two or more layers with parameters); running without", UserWarning,
@@ -378,6 +385,7 @@ def anp(model: nn.Module, clean_data: Any, *, eps: float = 0.4, steps: int = 1, 
         engine.set_micro_batch(_choose_micro_batch(engine, micro_batch == "auto", fixed, seeds * local))
         run = engine.capture() if use_graph else None
         info = dict(device=str(device), grouped=engine.grouped, cuda_graph=run is not None, channels_last=channels_last,
+                    fused_relus=engine.fused_relus,
                     tf32=tf32 and device.type == "cuda", precision=precision, backend=FP.backend_for(engine.images),
                     num_neurons=engine.arena.num_neurons, num_layers=len(engine.arena.layers),
                     layer_paths=layer_paths(engine.model), mask_layers=list(mask_layers),

@@ -21,7 +21,7 @@ SIZES = {
     "anp": (dict(arch="cifar_resnet18", batch_size=128, num_images=500, image_size=32, warmup=3, iterations=10,
                  repeats=5, end_to_end=2000, bf16_check=200,
                  variants=("reference", "fast"), profile=("fast", "fast-bf16"),
-                 after=("reference-compile", "fast-bf16", "fast-nchw", "fast-seeds4")),
+                 after=("fast-unfused", "reference-compile", "fast-bf16", "fast-nchw", "fast-seeds4")),
             dict(arch="small_cnn", batch_size=16, num_images=32, image_size=16, warmup=1, iterations=2, repeats=2,
                  end_to_end=20, bf16_check=0, variants=("reference", "fast"), profile=("fast",),
                  after=("fast-eager",))),

@@ -136,8 +136,9 @@ def batch_norm_launches(shapes, layouts=(False, True), dtype_name="float32"):
 def other_modes(layouts=(False, True)):
     """The branches the ANP step does not take, once per layout: eval forward and a dx-only
     backward (PGD through a frozen model), running statistics updated, weight and bias
-    gradients, a mask-only backward (x needs no gradient), float16 and bfloat16, and a tensor
-    of 2**31 values (int64 offsets)."""
+    gradients, a mask-only backward (x needs no gradient), the folded ReLU (training with mask
+    and noise gradients; eval, dx only), float16 and bfloat16, and a tensor of 2**31 values
+    (int64 offsets)."""
     import torch
 
     from fastpurify import functional as FP
@@ -161,6 +162,12 @@ def other_modes(layouts=(False, True)):
             y.backward(torch.empty_like(y))  # eval, mask only
             y = FP.perturbed_batch_norm(x.detach(), p[0].detach(), p[1].detach(), p[2], groups=2)
             y.backward(torch.empty_like(y))  # training, mask only
+            y = FP.perturbed_batch_norm(x.detach().requires_grad_(), p[0].detach(), p[1].detach(), p[2],
+                                        torch.empty(2, 256, device="meta").requires_grad_(), groups=2, relu=True)
+            y.backward(torch.empty_like(y))  # ANP's step with the ReLU folded in (fastpurify.fusion)
+            y = FP.perturbed_batch_norm(x.detach().requires_grad_(), p[0].detach(), p[1].detach(), p[2].detach(),
+                                        *[None, None], *stats, training=False, relu=True)
+            y.backward(torch.empty_like(y))  # eval with the ReLU, dx only
         x = torch.empty(512, 64, 256, 256, device="meta")  # 2**31 values: int64 offsets
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)

@@ -1,0 +1,81 @@
+"""A ReLU folded into the perturbed BatchNorm before it, in an engine's own converted copy of a model.
+
+In a ResNet most BatchNorms feed a ReLU and nothing else (``relu(bn(conv(x)))``). Run apart, the
+ReLU costs a pass over the activations forward (read, write) and one backward (read the gradient
+and the output, write): on an H200 the ReLUs of ANP's step on the CIFAR ResNet-18 took about
+1 ms of its 8 ms (``bench/results/gpucheck-2026-11-27-run3``). Fused, the BatchNorm kernel writes
+ReLU(y) and its backward recomputes where y was positive from x, which it reads anyway
+(:func:`fastpurify.functional.perturbed_batch_norm`, ``relu=True``).
+
+:func:`fuse_batch_norm_relu` traces the model with ``torch.fx`` (fastpurify's perturbed layers as
+leaves), and wherever a fused-path :class:`~fastpurify.layers.PerturbedBatchNorm1d` / ``2d``'s
+output goes to a ReLU (``F.relu``, ``torch.relu``, ``.relu()``, ``nn.ReLU``; in place or not)
+and to nothing else, it removes the ReLU from the graph and sets the layer's ``fused_relu``. The
+result is a ``GraphModule`` over the same layer objects under the same names, computing the same
+function. A model fx cannot trace (data-dependent control flow, say) is returned unchanged.
+This is for a copy an engine owns (the ANP engine's converted network): the layers' flags change.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .layers import PerturbedBatchNorm1d, PerturbedBatchNorm2d, _Neurons
+
+RELU_FUNCTIONS = (F.relu, torch.relu, torch.relu_)
+RELU_METHODS = ("relu", "relu_")
+FUSABLE = (PerturbedBatchNorm1d, PerturbedBatchNorm2d)  # exact types: the norm-act layers run their own act
+
+
+class _Tracer(fx.Tracer):
+    """fastpurify's perturbed layers are leaves: traced as calls, never into."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, _Neurons) or super().is_leaf_module(m, qualname)
+
+
+def _is_relu_of(node: fx.Node, source: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """Whether ``node`` is a plain ReLU of ``source`` (no threshold, no other input)."""
+    if not node.args or node.args[0] is not source or len(node.args) > 1 + (node.op == "call_function"):
+        return False
+    extra = set(node.kwargs) - {"inplace"}
+    if node.op == "call_function":
+        inplace = node.args[1] if len(node.args) > 1 else None
+        return node.target in RELU_FUNCTIONS and not extra and inplace in (None, True, False)
+    if node.op == "call_method":
+        return node.target in RELU_METHODS and len(node.args) == 1 and not node.kwargs
+    if node.op == "call_module":
+        return type(modules.get(node.target)) is nn.ReLU and len(node.args) == 1 and not node.kwargs
+    return False
+
+
+def fuse_batch_norm_relu(model: nn.Module) -> tuple[nn.Module, int]:
+    """``(model with the ReLUs folded into their BatchNorms, how many)``; ``(model, 0)`` where fx
+    cannot trace it or nothing is to fuse (see the module docstring)."""
+    try:
+        graph = _Tracer().trace(model)
+    except Exception:  # noqa: BLE001 - any model fx cannot trace runs as it is
+        return model, 0
+    modules = dict(model.named_modules())
+    fused = 0
+    for node in list(graph.nodes):
+        if node.op != "call_module" or type(modules.get(node.target)) not in FUSABLE:
+            continue
+        layer = modules[node.target]
+        users = list(node.users)
+        if layer.path != "fused" or len(users) != 1 or not _is_relu_of(users[0], node, modules):
+            continue
+        relu = users[0]
+        relu.replace_all_uses_with(node)
+        graph.erase_node(relu)
+        layer.fused_relu = True
+        fused += 1
+    if not fused:
+        return model, 0
+    graph.lint()
+    out = fx.GraphModule(model, graph, class_name=type(model).__name__ + "Fused")
+    out.training = model.training  # the root's flag only: each layer keeps its own (ANP's mode)
+    return out, fused
