@@ -12,8 +12,11 @@ leaves), and wherever a fused-path :class:`~fastpurify.layers.PerturbedBatchNorm
 output goes to a ReLU (``F.relu``, ``torch.relu``, ``.relu()``, ``nn.ReLU``; in place or not)
 and to nothing else, it removes the ReLU from the graph and sets the layer's ``fused_relu``. The
 result is a ``GraphModule`` over the same layer objects under the same names, computing the same
-function. A model fx cannot trace (data-dependent control flow, say) is returned unchanged.
+function. A model fx cannot trace (data-dependent control flow, say), or one whose modules carry
+forward hooks (a traced graph would skip those of the modules it inlines), is returned unchanged.
 This is for a copy an engine owns (the ANP engine's converted network): the layers' flags change.
+:func:`fold_relus` is the same pass for any modules (``fastpurify.eval_norms`` folds the ReLUs
+after a frozen model's eval BatchNorms for PGD).
 """
 
 from __future__ import annotations
@@ -52,30 +55,48 @@ def _is_relu_of(node: fx.Node, source: fx.Node, modules: dict[str, nn.Module]) -
     return False
 
 
-def fuse_batch_norm_relu(model: nn.Module) -> tuple[nn.Module, int]:
-    """``(model with the ReLUs folded into their BatchNorms, how many)``; ``(model, 0)`` where fx
-    cannot trace it or nothing is to fuse (see the module docstring)."""
+def _has_hooks(model: nn.Module) -> bool:
+    """Whether any module carries forward hooks: a traced graph inlines the modules it does not
+    keep as leaves, and their hooks (the root's too) would no longer run."""
+    return any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+def fold_relus(model: nn.Module, foldable, tracer: fx.Tracer | None = None) -> tuple[nn.Module, list[nn.Module]]:
+    """``model`` traced (by ``tracer``, default fx's) with every plain ReLU removed whose input is a
+    call of a module ``foldable(module)`` accepts and is used by that ReLU alone: ``(GraphModule,
+    those modules)``, whose callers must then apply the ReLU themselves; ``(model, [])`` where
+    nothing folds, fx cannot trace the model, or a module carries forward hooks."""
+    if _has_hooks(model):
+        return model, []
     try:
-        graph = _Tracer().trace(model)
+        graph = (tracer or fx.Tracer()).trace(model)
     except Exception:  # noqa: BLE001 - any model fx cannot trace runs as it is
-        return model, 0
+        return model, []
     modules = dict(model.named_modules())
-    fused = 0
+    folded = []
     for node in list(graph.nodes):
-        if node.op != "call_module" or type(modules.get(node.target)) not in FUSABLE:
+        module = modules.get(node.target) if node.op == "call_module" else None
+        if module is None or not foldable(module):
             continue
-        layer = modules[node.target]
         users = list(node.users)
-        if layer.path != "fused" or len(users) != 1 or not _is_relu_of(users[0], node, modules):
+        if len(users) != 1 or not _is_relu_of(users[0], node, modules):
             continue
         relu = users[0]
         relu.replace_all_uses_with(node)
         graph.erase_node(relu)
-        layer.fused_relu = True
-        fused += 1
-    if not fused:
-        return model, 0
+        folded.append(module)
+    if not folded:
+        return model, []
     graph.lint()
-    out = fx.GraphModule(model, graph, class_name=type(model).__name__ + "Fused")
-    out.training = model.training  # the root's flag only: each layer keeps its own (ANP's mode)
-    return out, fused
+    out = fx.GraphModule(model, graph, class_name=type(model).__name__ + "Folded")
+    out.training = model.training  # the root's flag only: each layer keeps its own
+    return out, folded
+
+
+def fuse_batch_norm_relu(model: nn.Module) -> tuple[nn.Module, int]:
+    """``(model with the ReLUs folded into their BatchNorms, how many)``; ``(model, 0)`` where fx
+    cannot trace it or nothing is to fuse (see the module docstring)."""
+    out, folded = fold_relus(model, lambda m: type(m) in FUSABLE and m.path == "fused", _Tracer())
+    for layer in folded:
+        layer.fused_relu = True
+    return out, len(folded)

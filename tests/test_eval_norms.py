@@ -190,7 +190,8 @@ def test_pgd_through_the_fused_norms_equals_pytorch_batch_norm(channels_last, mo
     fused = fastpurify.pgd(model, x, y, steps=3, seed=0, fused_norms=True, channels_last=channels_last,
                            cuda_graph=False)
     norms = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
-    assert norms > 0 and len(calls) == 3 * norms  # every BatchNorm, three steps
+    # every BatchNorm, three steps, and the first chunk's check of the traced model (ReLUs folded) and the model
+    assert norms > 0 and len(calls) == (3 + 2) * norms
     # float64 gradients that differ in the last places give the same signs, so the same examples
     torch.testing.assert_close(fused, plain, rtol=0, atol=1e-12)
     assert all("forward" not in m.__dict__ for m in model.modules())
@@ -222,3 +223,67 @@ def test_a_pbe_round_through_the_fused_norms_equals_pytorch_batch_norm():
     for (name, a), (_, b) in zip(fused.state_dict().items(), plain.state_dict().items()):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-10, msg=name)
     assert F.mse_loss(fused(x), plain(x)) < 1e-20
+
+
+class Preact(nn.Module):
+    """relu(bn(x)) twice (both fold), and a BatchNorm feeding a residual (it does not)."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn1, self.conv, self.bn2, self.bn3 = nn.BatchNorm2d(3), nn.Conv2d(3, 3, 3, padding=1), nn.BatchNorm2d(3), \
+            nn.BatchNorm2d(3)
+        self.head = nn.Linear(3, 4)
+        self.flip = False  # read at trace time: changing it later makes the traced graph stale
+
+    def forward(self, x):
+        y = self.conv(torch.relu(self.bn1(x)))
+        y = self.bn3(nn.functional.relu(self.bn2(y)) + x)
+        y = -y if self.flip else y
+        return self.head(y.mean((2, 3)))
+
+
+def _frozen(model):
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    return on_device(model.double().eval().requires_grad_(False))
+
+
+def test_the_relus_the_norms_feed_are_folded_and_the_traced_model_is_the_model():
+    torch.manual_seed(0)
+    model = _frozen(Preact())
+    norms = EvalNorms(model)
+    assert len(norms) == 3 and norms.folded == 2 and norms.traced is not model
+    x = on_device(torch.randn(2, 3, 5, 5, dtype=torch.float64))
+    want = model(x)
+    with norms.active() as forward:
+        assert forward is norms.traced
+        got, own = forward(x), model(x)  # the model itself still right while routed (ReLU twice is ReLU)
+    tol = float64_tol(backend_for(x))
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+    torch.testing.assert_close(own, want, rtol=tol, atol=tol)
+    assert EvalNorms(model, fold_relu=False).folded == 0
+
+
+def test_nothing_is_folded_in_a_model_with_forward_hooks():
+    model = _frozen(Preact())
+    model.bn1.register_forward_hook(lambda m, i, o: None)
+    norms = EvalNorms(model)
+    assert norms.folded == 0 and norms.traced is model
+
+
+def test_pgd_checks_the_traced_model_once_and_falls_back_when_it_is_stale():
+    torch.manual_seed(0)
+    model = _frozen(Preact())
+    attack = PGDAttack(model, eps=8 / 255, alpha=2 / 255, steps=2, fused_norms=True)
+    assert attack.norms.folded == 2
+    model.flip = True  # the traced graph kept the branch of trace time
+    x, y = on_device(torch.rand(4, 3, 5, 5, dtype=torch.float64)), on_device(torch.tensor([0, 1, 2, 3]))
+    with pytest.warns(RuntimeWarning, match="computes other logits"):
+        adv = attack.attack(x, y, random_start=False, generator=None, batch_size=4)
+    assert attack.norms.folded == 0
+    plain = PGDAttack(model, eps=8 / 255, alpha=2 / 255, steps=2, fused_norms=False)
+    torch.testing.assert_close(adv, plain.attack(x, y, random_start=False, generator=None, batch_size=4),
+                               rtol=0, atol=1e-12)

@@ -17,7 +17,9 @@ The same attack, keywords and random draws as :func:`fastpurify.reference.pgd` (
    autocast on request (the loss and the update stay in float32);
 6. on CUDA the model's eval-mode BatchNorms run through fastpurify's fused eval kernels
    (:mod:`fastpurify.eval_norms`: one streaming kernel each way in the activations' layout, where
-   PyTorch's input gradient of an eval BatchNorm is non-vectorised on channels_last).
+   PyTorch's input gradient of an eval BatchNorm is non-vectorised on channels_last), with the
+   ReLUs that are all they feed folded in (the model traced by torch.fx; self-checked against the
+   model's own logits on the first chunk).
 
 The model is in eval mode for the attack; every submodule's own flag is restored afterwards.
 """
@@ -68,13 +70,19 @@ class PGDAttack:
         self.graphs = GraphCache(cuda_graph, after=capture_after)
         use_norms = self.device.type == "cuda" if fused_norms is None else bool(fused_norms)
         self.norms = EvalNorms(model) if use_norms else None
+        self._forward = model  # the model to run: inside ``prepared``, the fused norms' traced one
+        self._folding_checked = self.norms is None or not self.norms.folded
         self._buffers: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     @contextlib.contextmanager
     def prepared(self) -> Iterator[None]:
-        norms = self.norms.active() if self.norms is not None else contextlib.nullcontext()
-        with eval_mode(self.model), frozen(self.model), torch.enable_grad(), norms:
-            yield
+        norms = self.norms.active() if self.norms is not None else contextlib.nullcontext(self.model)
+        with eval_mode(self.model), frozen(self.model), torch.enable_grad(), norms as forward:
+            self._forward = forward
+            try:
+                yield
+            finally:
+                self._forward = self.model
 
     def keep_batches(self, sizes: set[int]) -> None:
         """Free the buffers and graphs of chunk shapes whose batch is not in ``sizes`` (say, an
@@ -95,12 +103,14 @@ class PGDAttack:
         step = FP.pgd_step_ if self.norm == "linf" else FP.pgd_l2_step_
         for _ in range(self.steps):
             seen = adv.contiguous(memory_format=self.memory_format)
-            loss = F.cross_entropy(logits_in(self.model, seen, self.device, self.precision), labels)
+            loss = F.cross_entropy(logits_in(self._forward, seen, self.device, self.precision), labels)
             (grad,) = torch.autograd.grad(loss, adv)
             step(adv.data, x0, grad, self.alpha, self.eps, self.lo, self.hi)
 
     def __call__(self, x0: torch.Tensor, labels: torch.Tensor, start: torch.Tensor | None = None) -> torch.Tensor:
         """Adversarial examples of one chunk ``x0`` (a new tensor), from ``start`` (default x0)."""
+        if not self._folding_checked:
+            self._check_folding(x0)
         s_x0, s_adv, s_y = self._static(x0, labels)
         with torch.no_grad():
             s_x0.copy_(x0)
@@ -108,6 +118,21 @@ class PGDAttack:
             s_y.copy_(labels)
         self.graphs.run(tuple(x0.shape), lambda: self._loop(s_x0, s_adv, s_y), state=[s_adv], check=[s_adv])
         return s_adv.detach().clone()
+
+    def _check_folding(self, x: torch.Tensor) -> None:
+        """Once, on the first chunk: the traced model with the ReLUs folded into the norms gives the
+        model's own logits; otherwise (a forward fx traced differently from how it runs) the
+        attack runs the model as it is, with a warning."""
+        self._folding_checked = True
+        with torch.no_grad():
+            seen = x.contiguous(memory_format=self.memory_format)
+            folded = logits_in(self._forward, seen, self.device, self.precision).float()
+            own = logits_in(self.model, seen, self.device, self.precision).float()
+        if not torch.allclose(folded, own, rtol=1e-3, atol=1e-3 * (1.0 + float(own.abs().max()))):
+            warnings.warn("the model traced with its ReLUs folded into the BatchNorms computes other logits than "
+                          "the model: PGD runs the model as it is", RuntimeWarning, stacklevel=3)
+            self.norms.unfold()
+            self._forward = self.model
 
     def attack(self, images: torch.Tensor, labels: torch.Tensor, *, random_start: bool,
                generator: torch.Generator | None, batch_size: int, bar=None, shard: bool = False) -> torch.Tensor:
