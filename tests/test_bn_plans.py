@@ -13,8 +13,7 @@ from fastpurify.validation import InputError
 from .devices import TEST_DEVICE
 
 
-@pytest.mark.parametrize("shape,layout", [((6, 20, 5, 3), "nhwc"), ((6, 20, 5, 3), "nchw"), ((4, 3, 17, 2), "nchw"),
-                                          ((4, 130, 2, 2), "nhwc")])
+@pytest.mark.parametrize("shape,layout", [((6, 20, 5, 3), "nhwc"), ((4, 3, 17, 2), "nchw")])
 def test_every_candidate_plan_computes_the_fused_operation(shape, layout):
     groups = 2
     t = B.make_inputs(shape, groups, layout, TEST_DEVICE)

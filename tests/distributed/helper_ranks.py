@@ -129,7 +129,10 @@ def stuck(rank: int, world: int, wait_s: float) -> dict:
 
 def dies(rank: int, world: int) -> tuple:
     """The last rank's process ends (exit code 3) before the collective; the others wait in
-    all_reduce_sum_ and must get a DistributedError at once."""
+    all_reduce_sum_ and must get a DistributedError at once. Every rank first passes a barrier, so
+    the last one cannot end while the others are still setting up the group (a loaded machine
+    made them fail there instead: the race, not the behaviour under test)."""
+    dist.barrier()
     if rank == world - 1:
         os._exit(3)
     return _timed("all_reduce", lambda: D.all_reduce_sum_(torch.ones(3, dtype=torch.float64)))
