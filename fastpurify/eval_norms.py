@@ -55,10 +55,12 @@ def routable(module: nn.Module) -> bool:
             and module.running_var is not None and "forward" not in module.__dict__)
 
 
-def _frozen_forward(module: nn.modules.batchnorm._BatchNorm, ones: torch.Tensor, relu: bool,
+def _frozen_forward(module: nn.modules.batchnorm._BatchNorm, ones: torch.Tensor, relu_after: set[int],
                     x: torch.Tensor) -> torch.Tensor:
     """``module``'s eval forward through the fused kernels (then ReLU, where the traced model left
-    it to the module), or its own forward where the kernels do not apply."""
+    it to the module: ``id(module)`` in ``relu_after``, read at each call, so that
+    :meth:`EvalNorms.unfold` takes effect at once), or its own forward where the kernels do not apply."""
+    relu = id(module) in relu_after
     params_need_grad = torch.is_grad_enabled() and any(
         p is not None and p.requires_grad for p in (module.weight, module.bias))
     if (module.training or params_need_grad or x.device != ones.device or x.dtype not in FP.FLOAT_DTYPES
@@ -96,8 +98,10 @@ class EvalNorms:
         return len(self._relu_after)
 
     def unfold(self) -> None:
-        """Run the model as it is from now on, its ReLUs apart (the attack's self-check disagreed)."""
-        self.traced, self._relu_after = self.model, set()
+        """Run the model as it is from now on, its ReLUs apart (the attack's self-check disagreed);
+        the routed modules stop applying the ReLUs at once, inside :meth:`active` too."""
+        self.traced = self.model
+        self._relu_after.clear()
 
     @contextlib.contextmanager
     def active(self) -> Iterator[nn.Module]:
@@ -109,7 +113,7 @@ class EvalNorms:
             for module, ones in zip(self.modules, self._ones):
                 if "forward" in module.__dict__:  # replaced since: leave it alone
                     continue
-                module.forward = functools.partial(_frozen_forward, module, ones, id(module) in self._relu_after)
+                module.forward = functools.partial(_frozen_forward, module, ones, self._relu_after)
                 patched.append(module)
             routed = {id(m) for m in patched}
             yield self.traced if self._relu_after <= routed else self.model

@@ -287,3 +287,33 @@ def test_pgd_checks_the_traced_model_once_and_falls_back_when_it_is_stale():
     plain = PGDAttack(model, eps=8 / 255, alpha=2 / 255, steps=2, fused_norms=False)
     torch.testing.assert_close(adv, plain.attack(x, y, random_start=False, generator=None, batch_size=4),
                                rtol=0, atol=1e-12)
+
+
+class StaleRelu(nn.Module):
+    """bn1 feeds only a ReLU when traced; setting ``skip`` later makes that trace stale."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn1, self.head = nn.BatchNorm2d(3), nn.Linear(3, 4)
+        self.skip = False
+
+    def forward(self, x):
+        y = self.bn1(x)
+        return self.head((y if self.skip else torch.relu(y)).mean((2, 3)))
+
+
+def test_unfolding_inside_the_routing_stops_the_folded_relus_at_once():
+    """After :meth:`EvalNorms.unfold` (the attack's check found the trace stale), the routed modules
+    no longer apply the ReLU the trace had left to them, in the same ``active`` block."""
+    torch.manual_seed(0)
+    model = _frozen(StaleRelu())
+    norms = EvalNorms(model)
+    assert norms.folded == 1
+    model.skip = True
+    x = on_device(torch.randn(2, 3, 5, 5, dtype=torch.float64))
+    want = model(x)
+    with norms.active():
+        norms.unfold()
+        got = model(x)
+    tol = float64_tol(backend_for(x))
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
