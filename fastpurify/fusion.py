@@ -41,18 +41,19 @@ class _Tracer(fx.Tracer):
 
 
 def _is_relu_of(node: fx.Node, source: fx.Node, modules: dict[str, nn.Module]) -> bool:
-    """Whether ``node`` is a plain ReLU of ``source`` (no threshold, no other input)."""
-    if not node.args or node.args[0] is not source or len(node.args) > 1 + (node.op == "call_function"):
+    """Whether ``node`` is a plain ReLU of ``source`` (no threshold, no other input): ``F.relu(x)``
+    or ``F.relu(x, inplace)`` (positional or keyword), ``torch.relu(x)``, ``x.relu()``, ``nn.ReLU``."""
+    if not node.args or node.args[0] is not source:
         return False
-    extra = set(node.kwargs) - {"inplace"}
     if node.op == "call_function":
-        inplace = node.args[1] if len(node.args) > 1 else None
-        return node.target in RELU_FUNCTIONS and not extra and inplace in (None, True, False)
+        inplace = node.args[1] if len(node.args) == 2 else None
+        return (node.target in RELU_FUNCTIONS and len(node.args) <= 2 and set(node.kwargs) <= {"inplace"}
+                and inplace in (None, True, False))
+    if len(node.args) != 1 or node.kwargs:
+        return False
     if node.op == "call_method":
-        return node.target in RELU_METHODS and len(node.args) == 1 and not node.kwargs
-    if node.op == "call_module":
-        return type(modules.get(node.target)) is nn.ReLU and len(node.args) == 1 and not node.kwargs
-    return False
+        return node.target in RELU_METHODS
+    return node.op == "call_module" and type(modules.get(node.target)) is nn.ReLU
 
 
 def _has_hooks(model: nn.Module) -> bool:

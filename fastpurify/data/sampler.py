@@ -115,33 +115,33 @@ class DeviceBatchSampler:
         """:meth:`sample`'s batch (the same draws, the same values), rows ``rows`` of it written into
         ``images`` and ``labels`` (an engine's batch buffers: any strides, any float dtype). Where the
         Triton kernels run (CUDA, or the interpreter) the gather, crop, flip and writes are one
-        launch after the draws (``kernels/augment.py``); elsewhere PyTorch's ops and a copy."""
+        launch after the draws (``kernels/augment.py``); elsewhere :meth:`sample` and a copy."""
         n = self.batch_size
         if images.shape[0] != len(range(n)[rows]) or images.shape[1:] != self.images.shape[1:]:
             raise InputError(f"the batch buffer holds {tuple(images.shape)}, but rows {rows} of a batch of "
                              f"{(n, *self.images.shape[1:])} were asked for")
-        index = torch.randint(self.images.shape[0], (n,), generator=self.generator, device=self.device)
-        offsets, flip_u = (draw_augmentation(n, self.generator, self.padding, self.flip, self.device) if self.augment
-                           else (None, None))
         from ..functional import backend_for  # the data layer's one fused operation: lazily, as the kernels
 
-        if images.dim() == 4 and images.device == self.device and backend_for(images) == "triton":
-            from ..kernels.augment import gather_augment
-
-            gather_augment(self.images, self.labels, index[rows], None if offsets is None else offsets[rows],
-                           None if flip_u is None else flip_u[rows], self.padding, images, labels)
+        if images.dim() != 4 or images.device != self.device or backend_for(images) != "triton":
+            x, y = self.sample()
+            images.copy_(x[rows])
+            labels.copy_(y[rows])
             return
-        x = self.images[index]
-        if self.augment:
-            x = apply_augmentation(x, offsets, flip_u, self.padding)
-        images.copy_(x[rows])
-        labels.copy_(self.labels[index][rows])
+        from ..kernels.augment import gather_augment
+
+        index = self._draw_index()
+        offsets, flip_u = (draw_augmentation(n, self.generator, self.padding, self.flip, self.device) if self.augment
+                           else (None, None))
+        gather_augment(self.images, self.labels, index[rows], None if offsets is None else offsets[rows],
+                       None if flip_u is None else flip_u[rows], self.padding, images, labels)
+
+    def _draw_index(self) -> torch.Tensor:
+        """The batch's indices, drawn uniformly with replacement (the first draw of a batch)."""
+        return torch.randint(self.images.shape[0], (self.batch_size,), generator=self.generator, device=self.device)
 
     def sample(self) -> tuple[torch.Tensor, torch.Tensor]:
         """One batch of ``batch_size`` drawn uniformly with replacement."""
-        index = torch.randint(self.images.shape[0], (self.batch_size,), generator=self.generator,
-                              device=self.device)
-        return self._take(index)
+        return self._take(self._draw_index())
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         n = self.images.shape[0]

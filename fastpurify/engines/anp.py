@@ -64,8 +64,7 @@ class ANPEngine:
     """A converted, frozen copy of a model on ``device`` with its arena, and one ANP iteration.
 
     The iteration reads the static ``images``/``labels`` buffers (filled by the sampler's
-    ``sample_into``, one fused launch after its draws, or by :meth:`load_batch`, with this
-    process's share of the batch) and the noise drawn into the arena, so it can be
+    ``sample_into`` with this process's share of the batch: one fused launch after its draws) and the noise drawn into the arena, so it can be
     captured in a CUDA graph as it is. ``micro_batch`` splits that share into equal
     micro-batches: each gradient is accumulated over them (each micro-batch's loss weighted by
     its share of the whole batch), and under a process group summed over the ranks with one
@@ -111,11 +110,6 @@ class ANPEngine:
         self.micro_batch = micro_batch
         self.chunks = [slice(s, s + micro_batch) for s in range(0, local, micro_batch)]
         self.share = micro_batch / self.global_batch  # each micro-batch's weight in the batch's mean loss
-
-    @torch.no_grad()
-    def load_batch(self, images: torch.Tensor, labels: torch.Tensor) -> None:
-        self.images.copy_(images)
-        self.labels.copy_(labels)
 
     def _logits(self, images: torch.Tensor) -> torch.Tensor:
         """The model's logits (under autocast for bf16; the loss is always taken in float32+)."""
