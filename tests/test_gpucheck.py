@@ -201,11 +201,13 @@ def test_the_cifar_stage_runs_both_reproductions_in_a_dry_run(tmp_path):
     data = json.loads((tmp_path / "out" / "cifar.json").read_text())
     assert data["status"] == "ok", data["steps"]
     assert [s["name"] for s in data["steps"]] == ["reproduce anp", "reproduce pbe"]
-    assert data["anp"]["rows"][0]["attack"] == "badnets" and data["pbe"]["runs"][0]["pbe"]["clean"]["acc"] >= 0
+    assert [r["attack"] for r in data["anp"]["rows"]] == ["badnets", "none"]  # ANP's clean control
+    assert [r["attack"] for r in data["pbe"]["rows"]] == ["badnets"] and data["pbe"]["runs"][0]["pbe"]["clean"]["acc"] >= 0
     assert "# ANP reproduction on CIFAR-10 (JPEG copy)" in data["table"] and "# PBE reproduction" in data["table"]
     assert (tmp_path / "out" / "cifar" / "anp" / "table.json").is_file()
     rows = {r["target"]: r for r in evaluate({"cifar": data}, 10.0, 120.0)}
-    assert rows["CIFAR-10 (JPEG copy): ANP, ResNet-18"]["measured"].startswith("badnets: before ")
+    anp = rows["CIFAR-10 (JPEG copy): ANP, ResNet-18"]["measured"]
+    assert anp.startswith("badnets: before ") and " — none: before " in anp and "/ n/a; threshold " in anp
     assert rows["CIFAR-10 (JPEG copy): PBE"]["result"] == "measured"
 
 
@@ -243,3 +245,16 @@ def test_sanitizer_summaries_are_not_findings():
     assert not judge({"exit_code": 0, "timed_out": False}, clean + hazard)["clean"]
     assert not judge({"exit_code": 0, "timed_out": True}, clean)["clean"]  # cut off: not every process summarised
     assert not judge({"exit_code": None, "timed_out": False}, ".....\n")["clean"]  # no summary at all
+
+
+def test_the_cifar_stage_gives_the_clean_control_a_subjects_share_of_training():
+    """ANP's table holds a clean control from 240 s on, trained on the same time per subject as the backdoored
+    ones (the budget grows with the subjects, not split thinner); PBE keeps the backdoored subjects only."""
+    from fastpurify.gpucheck.fidelity import plan
+
+    shared, anp, pbe = plan(300.0, dry_run=False)
+    assert anp["attacks"] == ("badnets", "blend", "none") and pbe["attacks"] == ("badnets", "blend")
+    assert anp["budget"] / 3 == pytest.approx(pbe["budget"] / 2) == pytest.approx(0.35 * 300 / 2)
+    assert "attacks" not in shared and "budget" not in shared
+    _, anp, pbe = plan(200.0, dry_run=False)
+    assert anp["attacks"] == pbe["attacks"] == ("badnets",) and anp["budget"] == pytest.approx(70.0)

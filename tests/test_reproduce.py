@@ -34,7 +34,7 @@ def test_the_papers_settings_and_overrides():
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (dict(attacks=("badnets", "trojan")), "unknown attack 'trojan'"),
+    (dict(attacks=("badnets", "trojan")), "unknown attack 'trojan': choose from badnets, blend, sig, wanet, or none"),
     (dict(attacks=()), "at least one attack"),
     (dict(seeds=0), "--seeds"),
     (dict(rate=1.5), "--rate must lie in (0, 1)"),
@@ -48,6 +48,7 @@ def test_the_papers_settings_and_overrides():
     (dict(pbe_initial="high-loss", pbe_schedule=(0.05, 0.9)),
      "--pbe-exclude-low-loss 0.2 (--pbe-initial high-loss's default) leaves 80%"),
     (dict(pbe_lr=0.0), "--pbe-lr"),
+    (dict(anp_eps=0.0), "--anp-eps must lie in (0, 1]"),
     (dict(colour="red"), "unknown reproduction setting(s) colour"),
 ])
 def test_bad_settings_say_what_is_accepted(overrides, message):
@@ -169,6 +170,41 @@ def test_reproduce_on_digits_from_the_command_line(tmp_path, capsys):
     assert run["no-clean"]["adversarial_labels"]["target"] == 0
     assert all(0 <= r["adv_asr"] <= 1 for r in run["no-clean"]["rounds"]), "each round's step-1b metrics"
     assert "| 93.7 / 100 | n/a | 91 / 1.5 |" in (tmp_path / "pbe" / "table.md").read_text()
+
+
+def test_the_clean_control_is_trained_without_poison_and_has_no_asr(tmp_path, capsys):
+    """--attacks ...,none: a subject trained on the same split without poison, beside a backdoored one; ANP's
+    rules and both PBE settings run on it, its ASR cells are absent (n/a), its key ignores the poison rate."""
+    common = ["--data", "digits", "--arch", "small_cnn", "--attacks", "badnets,none", "--rate", "0.1", "--epochs", "4",
+              "--clean-images", "64", "--subject-cache", str(tmp_path / "subjects"), "--no-progress"]
+    assert main(["reproduce", "anp", *common, "--iterations", "5", "--anp-eps", "0.1", "--out", str(tmp_path / "anp")]) == 0
+    out = capsys.readouterr().out
+    anp = json.loads((tmp_path / "anp" / "table.json").read_text())
+    assert "eps 0.1, alpha 0.2" in out and anp["config"]["anp_eps"] == 0.1
+    assert all(r["anp"]["settings"]["eps"] == 0.1 for r in anp["runs"])  # what the engine ran with
+    assert "none, seed 0: subject (small_cnn, no poison: the clean control)" in out and "ASR n/a" in out and "**none**: the clean control" in out
+    assert main(["reproduce", "pbe", *common, "--pbe-epochs", "1,1", "--pbe-schedule", "0.2",
+                 "--out", str(tmp_path / "pbe")]) == 0
+    assert capsys.readouterr().out.count("subject cached") == 2
+    for defense in ("anp", "pbe"):
+        table = json.loads((tmp_path / defense / "table.json").read_text())
+        rows = {r["attack"]: r["cells"] for r in table["rows"]}
+        assert "before ASR" in rows["badnets"] and "before ASR" not in rows["none"]
+        assert not any(h.endswith("ASR") for h in rows["none"]) and rows["none"]["before ACC"]["mean"] > 50
+        control = next(r for r in table["runs"] if r["attack"] == "none")
+        assert control["before"]["asr"] is None and control["subject"]["rate"] == 0.0
+        assert "| none | 1 |" in (tmp_path / defense / "table.md").read_text()
+    run = json.loads((tmp_path / "pbe" / "runs" / "none-seed0.json").read_text())["pbe"]
+    assert run["no-clean"]["asr"] is None and run["no-clean"]["rounds"][-1]["poisoned_fraction"] is None
+    assert run["no-clean"]["train_images"] == json.loads((tmp_path / "pbe" / "runs" / "badnets-seed0.json").read_text()
+                                                         )["pbe"]["no-clean"]["train_images"]
+    splits = load_source("synthetic", size=8, seed=0)
+    config = paper_config("anp", arch="small_cnn", train_images=400, clean_images=20)
+    data = split_data(splits, config)
+    other_rate = paper_config("anp", arch="small_cnn", rate=0.2, train_images=400, clean_images=20)
+    assert subject_key(data, config, "none", 0, config.recipe) == subject_key(data, other_rate, "none", 0, config.recipe)
+    assert subject_key(data, config, "badnets", 0, config.recipe) != subject_key(data, other_rate, "badnets", 0,
+                                                                                  config.recipe)
 
 
 @pytest.mark.skipif(not CIFAR10_JPEG.is_file(), reason=f"the CIFAR-10 (JPEG copy) tarball is not at {CIFAR10_JPEG} "

@@ -3,6 +3,7 @@
 CLEAN/clean-<ARCH>-<seed>.pt (paths and sizes as common.py). python clean_models.py 0[,1,...]"""
 import os, sys, time, torch
 from common import cifar
+from fastpurify.backdoor import accuracy
 from fastpurify.models import build_model
 from fastpurify.training import train_classifier
 torch.set_num_threads(int(os.environ.get("THREADS", "1")))
@@ -18,5 +19,6 @@ for seed in map(int, sys.argv[1].split(",")):
     path = os.path.join(os.environ.get("CLEAN", "."), f"clean-{arch}-{seed}.pt")
     torch.save(model.state_dict(), path + ".tmp")
     os.replace(path + ".tmp", path)
-    acc = (model.eval()(split.test[0][:2000]).argmax(1) == split.test[1][:2000]).float().mean().item()
-    print(arch, "clean", seed, f"{time.time() - start:.0f} s, ACC {100 * acc:.1f} on 2000 test images", flush=True)
+    acc = accuracy(model, *split.test)  # every test image: the split keeps the archive's class order
+    print(arch, "clean", seed, f"{time.time() - start:.0f} s, ACC {100 * acc:.1f} on {split.test[1].numel()} test images",
+          flush=True)

@@ -25,8 +25,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--data", default="cifar10-jpeg",
                    help="cifar10-jpeg[:PATH] (default; CIFAR-10 (JPEG copy)) | imagefolder:PATH | cifar10[:DIR] | "
                         "digits | any --data source with a training split")
-    g.add_argument("--attacks", default="badnets,blend", help="comma-separated: badnets, blend, sig, wanet "
-                   "(default: %(default)s)")
+    g.add_argument("--attacks", default="badnets,blend", help="comma-separated: badnets, blend, sig, wanet, and none "
+                   "(a clean control: the same training without poison; no ASR) (default: %(default)s)")
     g.add_argument("--seeds", type=int, default=1, help="subjects per attack, seeds 0..N-1 (default: %(default)s)")
     g.add_argument("--arch", default=None, help="default: the paper's (anp: cifar_resnet18, pbe: preact_resnet18)")
     g.add_argument("--rate", type=float, default=None, help="poison rate (default: anp 0.05, pbe 0.1)")
@@ -43,6 +43,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="folder of cached subjects (default: $FASTPURIFY_CACHE/subjects or ~/.cache/fastpurify/subjects)")
     g = p.add_argument_group("ANP")
     g.add_argument("--iterations", type=int, default=None, help="mask iterations (default: the paper's 2000)")
+    g.add_argument("--anp-eps", type=float, default=None,
+                   help="the neuron perturbation's bound, in (0, 1] (default: the paper's 0.4)")
     g.add_argument("--threshold", type=float, default=None, help="prune masks <= T (default: 0.2)")
     g.add_argument("--max-drop", type=float, default=None,
                    help="the clean-data rule's allowed clean-accuracy drop, a fraction (default: 0.02)")
@@ -96,7 +98,7 @@ def options(args: argparse.Namespace) -> dict:
         attacks=tuple(a.strip() for a in args.attacks.split(",") if a.strip()), seeds=args.seeds, arch=args.arch,
         rate=args.rate, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, train_images=args.train_images,
         test_images=args.test_images, clean_images=args.clean_images, anp_iterations=args.iterations,
-        threshold=args.threshold, max_drop=args.max_drop, anp_seeds=args.anp_seeds,
+        anp_eps=args.anp_eps, threshold=args.threshold, max_drop=args.max_drop, anp_seeds=args.anp_seeds,
         auto_rule=False if args.no_auto_rule else None,
         pbe_settings=None if args.pbe_settings is None else tuple(s.strip() for s in args.pbe_settings.split(",")),
         pbe_adv_epochs=None if adv_clean is None else adv_clean[0],

@@ -27,17 +27,26 @@ def unavailable(cifar: str | None) -> str | None:
 
 def plan(seconds: float, dry_run: bool) -> tuple[dict, dict, dict]:
     """(shared, anp-only, pbe-only) keywords of :func:`fastpurify.reproduce.reproduce` for a stage
-    of ``seconds``: the subjects' training gets about a third of it."""
+    of ``seconds``: the backdoored subjects' training gets about a third of it. ANP also runs on
+    a clean control (attack ``"none"``: the same training without poison), given the same
+    training time per subject, so the table shows what each pruning rule does where there is no
+    backdoor (the trigger-free rule should prune nothing)."""
+    from ..reproduce.config import CONTROL  # torch is imported by the stage, not by the plan's checks
+
     if dry_run:
-        shared = dict(arch="small_cnn", attacks=("badnets",), rate=0.1, train_images=600, test_images=300,
-                      clean_images=40, epochs=1, budget=None, device="cpu")
+        shared = dict(arch="small_cnn", rate=0.1, train_images=600, test_images=300, clean_images=40, epochs=1,
+                      budget=None, device="cpu")
         # the plumbing only: the auto rule's trigger reconstructions (100 steps per candidate) do not fit on a CPU
-        return shared, dict(anp_iterations=5, auto_rule=False), dict(pbe_adv_epochs=1, pbe_clean_epochs=1,
-                                                                     pbe_settings=("clean",))
+        return shared, dict(attacks=("badnets", CONTROL), anp_iterations=5, auto_rule=False), dict(
+            attacks=("badnets",), pbe_adv_epochs=1, pbe_clean_epochs=1, pbe_settings=("clean",))
     attacks = ("badnets", "blend") if seconds >= 240 else ("badnets",)
-    shared = dict(arch="cifar_resnet18", attacks=attacks, rate=0.1, budget=max(10.0, 0.35 * seconds))
-    anp = dict(anp_iterations=2000 if seconds >= 150 else 500)
-    pbe = dict(pbe_settings=("clean", "no-clean") if seconds >= 400 else ("clean",))
+    per_subject = max(10.0, 0.35 * seconds) / len(attacks)
+    shared = dict(arch="cifar_resnet18", rate=0.1)
+    anp_attacks = attacks + ((CONTROL,) if seconds >= 240 else ())
+    anp = dict(attacks=anp_attacks, budget=per_subject * len(anp_attacks),
+               anp_iterations=2000 if seconds >= 150 else 500)
+    pbe = dict(attacks=attacks, budget=per_subject * len(attacks),
+               pbe_settings=("clean", "no-clean") if seconds >= 400 else ("clean",))
     return shared, anp, pbe
 
 

@@ -124,6 +124,17 @@ def _large(model: str):
     return measure
 
 
+PRUNED_COLUMNS = {"threshold": "threshold pruned", "clean-rule": "rule pruned", "auto": "auto pruned"}
+
+
+def _acc_asr(cells: dict, method: str) -> str:
+    """"ACC / ASR" of one method's cells (ASR "n/a" on the clean control), with the pruned count."""
+    asr = cells.get(method + " ASR")
+    text = f"{cells[method + ' ACC']['mean']:.1f} / " + ("n/a" if asr is None else f"{asr['mean']:.1f}")
+    pruned = cells.get(PRUNED_COLUMNS.get(method, ""))
+    return text + ("" if pruned is None else f" ({pruned['mean']:.0f} pruned)")
+
+
 def _fidelity(defense: str, methods: tuple[str, ...]):
     """CIFAR-10 (JPEG copy): ACC / ASR before -> after each method, per attack (mean over seeds).
     The papers' values are not in fastpurify (see fastpurify/reproduce/papers.py), so the row is
@@ -135,10 +146,8 @@ def _fidelity(defense: str, methods: tuple[str, ...]):
         parts = []
         for row in rows:
             c = row["cells"]
-            after = [f"{m} {c[m + ' ACC']['mean']:.1f} / {c[m + ' ASR']['mean']:.1f}" for m in methods
-                     if m + " ACC" in c]
-            parts.append(f"{row['attack']}: before {c['before ACC']['mean']:.1f} / {c['before ASR']['mean']:.1f}; "
-                         + "; ".join(after))
+            after = [f"{m} {_acc_asr(c, m)}" for m in methods if m + " ACC" in c]
+            parts.append(f"{row['attack']}: before {_acc_asr(c, 'before')}; " + "; ".join(after))
         return " — ".join(parts) + " (ACC / ASR %)", None
     return measure
 

@@ -11,6 +11,7 @@ from ..validation import InputError, check_fraction, check_positive, check_posit
 
 DEFENSES = ("anp", "pbe")
 PBE_SETTINGS = ("clean", "no-clean")
+CONTROL = "none"  # the clean control: a subject trained on the same split without poison (no ASR)
 
 
 @dataclass(frozen=True)
@@ -41,7 +42,9 @@ class ReproduceConfig:
 
     Subjects: ``arch`` trained on the training split less a ``reserve_fraction`` held out for the
     defender (optionally first cut to a random ``train_images``), poisoned by each attack at
-    ``rate`` (target ``target``, all-to-one), one per seed. The defender's clean images are
+    ``rate`` (target ``target``, all-to-one), one per seed; the attack ``"none"`` is the clean
+    control, trained the same way without poison (no ASR: what each defense costs, and whether
+    the trigger-free rule prunes, where there is no backdoor). The defender's clean images are
     ``clean_images`` of the reserve (default ``clean_fraction`` of the training split). ACC and
     ASR are measured on the test split (optionally a random ``test_images`` of it).
     """
@@ -61,6 +64,7 @@ class ReproduceConfig:
     # ANP (the paper's settings) and its two pruning rules
     anp_iterations: int = 2000
     anp_batch_size: int = 128
+    anp_eps: float = 0.4  # the neuron perturbation's bound (the paper's; docs/anp-selection.md measures 0.1 at CPU scale)
     threshold: float = 0.2
     max_drop: float = 0.02
     anp_seeds: int = 1  # > 1: a seed ensemble, pruned by its mean mask
@@ -113,8 +117,9 @@ def check_config(c: ReproduceConfig) -> None:
     if not c.attacks:
         raise InputError("give at least one attack (--attacks badnets,blend,sig,wanet)")
     for a in c.attacks:
-        if a not in ATTACKS:
-            raise InputError(f"unknown attack {a!r}: choose from {', '.join(ATTACKS)}")
+        if a not in ATTACKS and a != CONTROL:
+            raise InputError(f"unknown attack {a!r}: choose from {', '.join(ATTACKS)}, or {CONTROL} (a clean "
+                             "control: the same training without poison)")
     if len(set(c.attacks)) != len(c.attacks):
         raise InputError(f"--attacks lists an attack twice: {','.join(c.attacks)}")
     check_positive_int(c.seeds, "--seeds")
@@ -130,6 +135,7 @@ def check_config(c: ReproduceConfig) -> None:
     check_positive(c.recipe.lr, "--lr")
     check_positive_int(c.anp_iterations, "--iterations")
     check_positive_int(c.anp_batch_size, "--anp-batch-size")
+    check_fraction(c.anp_eps, "--anp-eps", high_open=False)
     check_fraction(c.threshold, "--threshold", low_open=False)
     check_fraction(c.max_drop, "--max-drop", low_open=False, high_open=False)
     if not c.pbe_settings or any(s not in PBE_SETTINGS for s in c.pbe_settings):

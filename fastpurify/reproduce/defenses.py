@@ -30,8 +30,9 @@ def run_anp(subject: Subject, data: SplitData, config: ReproduceConfig, *, devic
     ``max_drop``) and the trigger-free ``auto`` rule (:func:`fastpurify.selection.choose_pruning`,
     its defaults); ACC / ASR of each on the test split."""
     clean = defender_clean(data, config)
-    result = fast_anp(subject.model, clean, iterations=config.anp_iterations, batch_size=config.anp_batch_size,
-                      seed=seed, device=device, precision=precision, progress=progress, seeds=config.anp_seeds)
+    result = fast_anp(subject.model, clean, eps=config.anp_eps, iterations=config.anp_iterations,
+                      batch_size=config.anp_batch_size, seed=seed, device=device, precision=precision,
+                      progress=progress, seeds=config.anp_seeds)
     start = time.perf_counter()
     by_threshold = prune(subject.model, result.masks, threshold=config.threshold)
     threshold_seconds = time.perf_counter() - start
@@ -50,6 +51,7 @@ def run_anp(subject: Subject, data: SplitData, config: ReproduceConfig, *, devic
         "clean_images": int(clean[1].numel()),
         "mask_seconds": round(result.seconds, 3),
         "engine": {k: result.engine.get(k) for k in ("name", "device", "backend", "cuda_graph", "precision")},
+        "settings": {k: result.settings.get(k) for k in ("eps", "alpha", "lr", "iterations", "batch_size")},
         "num_neurons": result.num_neurons,
         "threshold": {"value": config.threshold, "pruned": pruned, "seconds": round(threshold_seconds, 3),
                       **_metrics(evaluate(by_threshold, *data.test, subject.attack))},
@@ -77,12 +79,12 @@ def run_pbe(subject: Subject, data: SplitData, config: ReproduceConfig, *, devic
         out["clean"] = {"clean_images": int(clean[1].numel()), "seconds": round(report.seconds, 3),
                         "acc": last.acc, "asr": last.asr, "engine": report.engine.get("device")}
     if "no-clean" in config.pbe_settings:
-        p = subject.poisoned
-        _, report = fast_pbe(subject.model, train_data=(p.images, p.labels), poison_indices=p.poison_indices,
+        images, labels, poisoned = subject.training_set(data)
+        _, report = fast_pbe(subject.model, train_data=(images, labels), poison_indices=poisoned,
                              schedule=config.pbe_schedule, initial=config.pbe_initial,
                              exclude_low_loss=config.pbe_exclude_low_loss, **kw)
         last = report.rounds[-1]
-        out["no-clean"] = {"train_images": int(p.labels.numel()), "seconds": round(report.seconds, 3),
+        out["no-clean"] = {"train_images": int(labels.numel()), "seconds": round(report.seconds, 3),
                            "acc": last.acc, "asr": last.asr, "engine": report.engine.get("device"),
                            "adversarial_labels": report.adversarial_labels,
                            "rounds": [{"fraction": r.fraction, "size": r.size, "adv_acc": r.adv_acc,

@@ -14,7 +14,7 @@ from ..data import load_source
 from ..engines.runtime import resolve_device
 from ..files import write_json
 from ..purification import default_exclude_low_loss, default_lr
-from .config import ReproduceConfig, paper_config
+from .config import CONTROL, ReproduceConfig, paper_config
 from .defenses import run_anp, run_pbe
 from .papers import load_published
 from .subjects import (SplitData, cached_subject, clean_count, epochs_within, get_subject, split_data,
@@ -54,26 +54,27 @@ def reproduce(defense: str, data: str = "cifar10-jpeg", *, out: str | Path, budg
     recipe, budget_info = _recipe_for(split, config, work, budget, device, cache)
     runs = []
     for i, (attack, seed) in enumerate(work, 1):
-        print(f"[{i}/{len(work)}] {attack}, seed {seed}: subject ({config.arch}, rate {config.rate:g})", flush=True)
+        what = "no poison: the clean control" if attack == CONTROL else f"rate {config.rate:g}"
+        print(f"[{i}/{len(work)}] {attack}, seed {seed}: subject ({config.arch}, {what})", flush=True)
         subject = get_subject(split, config, attack, seed, recipe=_recipe_of(split, config, attack, seed, recipe, cache),
                               device=device, cache=cache, progress=progress)
         b = subject.before
         how = "cached" if subject.record["cached"] else f"trained in {subject.record['train_seconds']:.0f} s"
-        print(f"  subject {how}: ACC {b['acc']:.1%}, ASR {b['asr']:.1%}", flush=True)
-        run = {"attack": attack, "seed": seed, "subject": subject.record, "before": {"acc": b["acc"], "asr": b["asr"]}}
+        print(f"  subject {how}: ACC {b['acc']:.1%}, ASR {_pct(b.get('asr'))}", flush=True)
+        run = {"attack": attack, "seed": seed, "subject": subject.record,
+               "before": {"acc": b["acc"], "asr": b.get("asr")}}
         kw = dict(device=device, precision=precision, seed=seed, progress=progress)
         if defense == "anp":
             run["anp"] = result = run_anp(subject, split, config, **kw)
-            print(f"  ANP {result['mask_seconds']:.1f} s; threshold {config.threshold}: pruned "
-                  f"{result['threshold']['pruned']}, ACC {result['threshold']['acc']:.1%}, ASR "
-                  f"{result['threshold']['asr']:.1%}; clean rule: pruned {result['clean_rule']['pruned']}, ACC "
-                  f"{result['clean_rule']['acc']:.1%}, ASR {result['clean_rule']['asr']:.1%}"
-                  + ("" if result["auto"] is None else f"; auto: pruned {result['auto']['pruned']}, ACC "
-                     f"{result['auto']['acc']:.1%}, ASR {result['auto']['asr']:.1%}"), flush=True)
+            rules = [(f"threshold {config.threshold}", result["threshold"]), ("clean rule", result["clean_rule"])]
+            rules += [] if result["auto"] is None else [("auto", result["auto"])]
+            print(f"  ANP {result['mask_seconds']:.1f} s; " + "; ".join(
+                f"{label}: pruned {r['pruned']}, ACC {r['acc']:.1%}, ASR {_pct(r['asr'])}" for label, r in rules),
+                flush=True)
         else:
             run["pbe"] = result = run_pbe(subject, split, config, **kw)
             for setting, r in result.items():
-                print(f"  PBE {setting} {r['seconds']:.1f} s: ACC {r['acc']:.1%}, ASR {r['asr']:.1%}", flush=True)
+                print(f"  PBE {setting} {r['seconds']:.1f} s: ACC {r['acc']:.1%}, ASR {_pct(r['asr'])}", flush=True)
         runs.append(run)
         write_json(out / "runs" / f"{attack}-seed{seed}.json", run)
     header = {"data": split.name, "lines": _header_lines(config, split, recipe, budget_info, device, precision)}
@@ -84,6 +85,11 @@ def reproduce(defense: str, data: str = "cifar10-jpeg", *, out: str | Path, budg
     print((out / "table.md").read_text())
     print("wrote " + ", ".join(str(f) for f in files))
     return json.loads((out / "table.json").read_text())
+
+
+def _pct(value: float | None) -> str:
+    """A fraction in percent; "n/a" for the clean control's ASR."""
+    return "n/a" if value is None else f"{value:.1%}"
 
 
 def _recipe_of(split: SplitData, config: ReproduceConfig, attack: str, seed: int, capped, cache: Path):
@@ -114,11 +120,13 @@ def _header_lines(config: ReproduceConfig, split: SplitData, recipe, budget_info
         ("defender", f"{clean_count(config, split.full_train_size)} clean images from the held-out "
                      f"{config.reserve_fraction:.0%}"),
         ("evaluation", f"{split.test[1].numel()} test images"),
+    ] + ([("none", "the clean control: the same model, data and training without poison (ASR n/a)")]
+         if CONTROL in config.attacks else []) + [
         ("device", f"{device}, defenses in {precision}"),
     ]
     if config.defense == "anp":
         ensemble = f", mean mask of a {config.anp_seeds}-seed ensemble" if config.anp_seeds > 1 else ""
-        lines.append(("ANP", f"{config.anp_iterations} iterations, batch {config.anp_batch_size}, eps 0.4, alpha 0.2, "
+        lines.append(("ANP", f"{config.anp_iterations} iterations, batch {config.anp_batch_size}, eps {config.anp_eps:g}, alpha 0.2, "
                              f"lr 0.2{ensemble}; pruned at threshold {config.threshold:g}, by the clean-data rule "
                              f"(clean ACC drop <= {config.max_drop * 100:g} points on the defender's images) and by "
                              "the trigger-free auto rule (docs/anp-selection.md)"))

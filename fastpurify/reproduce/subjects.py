@@ -27,7 +27,7 @@ from ..files import write_json
 from ..models import build_model
 from ..training import train_classifier
 from ..validation import InputError
-from .config import ReproduceConfig, TrainRecipe
+from .config import CONTROL, ReproduceConfig, TrainRecipe
 
 FORMAT = "1"  # bump when training or poisoning changes what a key produces
 SPLIT_SEED = 0  # the data split is the same for every subject seed, as in the papers
@@ -95,13 +95,21 @@ def defender_clean(data: SplitData, config: ReproduceConfig) -> tuple[torch.Tens
 @dataclass
 class Subject:
     """A backdoored model, its attack and poisoned training set, its metrics before any defense
-    (fractions), and how it was trained (``record``: epochs, seconds, device, cached or not)."""
+    (fractions), and how it was trained (``record``: epochs, seconds, device, cached or not).
+    The clean control (attack ``"none"``) has no attack and no poisoned set (``poisoned`` None:
+    it trained on ``SplitData.train`` as it is), and ``before`` has no ASR."""
 
     model: nn.Module
-    attack: Attack
-    poisoned: PoisonedDataset
+    attack: Attack | None
+    poisoned: PoisonedDataset | None
     before: dict
     record: dict
+
+    def training_set(self, data: SplitData) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(images, labels, poisoned indices) the subject trained on; indices None for the control."""
+        if self.poisoned is None:
+            return data.train[0], data.train[1], None
+        return self.poisoned.images, self.poisoned.labels, self.poisoned.poison_indices
 
 
 def _fingerprint(t: torch.Tensor) -> list:
@@ -114,8 +122,10 @@ def _fingerprint(t: torch.Tensor) -> list:
 
 def subject_key(data: SplitData, config: ReproduceConfig, attack: str, seed: int, recipe: TrainRecipe) -> str:
     """A hash of everything that decides the subject's weights."""
+    control = attack == CONTROL  # no poison: the rate and target do not enter its weights
     spec = {"format": FORMAT, "data": data.name, **data.fingerprint, "arch": config.arch, "num_classes": data.num_classes,
-            "attack": attack, "target": config.target, "rate": config.rate, "seed": seed, "recipe": asdict(recipe)}
+            "attack": attack, "target": None if control else config.target, "rate": 0.0 if control else config.rate,
+            "seed": seed, "recipe": asdict(recipe)}
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
 
 
@@ -131,9 +141,13 @@ def cached_subject(cache: Path, key: str) -> bool:
 
 def get_subject(data: SplitData, config: ReproduceConfig, attack_name: str, seed: int, *, recipe: TrainRecipe,
                 device: torch.device, cache: Path, progress: bool) -> Subject:
-    """The cached subject for (attack, seed), or a new one trained with ``recipe`` and cached."""
-    attack = make_attack(attack_name, num_classes=data.num_classes, target=config.target, seed=seed)
-    poisoned = poison(data.train, attack, config.rate, seed=seed)
+    """The cached subject for (attack, seed), or a new one trained with ``recipe`` and cached
+    (attack ``"none"``: the clean control, the same training without poison)."""
+    control = attack_name == CONTROL
+    attack = None if control else make_attack(attack_name, num_classes=data.num_classes, target=config.target,
+                                              seed=seed)
+    poisoned = None if control else poison(data.train, attack, config.rate, seed=seed)
+    images, labels = data.train if control else (poisoned.images, poisoned.labels)
     key = subject_key(data, config, attack_name, seed, recipe)
     folder = cache / key
     if cached_subject(cache, key):
@@ -142,20 +156,21 @@ def get_subject(data: SplitData, config: ReproduceConfig, attack_name: str, seed
         return Subject(model.to(device), attack, poisoned, record["before"], {**record, "cached": True})
     torch.manual_seed(seed)
     model = build_model(config.arch, num_classes=data.num_classes, in_channels=data.train[0].shape[1])
-    history = train_classifier(model, poisoned.images, poisoned.labels, epochs=recipe.epochs, lr=recipe.lr,
+    history = train_classifier(model, images, labels, epochs=recipe.epochs, lr=recipe.lr,
                                batch_size=recipe.batch_size, weight_decay=recipe.weight_decay,
                                schedule=recipe.schedule, nesterov=recipe.nesterov, precision=recipe.precision,
                                label_smoothing=recipe.label_smoothing, channels_last=None, seed=seed,
                                device=device, progress=progress)
     before = evaluate(model, *data.test, attack)
-    record = {"key": key, "arch": config.arch, "attack": attack_name, "seed": seed, "rate": config.rate,
-              "target": config.target, "data": data.name, "train_images": int(data.train[1].numel()),
+    record = {"key": key, "arch": config.arch, "attack": attack_name, "seed": seed,
+              "rate": 0.0 if control else config.rate, "target": None if control else config.target, "data": data.name, "train_images": int(data.train[1].numel()),
               "recipe": asdict(recipe), "train_seconds": round(history.seconds, 2), "device": str(device),
               "final_train_accuracy": history.accuracy[-1], "before": before}
     meta = {"arch": config.arch, "num_classes": data.num_classes, "in_channels": int(data.train[0].shape[1]),
             "image_size": list(data.train[0].shape[2:]),
-            "attack": {"name": attack_name, "mode": "all2one", "target": config.target, "seed": seed},
-            "poison": {"data": data.name, "rate": config.rate, "seed": seed}}
+            "attack": {"name": CONTROL} if control else {"name": attack_name, "mode": "all2one",
+                                                            "target": config.target, "seed": seed},
+            "poison": {"data": data.name, "rate": 0.0 if control else config.rate, "seed": seed}}
     save_model(model, folder / "model.safetensors", metadata=meta)
     write_json(folder / "subject.json", record)
     return Subject(model, attack, poisoned, before, {**record, "cached": False})
