@@ -64,11 +64,12 @@ class ANPEngine:
     """A converted, frozen copy of a model on ``device`` with its arena, and one ANP iteration.
 
     The iteration reads the static ``images``/``labels`` buffers (filled by the sampler's
-    ``sample_into`` with this process's share of the batch: one fused launch after its draws) and the noise drawn into the arena, so it can be
-    captured in a CUDA graph as it is. ``micro_batch`` splits that share into equal
-    micro-batches: each gradient is accumulated over them (each micro-batch's loss weighted by
-    its share of the whole batch), and under a process group summed over the ranks with one
-    all-reduce per update, so every rank applies the same update.
+    ``sample_into`` with this process's share of the batch: one fused launch after its draws)
+    and the noise drawn into the arena, so it can be captured in a CUDA graph as it is.
+    ``micro_batch`` splits that share into equal micro-batches: each gradient is accumulated over
+    them (each micro-batch's loss weighted by its share of the whole batch), and under a process
+    group summed over the ranks with one all-reduce per update, so every rank applies the same
+    update.
     """
 
     def __init__(self, model: nn.Module, images_shape: tuple[int, ...], *, device: torch.device, eps: float,

@@ -64,7 +64,7 @@ class ReproduceConfig:
     # ANP (the paper's settings) and its two pruning rules
     anp_iterations: int = 2000
     anp_batch_size: int = 128
-    anp_eps: float = 0.4  # the neuron perturbation's bound (the paper's; docs/anp-selection.md measures 0.1 at CPU scale)
+    anp_eps: float = 0.4  # the neuron perturbation's bound: the paper's (docs/anp-selection.md: 0.1 at CPU scale)
     threshold: float = 0.2
     max_drop: float = 0.02
     anp_seeds: int = 1  # > 1: a seed ensemble, pruned by its mean mask

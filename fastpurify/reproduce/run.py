@@ -67,7 +67,8 @@ def reproduce(defense: str, data: str = "cifar10-jpeg", *, out: str | Path, budg
         if defense == "anp":
             run["anp"] = result = run_anp(subject, split, config, **kw)
             rules = [(f"threshold {config.threshold}", result["threshold"]), ("clean rule", result["clean_rule"])]
-            rules += [] if result["auto"] is None else [("auto", result["auto"])]
+            if result["auto"] is not None:
+                rules.append(("auto", result["auto"]))
             print(f"  ANP {result['mask_seconds']:.1f} s; " + "; ".join(
                 f"{label}: pruned {r['pruned']}, ACC {r['acc']:.1%}, ASR {_pct(r['asr'])}" for label, r in rules),
                 flush=True)
@@ -126,9 +127,10 @@ def _header_lines(config: ReproduceConfig, split: SplitData, recipe, budget_info
     ]
     if config.defense == "anp":
         ensemble = f", mean mask of a {config.anp_seeds}-seed ensemble" if config.anp_seeds > 1 else ""
-        lines.append(("ANP", f"{config.anp_iterations} iterations, batch {config.anp_batch_size}, eps {config.anp_eps:g}, alpha 0.2, "
-                             f"lr 0.2{ensemble}; pruned at threshold {config.threshold:g}, by the clean-data rule "
-                             f"(clean ACC drop <= {config.max_drop * 100:g} points on the defender's images) and by "
+        lines.append(("ANP", f"{config.anp_iterations} iterations, batch {config.anp_batch_size}, "
+                             f"eps {config.anp_eps:g}, alpha 0.2, lr 0.2{ensemble}; pruned at threshold "
+                             f"{config.threshold:g}, by the clean-data rule (clean ACC drop <= "
+                             f"{config.max_drop * 100:g} points on the defender's images) and by "
                              "the trigger-free auto rule (docs/anp-selection.md)"))
     else:
         if config.pbe_recipe:

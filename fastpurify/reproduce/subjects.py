@@ -107,9 +107,20 @@ class Subject:
 
     def training_set(self, data: SplitData) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(images, labels, poisoned indices) the subject trained on; indices None for the control."""
-        if self.poisoned is None:
-            return data.train[0], data.train[1], None
-        return self.poisoned.images, self.poisoned.labels, self.poisoned.poison_indices
+        return _training_set(data, self.poisoned)
+
+
+def _training_set(data: SplitData, poisoned: PoisonedDataset | None
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    if poisoned is None:  # the clean control
+        return data.train[0], data.train[1], None
+    return poisoned.images, poisoned.labels, poisoned.poison_indices
+
+
+def _poisoning(config: ReproduceConfig, attack: str) -> tuple[float, int | None]:
+    """(rate, target) of ``attack``'s poisoning: (0.0, None) for the clean control, whose weights
+    neither enters."""
+    return (0.0, None) if attack == CONTROL else (config.rate, config.target)
 
 
 def _fingerprint(t: torch.Tensor) -> list:
@@ -122,10 +133,9 @@ def _fingerprint(t: torch.Tensor) -> list:
 
 def subject_key(data: SplitData, config: ReproduceConfig, attack: str, seed: int, recipe: TrainRecipe) -> str:
     """A hash of everything that decides the subject's weights."""
-    control = attack == CONTROL  # no poison: the rate and target do not enter its weights
+    rate, target = _poisoning(config, attack)
     spec = {"format": FORMAT, "data": data.name, **data.fingerprint, "arch": config.arch, "num_classes": data.num_classes,
-            "attack": attack, "target": None if control else config.target, "rate": 0.0 if control else config.rate,
-            "seed": seed, "recipe": asdict(recipe)}
+            "attack": attack, "target": target, "rate": rate, "seed": seed, "recipe": asdict(recipe)}
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
 
 
@@ -147,7 +157,7 @@ def get_subject(data: SplitData, config: ReproduceConfig, attack_name: str, seed
     attack = None if control else make_attack(attack_name, num_classes=data.num_classes, target=config.target,
                                               seed=seed)
     poisoned = None if control else poison(data.train, attack, config.rate, seed=seed)
-    images, labels = data.train if control else (poisoned.images, poisoned.labels)
+    rate, target = _poisoning(config, attack_name)
     key = subject_key(data, config, attack_name, seed, recipe)
     folder = cache / key
     if cached_subject(cache, key):
@@ -156,21 +166,22 @@ def get_subject(data: SplitData, config: ReproduceConfig, attack_name: str, seed
         return Subject(model.to(device), attack, poisoned, record["before"], {**record, "cached": True})
     torch.manual_seed(seed)
     model = build_model(config.arch, num_classes=data.num_classes, in_channels=data.train[0].shape[1])
+    images, labels, _ = _training_set(data, poisoned)
     history = train_classifier(model, images, labels, epochs=recipe.epochs, lr=recipe.lr,
                                batch_size=recipe.batch_size, weight_decay=recipe.weight_decay,
                                schedule=recipe.schedule, nesterov=recipe.nesterov, precision=recipe.precision,
                                label_smoothing=recipe.label_smoothing, channels_last=None, seed=seed,
                                device=device, progress=progress)
     before = evaluate(model, *data.test, attack)
-    record = {"key": key, "arch": config.arch, "attack": attack_name, "seed": seed,
-              "rate": 0.0 if control else config.rate, "target": None if control else config.target, "data": data.name, "train_images": int(data.train[1].numel()),
+    record = {"key": key, "arch": config.arch, "attack": attack_name, "seed": seed, "rate": rate, "target": target,
+              "data": data.name, "train_images": int(data.train[1].numel()),
               "recipe": asdict(recipe), "train_seconds": round(history.seconds, 2), "device": str(device),
               "final_train_accuracy": history.accuracy[-1], "before": before}
     meta = {"arch": config.arch, "num_classes": data.num_classes, "in_channels": int(data.train[0].shape[1]),
             "image_size": list(data.train[0].shape[2:]),
-            "attack": {"name": CONTROL} if control else {"name": attack_name, "mode": "all2one",
-                                                            "target": config.target, "seed": seed},
-            "poison": {"data": data.name, "rate": 0.0 if control else config.rate, "seed": seed}}
+            "attack": {"name": CONTROL} if control else {"name": attack_name, "mode": "all2one", "target": target,
+                                                            "seed": seed},
+            "poison": {"data": data.name, "rate": rate, "seed": seed}}
     save_model(model, folder / "model.safetensors", metadata=meta)
     write_json(folder / "subject.json", record)
     return Subject(model, attack, poisoned, before, {**record, "cached": False})
