@@ -9,9 +9,11 @@ a clean model's spread over the classes. So, on the defender's clean images and 
    where they go, not whether) land on. When fewer than ``min_suspicion`` of them do, the patch
    probe (below) scans every class in turn, as Neural Cleanse does, and names the class its patch
    sends at least ``min_suspicion`` of the other images to and ``SCAN_RATIO`` times as many as to
-   any other class; when none stands out (or the probe is not ``"patch"``), nothing points to a
-   backdoor and nothing is pruned. (The per-image adversary's pull was 0.32-0.36 on CIFAR-10
-   BadNets subjects whose trigger a 1 % patch reproduces at 1.00: docs/anp-selection.md.)
+   any other class, or nearly all of them (``SCAN_DECISIVE``) where no other class's patch does
+   (every clean control measured: at most 0.20 to any class); when none stands out (or the probe
+   is not ``"patch"``), nothing points to a backdoor and nothing is pruned. (The per-image
+   adversary's pull was 0.32-0.36 on CIFAR-10 BadNets subjects whose trigger a 1 % patch
+   reproduces at 1.00: docs/anp-selection.md.)
 2. for each candidate pruning (a growing prefix of the masks' ranking, smallest first) the probe
    measures what is left of the backdoor as ``target_share``;
 3. the rule prunes the fewest neurons whose target share has fallen to ``max_target_share``,
@@ -43,10 +45,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import functional as FP
-from .arena import NeuronArena
 from .inference import model_device, predict
 from .layers import convert
+from .neuron_adversary import perturbed_predictions
 from .neurons import layer_kind
 from .pruning import _check_layers, select_neurons
 from .validation import InputError, check_fraction, check_images, check_labels, check_positive_int
@@ -121,6 +122,7 @@ DEFAULT_STEPS = {"inputs": 10, "patch": 100, "neurons": 10}
 PATCH_LR = 0.1  # Adam on the mask's and the pattern's logits
 PATCH_AREA_WEIGHT = 50.0  # the penalty on the soft mask's area above the budget
 SCAN_RATIO = 2.0  # a scanned class is the target when its patch share is this many times the next one's
+SCAN_DECISIVE = 0.9  # ... or when its patch sends this share of the images there and no other class's does
 
 
 def reconstruct_patch(model: nn.Module, images: torch.Tensor, target: int, *, area: float, steps: int,
@@ -254,18 +256,8 @@ class PruningProbe:
         return self._predict(self.net, (1 - mask) * others + mask * pattern)
 
     def _neurons_probe(self) -> torch.Tensor:
-        net = convert(self.net, self.kinds).eval()
-        arena, n = NeuronArena(net), self.labels.numel()
-        arena.set_mode("perturbed")
-        for _ in range(self.steps):
-            for s in range(0, n, self.batch_size):
-                part = self.labels[s:s + self.batch_size]
-                loss = F.cross_entropy(net(self.images[s:s + self.batch_size]), part, reduction="sum") / n
-                arena.gather_noise_grad(loss, accumulate=s > 0)
-            with torch.no_grad():
-                FP.noise_sign_step_(arena.perturbation, arena.noise_grad.view(-1), 2 * self.eps / self.steps,
-                                    self.eps, True)
-        return self._predict(net, self.images)
+        return perturbed_predictions(convert(self.net, self.kinds).eval(), self.images, self.labels, eps=self.eps,
+                                     steps=self.steps, batch_size=self.batch_size)
 
 
 def scan_classes(probe: PruningProbe, *, eps: float, steps: int) -> list[SelectionPoint]:
@@ -275,13 +267,17 @@ def scan_classes(probe: PruningProbe, *, eps: float, steps: int) -> list[Selecti
     return [probe.under("patch", eps=eps, steps=steps, target=c).point() for c in range(probe.num_classes())]
 
 
-def patch_outlier(shares: list[float], min_share: float, ratio: float = SCAN_RATIO) -> int | None:
+def patch_outlier(shares: list[float], min_share: float, ratio: float = SCAN_RATIO,
+                  decisive: float = SCAN_DECISIVE) -> int | None:
     """The class a small patch reaches far better than any other: its share at least ``min_share``
-    and ``ratio`` times the next largest; else None."""
+    and ``ratio`` times the next largest, or at least ``decisive`` (nearly every image) with the
+    next below that; else None."""
     if not shares:
         return None
     top = max(range(len(shares)), key=shares.__getitem__)
     second = max((v for c, v in enumerate(shares) if c != top), default=0.0)
+    if shares[top] >= decisive > second:
+        return top
     return top if shares[top] >= min_share and shares[top] >= ratio * second else None
 
 
@@ -359,7 +355,8 @@ def choose_pruning(model: nn.Module, masks: dict[str, torch.Tensor], images: tor
                     f"(next {ranked[1]:.2f})")
         if named is None:
             return Selection(0, f"nothing pruned: {why}, and {scanned('one class')}: no class stands out "
-                                f"(>= {min_suspicion} and {SCAN_RATIO:g}x the next): no sign of a backdoor", target,
+                                f"(>= {min_suspicion} and {SCAN_RATIO:g}x the next, or >= {SCAN_DECISIVE:g} alone): "
+                                "no sign of a backdoor", target,
                              [suspicion], settings, suspicion)
         target, patch_point = named, scan[named]
         suspicion, settings["suspected_by"] = patch_point, "patch scan"

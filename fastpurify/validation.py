@@ -105,10 +105,14 @@ def check_positive(value: float, name: str) -> None:
         raise InputError(f"{name} must be a positive finite number, got {value!r}")
 
 
-def check_anp_settings(*, eps: float, steps: int, alpha: float, lr: float, momentum: float, iterations: int,
-                       batch_size: int) -> None:
-    """ANP's hyper-parameters, checked before any work (the reference and the fast engine)."""
-    check_positive(eps, "eps (the noise bound)")
+def check_anp_settings(*, eps: float | str, steps: int, alpha: float, lr: float, momentum: float, iterations: int,
+                       batch_size: int, auto_eps: bool = False) -> None:
+    """ANP's hyper-parameters, checked before any work (the reference and the fast engine; with
+    ``auto_eps``, eps may be "auto": :mod:`fastpurify.anp_eps`)."""
+    if not (auto_eps and eps == "auto"):
+        if auto_eps and isinstance(eps, str):
+            raise InputError(f"eps (the noise bound) must be a positive number or 'auto', got {eps!r}")
+        check_positive(eps, "eps (the noise bound)")
     check_positive_int(steps, "steps (noise steps per iteration)")
     check_fraction(alpha, "alpha (the clean-loss weight)", low_open=False, high_open=False)
     check_positive(lr, "lr (the mask learning rate)")

@@ -208,6 +208,8 @@ def test_the_cifar_stage_runs_both_reproductions_in_a_dry_run(tmp_path):
     rows = {r["target"]: r for r in evaluate({"cifar": data}, 10.0, 120.0)}
     anp = rows["CIFAR-10 (JPEG copy): ANP, ResNet-18"]["measured"]
     assert anp.startswith("badnets: before ") and " — none: before " in anp and "/ n/a; threshold " in anp
+    readings = [f"{r['attack']} s{r['seed']} {r['anp']['eps_reading']['value']:g}" for r in data["anp"]["runs"]]
+    assert anp.endswith("; eps auto would read: " + ", ".join(readings)) and len(readings) == 2
     assert rows["CIFAR-10 (JPEG copy): PBE"]["result"] == "measured"
 
 

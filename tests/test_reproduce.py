@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from fastpurify.anp_eps import EPS_GRID
 from fastpurify.cli import main
 from fastpurify.data import load_source
 from fastpurify.reproduce import paper_config
@@ -49,6 +50,7 @@ def test_the_papers_settings_and_overrides():
      "--pbe-exclude-low-loss 0.2 (--pbe-initial high-loss's default) leaves 80%"),
     (dict(pbe_lr=0.0), "--pbe-lr"),
     (dict(anp_eps=0.0), "--anp-eps must lie in (0, 1]"),
+    (dict(anp_eps="loud"), "--anp-eps must be a number in (0, 1] or 'auto', got 'loud'"),
     (dict(colour="red"), "unknown reproduction setting(s) colour"),
 ])
 def test_bad_settings_say_what_is_accepted(overrides, message):
@@ -177,11 +179,12 @@ def test_the_clean_control_is_trained_without_poison_and_has_no_asr(tmp_path, ca
     rules and both PBE settings run on it, its ASR cells are absent (n/a), its key ignores the poison rate."""
     common = ["--data", "digits", "--arch", "small_cnn", "--attacks", "badnets,none", "--rate", "0.1", "--epochs", "4",
               "--clean-images", "64", "--subject-cache", str(tmp_path / "subjects"), "--no-progress"]
-    assert main(["reproduce", "anp", *common, "--iterations", "5", "--anp-eps", "0.1", "--out", str(tmp_path / "anp")]) == 0
+    assert main(["reproduce", "anp", *common, "--iterations", "5", "--anp-eps", "auto", "--out", str(tmp_path / "anp")]) == 0
     out = capsys.readouterr().out
     anp = json.loads((tmp_path / "anp" / "table.json").read_text())
-    assert "eps 0.1, alpha 0.2" in out and anp["config"]["anp_eps"] == 0.1
-    assert all(r["anp"]["settings"]["eps"] == 0.1 for r in anp["runs"])  # what the engine ran with
+    assert "eps auto (read from each subject), alpha 0.2" in out and anp["config"]["anp_eps"] == "auto"
+    for r in anp["runs"]:  # what the engine ran with: each subject's own reading (fastpurify.anp_eps)
+        assert r["anp"]["settings"]["eps"] == r["anp"]["settings"]["eps_auto"]["value"] in EPS_GRID
     assert "none, seed 0: subject (small_cnn, no poison: the clean control)" in out and "ASR n/a" in out and "**none**: the clean control" in out
     assert main(["reproduce", "pbe", *common, "--pbe-epochs", "1,1", "--pbe-schedule", "0.2",
                  "--out", str(tmp_path / "pbe")]) == 0
@@ -235,6 +238,8 @@ def _reduced_reproduction(tmp_path, capsys):
     assert anp["data"] == pbe["data"] == "CIFAR-10 (JPEG copy)"
     run = anp["runs"][0]
     assert run["subject"]["train_images"] == 4500 and run["anp"]["clean_images"] == 250
+    reading = run["anp"]["eps_reading"]  # the paper's eps ran; what "auto" would have read is recorded
+    assert run["anp"]["settings"]["eps"] == 0.4 and reading["value"] in EPS_GRID and reading["images"] == 250
     # a real backdoored subject: the trigger works, the clean accuracy is far above chance
     assert run["before"]["asr"] > 0.8 and run["before"]["acc"] > 0.35
     assert pbe["runs"][0]["before"] == run["before"]

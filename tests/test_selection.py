@@ -216,6 +216,11 @@ def test_patch_outlier():
     assert S.patch_outlier([0.0, 0.45, 0.25], 0.4) is None  # not twice the next
     assert S.patch_outlier([0.0, 0.35, 0.0], 0.4) is None  # under min_suspicion
     assert S.patch_outlier([0.9], 0.4) == 0 and S.patch_outlier([], 0.4) is None
+    # nearly every image to one class and no other class's patch as far: named despite a strong second
+    # (CIFAR-10 BadNets s2: 1.00 to the target, 0.52 to class 2; docs/anp-selection.md)
+    assert S.patch_outlier([1.0, 0.19, 0.52, 0.02], 0.4) == 0
+    assert S.patch_outlier([0.95, 0.91, 0.1], 0.4) is None  # two classes nearly total: neither stands out
+    assert S.patch_outlier([0.89, 0.52, 0.1], 0.4) is None  # under the decisive share and not twice the next
 
 
 def test_candidate_numbers():

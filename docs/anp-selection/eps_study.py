@@ -1,5 +1,5 @@
 """Does a smaller ANP eps rank the backdoor neurons first on the CPU-scale CIFAR-10 subjects?
-python eps_study.py SUBJECTS EPSES [ITERATIONS] (environment as common.py, plus MASKS, OUT, THREADS, MAX_K):
+python eps_study.py SUBJECTS EPSES [ITERATIONS] (an eps may be "auto": fastpurify.anp_eps) (environment as common.py, plus MASKS, OUT, THREADS, MAX_K):
 K = 4 ensembles (seeds 0..3) per eps; the ranking curve of the mean mask on a fixed random 2,000 test images,
 k = 0..MAX_K (ASR uses the trigger: evaluation only, never a choice)."""
 import os, sys, json, time, torch
@@ -18,7 +18,7 @@ for name in sys.argv[1].split(","):
     test = (test[0][idx], test[1][idx])
     base = evaluate(model, *test, attack)
     print(name, "base", base, flush=True)
-    for eps in [float(e) for e in sys.argv[2].split(",")]:
+    for eps in [e if e == "auto" else float(e) for e in sys.argv[2].split(",")]:
         key = f"{name}/eps{eps}"
         if key in out:
             continue
@@ -32,7 +32,7 @@ for name in sys.argv[1].split(","):
             curve.append((k, round(m["acc"], 4), round(m["asr"], 4)))
         first = lambda lim: next(((k, round(100 * (base["acc"] - a), 1)) for k, a, s in curve if s <= lim), None)
         out[key] = dict(seconds=round(secs, 1), thr=count_pruned(r.masks, threshold=0.2), asr10=first(0.10),
-                        asr5=first(0.05), curve=curve, loss_last=r.loss[-50:])
+                        asr5=first(0.05), curve=curve, loss_last=r.loss[-50:], eps_auto=r.settings.get("eps_auto"))
         print(f"{key}: {secs:.0f} s thr0.2 k={out[key]['thr']} ASR<=10 at {out[key]['asr10']} ASR<=5 at {out[key]['asr5']}",
               flush=True)
         print("   ", " ".join(f"{k}:{100*a:.0f}/{100*s:.0f}" for k, a, s in curve), flush=True)

@@ -59,6 +59,19 @@ def parse_padding(text: str, name: str = "--padding") -> int | str:
     return value
 
 
+def parse_anp_eps(text: str | float, name: str = "--eps") -> float | str:
+    """ANP's neuron-perturbation bound: ``auto`` (:mod:`fastpurify.anp_eps`) or a number in (0, 1]."""
+    if text == "auto":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value <= 1:
+        raise InputError(f"{name} must be a number in (0, 1] (the paper's 0.4) or 'auto', got {text!r}")
+    return value
+
+
 FLIP = {"auto": "auto", "on": True, "off": False}
 
 

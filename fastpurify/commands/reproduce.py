@@ -43,8 +43,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="folder of cached subjects (default: $FASTPURIFY_CACHE/subjects or ~/.cache/fastpurify/subjects)")
     g = p.add_argument_group("ANP")
     g.add_argument("--iterations", type=int, default=None, help="mask iterations (default: the paper's 2000)")
-    g.add_argument("--anp-eps", type=float, default=None,
-                   help="the neuron perturbation's bound, in (0, 1] (default: the paper's 0.4)")
+    g.add_argument("--anp-eps", default=None,
+                   help="the neuron perturbation's bound, in (0, 1], or 'auto': read from each subject "
+                        "(fastpurify.anp_eps) (default: the paper's 0.4)")
     g.add_argument("--threshold", type=float, default=None, help="prune masks <= T (default: 0.2)")
     g.add_argument("--max-drop", type=float, default=None,
                    help="the clean-data rule's allowed clean-accuracy drop, a fraction (default: 0.02)")
@@ -91,6 +92,7 @@ def _counts(text: str | None, name: str, n: int) -> tuple[int, ...] | None:
 
 def options(args: argparse.Namespace) -> dict:
     """The keywords of :func:`fastpurify.reproduce.reproduce` from the command line."""
+    from .options import parse_anp_eps
     from .pbe import parse_pixels, parse_schedule
 
     adv_clean = _counts(args.pbe_epochs, "--pbe-epochs", 2)
@@ -98,7 +100,8 @@ def options(args: argparse.Namespace) -> dict:
         attacks=tuple(a.strip() for a in args.attacks.split(",") if a.strip()), seeds=args.seeds, arch=args.arch,
         rate=args.rate, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, train_images=args.train_images,
         test_images=args.test_images, clean_images=args.clean_images, anp_iterations=args.iterations,
-        anp_eps=args.anp_eps, threshold=args.threshold, max_drop=args.max_drop, anp_seeds=args.anp_seeds,
+        anp_eps=None if args.anp_eps is None else parse_anp_eps(args.anp_eps, "--anp-eps"), threshold=args.threshold,
+        max_drop=args.max_drop, anp_seeds=args.anp_seeds,
         auto_rule=False if args.no_auto_rule else None,
         pbe_settings=None if args.pbe_settings is None else tuple(s.strip() for s in args.pbe_settings.split(",")),
         pbe_adv_epochs=None if adv_clean is None else adv_clean[0],

@@ -33,6 +33,8 @@ import torch.nn.functional as F
 
 from .. import distributed as D
 from .. import functional as FP
+from ..anp_eps import AUTO as AUTO_EPS
+from ..anp_eps import auto_eps
 from ..arena import NeuronArena
 from ..data import DeviceBatchSampler, as_tensors
 from ..ensemble import AGGREGATES, EnsembleArena, MemberSamplers, aggregate_masks, draws
@@ -273,8 +275,8 @@ def _choose_micro_batch(engine: ANPEngine, auto: bool, fixed: int | None, local:
                                    - torch.cuda.memory_allocated(engine.device))
 
 
-def anp(model: nn.Module, clean_data: Any, *, eps: float = 0.4, steps: int = 1, alpha: float = 0.2, lr: float = 0.2,
-        momentum: float = 0.9, iterations: int = 2000, batch_size: int = 128, clamp_noise: bool = True,
+def anp(model: nn.Module, clean_data: Any, *, eps: float | str = 0.4, steps: int = 1, alpha: float = 0.2,
+        lr: float = 0.2, momentum: float = 0.9, iterations: int = 2000, batch_size: int = 128, clamp_noise: bool = True,
         augment: bool = True, padding: int = 4, flip: bool = True, seed: int = 0,
         device: torch.device | str | None = None, progress: bool = True, grouped: bool | None = None,
         cuda_graph: bool | None = None, channels_last: bool | None = None, tf32: bool = True,
@@ -286,7 +288,10 @@ def anp(model: nn.Module, clean_data: Any, *, eps: float = 0.4, steps: int = 1, 
     ``clean_data``: ``(images, labels)`` tensors or arrays, a Dataset or a DataLoader (anything
     :func:`fastpurify.data.as_tensors` reads). The keywords up to ``seed`` mean what they mean
     in :func:`fastpurify.reference.anp`, with the same defaults and, for one seed, the same
-    batches, augmentations and noise. ``mask_layers``: the layers whose neurons are masked
+    batches, augmentations and noise; ``eps="auto"`` reads the bound from the model before any mask
+    is learned (:mod:`fastpurify.anp_eps`: the smallest eps up to the paper's 0.4 at which one sign
+    step of every neuron halves the clean accuracy on these images; ``settings["eps_auto"]`` says
+    what was measured). ``mask_layers``: the layers whose neurons are masked
     (:mod:`fastpurify.neurons`: "batchnorm", "layernorm", "groupnorm" by default; "conv_linear" for the
     paper's Eq. 3 on networks without normalisation). Speed options: ``device`` (default: CUDA
     if available), ``grouped`` (clean and perturbed passes as one two-group batch; None: on CUDA,
@@ -326,19 +331,25 @@ def anp(model: nn.Module, clean_data: Any, *, eps: float = 0.4, steps: int = 1, 
     process's with ``micro_batch = batch_size / world_size``.
     """
     check_anp_settings(eps=eps, steps=steps, alpha=alpha, lr=lr, momentum=momentum, iterations=iterations,
-                       batch_size=batch_size)
+                       batch_size=batch_size, auto_eps=True)
     mask_layers = check_kinds(mask_layers)
     check_positive_int(seeds, "seeds")
     if aggregate not in AGGREGATES:
         raise InputError(f"aggregate must be one of {AGGREGATES}, got {aggregate!r}")
     device = D.local_device(device) if D.world_size() > 1 else resolve_device(device)
+    eps_auto = None
+    if eps == AUTO_EPS:  # read from the model once, before any mask is learned (every member uses it)
+        images, labels = as_tensors(clean_data, dtype=model_dtype(model))
+        eps_auto = auto_eps(model, images, labels, mask_layers=mask_layers, batch_size=batch_size, device=device,
+                            seed=seed)
+        eps = eps_auto["value"]
     if seeds > 1 and not use_batched(batched, device):
         kw = dict(eps=eps, steps=steps, alpha=alpha, lr=lr, momentum=momentum, iterations=iterations,
                   batch_size=batch_size, clamp_noise=clamp_noise, augment=augment, padding=padding, flip=flip,
                   device=device, progress=progress, grouped=grouped, cuda_graph=cuda_graph,
                   channels_last=channels_last, tf32=tf32, precision=precision, check_every=check_every,
                   mask_layers=mask_layers, micro_batch=micro_batch, checkpoint=checkpoint, fused_relu=fused_relu)
-        return _one_after_another(model, clean_data, seed, seeds, aggregate, kw)
+        return _with_eps_record(_one_after_another(model, clean_data, seed, seeds, aggregate, kw), eps_auto)
     _check_batched(seeds, micro_batch, checkpoint)
     shard = _rank_batch(batch_size)
     local = shard.stop - shard.start
@@ -356,6 +367,8 @@ def anp(model: nn.Module, clean_data: Any, *, eps: float = 0.4, steps: int = 1, 
                     seed=seed, num_images=n, mask_layers=list(mask_layers))
     if seeds > 1:
         settings.update(seeds=seeds, aggregate=aggregate)
+    if eps_auto is not None:
+        settings["eps_auto"] = eps_auto
     D.check_agree({**settings, "checksum": float(images.double().sum())}, "the ANP settings and clean data")
     sampler, noise_generator = draws(images, labels, batch_size, seed, seeds, device=device, augment=augment,
                                      padding=padding, flip=flip)  # member k: those of the single run with seed + k
@@ -427,6 +440,13 @@ def use_batched(batched: bool | None, device: torch.device) -> bool:
     batched run took 5.9x one seed's time per iteration against 4x for the members one after another
     (the 4x batch's activations are memory-bound there)."""
     return device.type == "cuda" if batched is None else bool(batched)
+
+
+def _with_eps_record(result: ANPResult, eps_auto: dict | None) -> ANPResult:
+    """``result`` with the record of how ``eps="auto"`` chose its eps in its settings."""
+    if eps_auto is not None:
+        result.settings["eps_auto"] = eps_auto
+    return result
 
 
 def _one_after_another(model: nn.Module, clean_data: Any, seed: int, seeds: int, aggregate: str, kw: dict) -> ANPResult:

@@ -140,7 +140,8 @@ def _fidelity(defense: str, methods: tuple[str, ...]):
     The papers' values are not in fastpurify (see fastpurify/reproduce/papers.py), so the row is
     reported as measured, not judged."""
     def measure(stages):
-        rows = (stages.get("cifar", {}).get(defense) or {}).get("rows")
+        table = stages.get("cifar", {}).get(defense) or {}
+        rows = table.get("rows")
         if not rows:
             return None
         parts = []
@@ -148,8 +149,15 @@ def _fidelity(defense: str, methods: tuple[str, ...]):
             c = row["cells"]
             after = [f"{m} {_acc_asr(c, m)}" for m in methods if m + " ACC" in c]
             parts.append(f"{row['attack']}: before {_acc_asr(c, 'before')}; " + "; ".join(after))
-        return " — ".join(parts) + " (ACC / ASR %)", None
+        return " — ".join(parts) + " (ACC / ASR %)" + _eps_readings(table.get("runs") or []), None
     return measure
+
+
+def _eps_readings(runs: list[dict]) -> str:
+    """What ANP's eps="auto" reads from each subject (fastpurify.anp_eps), where the runs recorded it."""
+    read = [f"{r['attack']} s{r['seed']} {r['anp']['eps_reading']['value']:g}" for r in runs
+            if (r.get("anp") or {}).get("eps_reading")]
+    return "; eps auto would read: " + ", ".join(read) if read else ""
 
 
 TARGETS = (

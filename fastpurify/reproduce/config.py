@@ -64,7 +64,7 @@ class ReproduceConfig:
     # ANP (the paper's settings) and its two pruning rules
     anp_iterations: int = 2000
     anp_batch_size: int = 128
-    anp_eps: float = 0.4  # the neuron perturbation's bound: the paper's (docs/anp-selection.md: 0.1 at CPU scale)
+    anp_eps: float | str = 0.4  # the neuron perturbation's bound: the paper's, or "auto" (fastpurify.anp_eps)
     threshold: float = 0.2
     max_drop: float = 0.02
     anp_seeds: int = 1  # > 1: a seed ensemble, pruned by its mean mask
@@ -135,7 +135,10 @@ def check_config(c: ReproduceConfig) -> None:
     check_positive(c.recipe.lr, "--lr")
     check_positive_int(c.anp_iterations, "--iterations")
     check_positive_int(c.anp_batch_size, "--anp-batch-size")
-    check_fraction(c.anp_eps, "--anp-eps", high_open=False)
+    if isinstance(c.anp_eps, str) and c.anp_eps != "auto":
+        raise InputError(f"--anp-eps must be a number in (0, 1] or 'auto', got {c.anp_eps!r}")
+    if c.anp_eps != "auto":
+        check_fraction(c.anp_eps, "--anp-eps", high_open=False)
     check_fraction(c.threshold, "--threshold", low_open=False)
     check_fraction(c.max_drop, "--max-drop", low_open=False, high_open=False)
     if not c.pbe_settings or any(s not in PBE_SETTINGS for s in c.pbe_settings):

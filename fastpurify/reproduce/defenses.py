@@ -9,6 +9,7 @@ import time
 
 import torch
 
+from ..anp_eps import auto_eps
 from ..backdoor import evaluate
 from ..engines.anp import anp as fast_anp
 from ..engines.pbe import pbe as fast_pbe
@@ -28,7 +29,9 @@ def run_anp(subject: Subject, data: SplitData, config: ReproduceConfig, *, devic
     then three prunings: every neuron with mask <= ``threshold`` (the paper), the clean-data rule
     (the most neurons whose clean accuracy on the defender's images drops by at most
     ``max_drop``) and the trigger-free ``auto`` rule (:func:`fastpurify.selection.choose_pruning`,
-    its defaults); ACC / ASR of each on the test split."""
+    its defaults); ACC / ASR of each on the test split. ``eps_reading``: what ``eps="auto"``
+    reads from the subject (:mod:`fastpurify.anp_eps`), also where the run used a given eps — a
+    few passes over the defender's images, so every run says where its model puts the bound."""
     clean = defender_clean(data, config)
     result = fast_anp(subject.model, clean, eps=config.anp_eps, iterations=config.anp_iterations,
                       batch_size=config.anp_batch_size, seed=seed, device=device, precision=precision,
@@ -51,7 +54,11 @@ def run_anp(subject: Subject, data: SplitData, config: ReproduceConfig, *, devic
         "clean_images": int(clean[1].numel()),
         "mask_seconds": round(result.seconds, 3),
         "engine": {k: result.engine.get(k) for k in ("name", "device", "backend", "cuda_graph", "precision")},
-        "settings": {k: result.settings.get(k) for k in ("eps", "alpha", "lr", "iterations", "batch_size")},
+        "settings": {k: result.settings[k] for k in ("eps", "eps_auto", "alpha", "lr", "iterations", "batch_size")
+                     if k in result.settings},
+        "eps_reading": result.settings.get("eps_auto") or auto_eps(
+            subject.model, *clean, mask_layers=result.settings["mask_layers"], batch_size=config.anp_batch_size,
+            device=device, seed=seed),
         "num_neurons": result.num_neurons,
         "threshold": {"value": config.threshold, "pruned": pruned, "seconds": round(threshold_seconds, 3),
                       **_metrics(evaluate(by_threshold, *data.test, subject.attack))},

@@ -127,8 +127,9 @@ def _header_lines(config: ReproduceConfig, split: SplitData, recipe, budget_info
     ]
     if config.defense == "anp":
         ensemble = f", mean mask of a {config.anp_seeds}-seed ensemble" if config.anp_seeds > 1 else ""
+        eps = "auto (read from each subject)" if config.anp_eps == "auto" else f"{config.anp_eps:g}"
         lines.append(("ANP", f"{config.anp_iterations} iterations, batch {config.anp_batch_size}, "
-                             f"eps {config.anp_eps:g}, alpha 0.2, lr 0.2{ensemble}; pruned at threshold "
+                             f"eps {eps}, alpha 0.2, lr 0.2{ensemble}; pruned at threshold "
                              f"{config.threshold:g}, by the clean-data rule (clean ACC drop <= "
                              f"{config.max_drop * 100:g} points on the defender's images) and by "
                              "the trigger-free auto rule (docs/anp-selection.md)"))
