@@ -40,12 +40,9 @@ def _accuracy(predictions: torch.Tensor, labels: torch.Tensor) -> float:
     return float((predictions == labels).double().mean())
 
 
-@torch.no_grad()
 def _frozen(model: nn.Module, mask_layers, device: torch.device) -> nn.Module:
-    net = convert(model, mask_layers).to(device).eval()
-    for p in net.parameters():
-        p.requires_grad_(False)
-    return net
+    """An eval-mode converted copy of ``model`` on ``device``, its weights frozen."""
+    return convert(model, mask_layers).to(device).eval().requires_grad_(False)
 
 
 def auto_eps(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, mask_layers, batch_size: int,

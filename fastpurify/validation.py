@@ -94,6 +94,15 @@ def check_fraction(value: float, name: str, *, low_open: bool = True, high_open:
         raise InputError(f"{name} must lie in {interval}, got {value!r}")
 
 
+def check_anp_eps(eps: float | str, name: str) -> None:
+    """ANP's neuron bound as a user gives it: "auto" (:mod:`fastpurify.anp_eps`) or a number in (0, 1]."""
+    if isinstance(eps, str):
+        if eps != "auto":
+            raise InputError(f"{name} must be a number in (0, 1] or 'auto', got {eps!r}")
+        return
+    check_fraction(eps, name, high_open=False)
+
+
 def check_positive_int(value: int, name: str) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise InputError(f"{name} must be a positive integer, got {value!r}")
@@ -109,9 +118,10 @@ def check_anp_settings(*, eps: float | str, steps: int, alpha: float, lr: float,
                        batch_size: int, auto_eps: bool = False) -> None:
     """ANP's hyper-parameters, checked before any work (the reference and the fast engine; with
     ``auto_eps``, eps may be "auto": :mod:`fastpurify.anp_eps`)."""
-    if not (auto_eps and eps == "auto"):
-        if auto_eps and isinstance(eps, str):
+    if auto_eps and isinstance(eps, str):
+        if eps != "auto":
             raise InputError(f"eps (the noise bound) must be a positive number or 'auto', got {eps!r}")
+    else:
         check_positive(eps, "eps (the noise bound)")
     check_positive_int(steps, "steps (noise steps per iteration)")
     check_fraction(alpha, "alpha (the clean-loss weight)", low_open=False, high_open=False)

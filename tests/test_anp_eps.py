@@ -137,8 +137,8 @@ def test_the_command_takes_eps_auto_and_says_what_it_chose(tmp_path, checkpoint,
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--eps", "loud"], "--eps must be a number in (0, 1] (the paper's 0.4) or 'auto'"),
-    (["--eps", "0"], "--eps must be a number in (0, 1]"),
+    (["--eps", "loud"], "--eps must be a number in (0, 1] or 'auto', got 'loud'"),
+    (["--eps", "0"], "--eps must lie in (0, 1], got 0.0"),
     (["--eps", "auto", "--engine", "reference"], "--eps auto is read from the model by the fast engine"),
 ])
 def test_the_command_refuses_a_bad_eps(tmp_path, checkpoint, capsys, args, message):

@@ -184,7 +184,7 @@ def test_the_clean_control_is_trained_without_poison_and_has_no_asr(tmp_path, ca
     anp = json.loads((tmp_path / "anp" / "table.json").read_text())
     assert "eps auto (read from each subject), alpha 0.2" in out and anp["config"]["anp_eps"] == "auto"
     for r in anp["runs"]:  # what the engine ran with: each subject's own reading (fastpurify.anp_eps)
-        assert r["anp"]["settings"]["eps"] == r["anp"]["settings"]["eps_auto"]["value"] in EPS_GRID
+        assert r["anp"]["settings"]["eps"] == r["anp"]["eps_reading"]["value"] in EPS_GRID
     assert "none, seed 0: subject (small_cnn, no poison: the clean control)" in out and "ASR n/a" in out and "**none**: the clean control" in out
     assert main(["reproduce", "pbe", *common, "--pbe-epochs", "1,1", "--pbe-schedule", "0.2",
                  "--out", str(tmp_path / "pbe")]) == 0

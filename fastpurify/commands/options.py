@@ -6,7 +6,7 @@ import argparse
 import contextlib
 from collections.abc import Iterator
 
-from ..validation import InputError
+from ..validation import InputError, check_anp_eps
 
 
 def add_model_options(p: argparse.ArgumentParser) -> None:
@@ -59,16 +59,14 @@ def parse_padding(text: str, name: str = "--padding") -> int | str:
     return value
 
 
-def parse_anp_eps(text: str | float, name: str = "--eps") -> float | str:
-    """ANP's neuron-perturbation bound: ``auto`` (:mod:`fastpurify.anp_eps`) or a number in (0, 1]."""
-    if text == "auto":
-        return text
+def parse_anp_eps(text: str, name: str = "--eps") -> float | str:
+    """ANP's neuron-perturbation bound: ``auto`` (:mod:`fastpurify.anp_eps`) or a number in (0, 1]
+    (:func:`fastpurify.validation.check_anp_eps`)."""
     try:
         value = float(text)
     except ValueError:
-        value = -1.0
-    if not 0 < value <= 1:
-        raise InputError(f"{name} must be a number in (0, 1] (the paper's 0.4) or 'auto', got {text!r}")
+        value = text
+    check_anp_eps(value, name)
     return value
 
 

@@ -339,8 +339,8 @@ def anp(model: nn.Module, clean_data: Any, *, eps: float | str = 0.4, steps: int
     device = D.local_device(device) if D.world_size() > 1 else resolve_device(device)
     eps_auto = None
     if eps == AUTO_EPS:  # read from the model once, before any mask is learned (every member uses it)
-        images, labels = as_tensors(clean_data, dtype=model_dtype(model))
-        eps_auto = auto_eps(model, images, labels, mask_layers=mask_layers, batch_size=batch_size, device=device,
+        clean_data = as_tensors(clean_data, dtype=model_dtype(model))  # read once: the masks learn on these
+        eps_auto = auto_eps(model, *clean_data, mask_layers=mask_layers, batch_size=batch_size, device=device,
                             seed=seed)
         eps = eps_auto["value"]
     if seeds > 1 and not use_batched(batched, device):

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 from ..backdoor import ATTACKS
 from ..purification import DEFAULT_SCHEDULE, INITIAL, RECIPES, default_exclude_low_loss
-from ..validation import InputError, check_fraction, check_positive, check_positive_int
+from ..validation import InputError, check_anp_eps, check_fraction, check_positive, check_positive_int
 
 DEFENSES = ("anp", "pbe")
 PBE_SETTINGS = ("clean", "no-clean")
@@ -135,10 +135,7 @@ def check_config(c: ReproduceConfig) -> None:
     check_positive(c.recipe.lr, "--lr")
     check_positive_int(c.anp_iterations, "--iterations")
     check_positive_int(c.anp_batch_size, "--anp-batch-size")
-    if isinstance(c.anp_eps, str) and c.anp_eps != "auto":
-        raise InputError(f"--anp-eps must be a number in (0, 1] or 'auto', got {c.anp_eps!r}")
-    if c.anp_eps != "auto":
-        check_fraction(c.anp_eps, "--anp-eps", high_open=False)
+    check_anp_eps(c.anp_eps, "--anp-eps")
     check_fraction(c.threshold, "--threshold", low_open=False)
     check_fraction(c.max_drop, "--max-drop", low_open=False, high_open=False)
     if not c.pbe_settings or any(s not in PBE_SETTINGS for s in c.pbe_settings):

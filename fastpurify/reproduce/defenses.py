@@ -54,8 +54,7 @@ def run_anp(subject: Subject, data: SplitData, config: ReproduceConfig, *, devic
         "clean_images": int(clean[1].numel()),
         "mask_seconds": round(result.seconds, 3),
         "engine": {k: result.engine.get(k) for k in ("name", "device", "backend", "cuda_graph", "precision")},
-        "settings": {k: result.settings[k] for k in ("eps", "eps_auto", "alpha", "lr", "iterations", "batch_size")
-                     if k in result.settings},
+        "settings": {k: result.settings[k] for k in ("eps", "alpha", "lr", "iterations", "batch_size")},
         "eps_reading": result.settings.get("eps_auto") or auto_eps(
             subject.model, *clean, mask_layers=result.settings["mask_layers"], batch_size=config.anp_batch_size,
             device=device, seed=seed),
