@@ -34,6 +34,7 @@ _LAZY = {
     "prune_by_clean_accuracy": "fastpurify.pruning",
     "sweep": "fastpurify.pruning",
     "choose_pruning": "fastpurify.selection",
+    "patch_order": "fastpurify.patch_order",
     "keep_freed_memory": "fastpurify.cpu_memory",
     "load_masks": "fastpurify.masks",
     "save_masks": "fastpurify.masks",

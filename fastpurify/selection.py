@@ -33,6 +33,10 @@ each pruning, ``target_share`` the share of its adversarial examples labelled t.
 one ANP perturbation of every remaining neuron shared by all images (kept for comparison: on
 digits it drives clean and backdoored models alike onto one class, so it does not tell them
 apart).
+
+The walk's ranking is the masks' unless ``order="patch"`` (fastpurify's own, opt-in): then, once
+a patch reaches the suspected target, it walks the order :mod:`fastpurify.patch_order` builds from
+that reconstructed trigger under a clean-accuracy budget.
 """
 
 from __future__ import annotations
@@ -49,7 +53,9 @@ from .inference import model_device, predict
 from .layers import convert
 from .neuron_adversary import perturbed_predictions
 from .neurons import layer_kind
-from .pruning import _check_layers, select_neurons
+from .patch_order import DEFAULT_ACC_BUDGET, PatchOrder, patch_order
+from .patch_trigger import reconstruct_patch
+from .pruning import _check_layers, prune, select_neurons
 from .validation import InputError, check_fraction, check_images, check_labels, check_positive_int
 
 
@@ -72,7 +78,8 @@ class SelectionPoint:
 class Selection:
     """The ``auto`` rule's choice: ``pruned`` neurons, why, the suspected target, the curve, and
     the unpruned model's point under the adversary that named the target (``suspicion``: the
-    curve's first point unless the probe is ``"patch"``)."""
+    curve's first point unless the probe is ``"patch"``); ``ranking`` the scores whose ascending
+    order the walk pruned along (the masks unless ``order="patch"`` reordered them: ``order``)."""
 
     pruned: int
     reason: str
@@ -80,11 +87,19 @@ class Selection:
     points: list[SelectionPoint]
     settings: dict
     suspicion: SelectionPoint | None = None
+    ranking: dict[str, torch.Tensor] | None = None
+    order: "PatchOrder | None" = None
 
     def as_dict(self) -> dict:
         return {"pruned": self.pruned, "reason": self.reason, "target": self.target, "settings": self.settings,
                 "suspicion": None if self.suspicion is None else asdict(self.suspicion),
+                "order": None if self.order is None else self.order.as_dict(),
                 "points": [asdict(p) for p in self.points]}
+
+    def prune(self, model: nn.Module) -> nn.Module:
+        """A pruned copy of ``model``: the chosen number of neurons along the ranking the walk used
+        (``ranking``: the masks, or with ``order="patch"`` the reconstructed trigger's order)."""
+        return prune(model, self.ranking, number=self.pruned) if self.pruned else copy.deepcopy(model)
 
 
 def error_histogram(predictions: torch.Tensor, labels: torch.Tensor, num_classes: int) -> tuple[float, tuple[int, ...]]:
@@ -119,45 +134,9 @@ def share_of(point: SelectionPoint, target: int) -> float:
 PROBES = ("inputs", "patch", "neurons")
 DEFAULT_EPS = {"inputs": 32 / 255, "patch": 0.01, "neurons": 0.4}  # patch: the mask's share of the pixels
 DEFAULT_STEPS = {"inputs": 10, "patch": 100, "neurons": 10}
-PATCH_LR = 0.1  # Adam on the mask's and the pattern's logits
-PATCH_AREA_WEIGHT = 50.0  # the penalty on the soft mask's area above the budget
 SCAN_RATIO = 2.0  # a scanned class is the target when its patch share is this many times the next one's
 SCAN_DECISIVE = 0.9  # ... or when its patch sends this share of the images there and no other class's does
-
-
-def reconstruct_patch(model: nn.Module, images: torch.Tensor, target: int, *, area: float, steps: int,
-                      batch_size: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """A trigger toward ``target`` for the (frozen, eval-mode) ``model``: a mask (1, 1, H, W) of
-    exactly ``round(area * H * W)`` ones (at least one) and a pattern (1, C, H, W) in [0, 1].
-
-    ``steps`` Adam steps (lr ``PATCH_LR``) over all ``images`` (gradients summed over chunks of
-    ``batch_size``) on the logits of a soft mask and the pattern, minimising the cross-entropy of
-    ``(1 - m) x + m p`` to ``target`` plus ``PATCH_AREA_WEIGHT`` times the soft mask's mean above
-    ``area``; the mask kept is the soft mask's ``area`` largest pixels. Images are in [0, 1]."""
-    n, c, h, w = images.shape
-    device = images.device
-    g = torch.Generator().manual_seed(seed)
-    mask_logit = (torch.randn(1, 1, h, w, generator=g) * 0.1 - 3.0).to(device).requires_grad_(True)
-    pattern_logit = (torch.randn(1, c, h, w, generator=g) * 0.1).to(device).requires_grad_(True)
-    optimizer = torch.optim.Adam([mask_logit, pattern_logit], lr=PATCH_LR)
-    with torch.enable_grad():
-        for _ in range(steps):
-            optimizer.zero_grad(set_to_none=True)
-            for start in range(0, n, batch_size):
-                x = images[start:start + batch_size]
-                m, p = torch.sigmoid(mask_logit), torch.sigmoid(pattern_logit)
-                logits = model((1 - m) * x + m * p)
-                goal = torch.full((x.shape[0],), target, device=device)
-                loss = F.cross_entropy(logits.float(), goal, reduction="sum") / n
-                if start == 0:
-                    loss = loss + PATCH_AREA_WEIGHT * F.relu(m.mean() - area)
-                loss.backward()
-            optimizer.step()
-    with torch.no_grad():
-        chosen = torch.sigmoid(mask_logit).flatten().topk(max(1, round(area * h * w))).indices
-        mask = torch.zeros(h * w, device=device)
-        mask[chosen] = 1.0
-        return mask.view(1, 1, h, w), torch.sigmoid(pattern_logit).detach()
+ORDERS = ("masks", "patch")  # the ranking the walk prunes along: the masks', or the trigger-guided order
 
 
 class PruningProbe:
@@ -292,6 +271,7 @@ def choose_pruning(model: nn.Module, masks: dict[str, torch.Tensor], images: tor
                    max_target_share: float = 0.05, margin: float = 0.25, min_suspicion: float = 0.4,
                    max_acc_drop: float = 0.1, probe: str = "patch", eps: float | None = None, steps: int | None = None,
                    max_fraction: float = 0.5, candidates: int = 50, batch_size: int = 512, seed: int = 0,
+                   order: str = "masks", order_budget: float = DEFAULT_ACC_BUDGET, order_area: float | None = None,
                    progress: bool = False) -> Selection:
     """The ``auto`` pruning rule on the defender's clean ``images`` (no trigger, no poisoned data;
     the module docstring says how). Candidates: 0 and up to ``candidates`` numbers of neurons up
@@ -300,7 +280,13 @@ def choose_pruning(model: nn.Module, masks: dict[str, torch.Tensor], images: tor
     are the probe's (None: ``DEFAULT_EPS`` and ``DEFAULT_STEPS``); with ``probe="patch"`` the
     suspected target and the sign of a backdoor come from the ``"inputs"`` adversary at its
     defaults, or where its pull is under ``min_suspicion`` from a patch toward every class
-    (``Selection.suspicion``; ``settings["suspected_by"]``, ``settings["class_shares"]``)."""
+    (``Selection.suspicion``; ``settings["suspected_by"]``, ``settings["class_shares"]``).
+
+    ``order="patch"`` (fastpurify's own, opt-in): where the walk follows a patch toward the
+    suspected target, it walks the order :func:`fastpurify.patch_order.patch_order` gives the
+    masks' neurons (``order_budget`` its clean-accuracy budget; ``order_area`` its patch's share of
+    the pixels, which the walk then measures with too; None: ``eps``) instead of the masks' ranking;
+    ``Selection.ranking`` is the ranking walked, ``Selection.order`` the order and its curve."""
     for value, name in ((max_target_share, "max_target_share"), (min_suspicion, "min_suspicion"),
                         (max_acc_drop, "max_acc_drop")):
         check_fraction(value, name, low_open=False, high_open=False)
@@ -309,6 +295,14 @@ def choose_pruning(model: nn.Module, masks: dict[str, torch.Tensor], images: tor
         raise InputError(f"margin must be a number in [0, 10] (a fraction of the neurons found), got {margin!r}")
     if probe not in PROBES:
         raise InputError(f"probe must be one of {PROBES}, got {probe!r}")
+    if order not in ORDERS:
+        raise InputError(f"order must be one of {ORDERS}, got {order!r}")
+    if order == "patch" and probe != "patch":
+        raise InputError(f"order='patch' orders the neurons by a reconstructed patch: it needs probe='patch', "
+                         f"got {probe!r}")
+    check_fraction(order_budget, "order_budget", low_open=False, high_open=False)
+    if order_area is not None:
+        check_fraction(order_area, "order_area", low_open=True, high_open=False)
     eps = DEFAULT_EPS[probe] if eps is None else eps
     steps = DEFAULT_STEPS[probe] if steps is None else steps
     if not (isinstance(eps, (int, float)) and eps > 0):
@@ -321,7 +315,8 @@ def choose_pruning(model: nn.Module, masks: dict[str, torch.Tensor], images: tor
     check_labels(labels, num_images=images.shape[0])
     settings = dict(rule="auto", probe=probe, max_target_share=max_target_share, margin=margin,
                     min_suspicion=min_suspicion, max_acc_drop=max_acc_drop, eps=eps, steps=steps,
-                    max_fraction=max_fraction, candidates=candidates, seed=seed, images=int(labels.numel()))
+                    max_fraction=max_fraction, candidates=candidates, seed=seed, images=int(labels.numel()),
+                    order=order, order_area=order_area)
     if probe == "patch":  # the suspicion comes from the input adversary at its defaults
         adversary = PruningProbe(model, masks, images, labels, probe="inputs", eps=DEFAULT_EPS["inputs"],
                                  steps=DEFAULT_STEPS["inputs"], batch_size=batch_size, seed=seed)
@@ -341,7 +336,7 @@ def choose_pruning(model: nn.Module, masks: dict[str, torch.Tensor], images: tor
                f"(< {min_suspicion})")
         if probe != "patch":
             return Selection(0, f"nothing pruned: {why}: no sign of a backdoor", target, [suspicion], settings,
-                             suspicion)
+                             suspicion, masks)
         # The pull of a per-image adversary can miss a backdoor a trigger-sized patch finds: try a
         # patch toward every class, and name the one it reaches far better than the others.
         scan = scan_classes(adversary, eps=eps, steps=steps)
@@ -357,7 +352,7 @@ def choose_pruning(model: nn.Module, masks: dict[str, torch.Tensor], images: tor
             return Selection(0, f"nothing pruned: {why}, and {scanned('one class')}: no class stands out "
                                 f"(>= {min_suspicion} and {SCAN_RATIO:g}x the next, or >= {SCAN_DECISIVE:g} alone): "
                                 "no sign of a backdoor", target,
-                             [suspicion], settings, suspicion)
+                             [suspicion], settings, suspicion, masks)
         target, patch_point = named, scan[named]
         suspicion, settings["suspected_by"] = patch_point, "patch scan"
         note = f"{why}, but {scanned(f'class {named}')}; "
@@ -370,6 +365,21 @@ def choose_pruning(model: nn.Module, masks: dict[str, torch.Tensor], images: tor
             note = (f"a patch of {eps:g} of the pixels sends only {point.target_share:.2f} of the other images to "
                     f"class {target} (< {min_suspicion}), so the walk follows the input adversary; ")
     settings["walk"] = walk
+    ranking, ordered = masks, None
+    if order == "patch" and walk == "patch":
+        area = eps if order_area is None else order_area
+        ordered = patch_order(model, masks, images, labels, target, acc_budget=order_budget, area=area, steps=steps,
+                              stop_share=max_target_share, max_neurons=max(1, numbers[-1]), batch_size=batch_size,
+                              seed=seed, progress=progress)
+        ranking = ordered.ranking(masks)
+        if area != eps:  # the walk measures with the order's patch
+            adversary = adversary.under("patch", eps=area, steps=steps, target=target)
+            first = adversary.point()
+        adversary.masks = ranking  # nothing pruned yet: the walk prunes along the order from here
+        note += (f"the neurons ordered by a reconstructed trigger of {area:g} of the pixels ({len(ordered.neurons)} "
+                 f"ordered: {ordered.stopped}); ")
+    elif order == "patch":
+        note += "no patch to order the neurons by, so the masks' ranking; "
     points = [first]
     pull = note + (f"the trigger reconstructed toward class {target} (sending {first.target_share:.2f} of the other "
                    f"images there unpruned)" if walk == "patch" else
@@ -401,17 +411,17 @@ def choose_pruning(model: nn.Module, masks: dict[str, torch.Tensor], images: tor
         reason = (f"{pull} fell to {found.target_share:.2f} (<= {max_target_share}) at {found.pruned} neurons; with "
                   f"the margin {margin:g}: {best.pruned} neurons, clean accuracy {best.acc:.3f} "
                   f"(unpruned {first.acc:.3f})")
-        return Selection(best.pruned, reason, target, points, settings, suspicion)
+        return Selection(best.pruned, reason, target, points, settings, suspicion, ranking, ordered)
     lowest = min(within, key=lambda p: (p.target_share, p.pruned))
     if lowest.target_share <= first.target_share / 2:
         reason = note + (f"no pruning within the accuracy budget ({max_acc_drop}) brings the share of class "
                          f"{target} to {max_target_share}; the lowest, {lowest.target_share:.2f} (unpruned "
                          f"{first.target_share:.2f}), at {lowest.pruned} neurons")
-        return Selection(lowest.pruned, reason, target, points, settings, suspicion)
+        return Selection(lowest.pruned, reason, target, points, settings, suspicion, ranking, ordered)
     reason = "nothing pruned: " + note + (f"no pruning within the accuracy budget ({max_acc_drop}) halves the share "
                                           f"of class {target} ({first.target_share:.2f} unpruned, "
                                           f"{lowest.target_share:.2f} at best)")
-    return Selection(0, reason, target, points, settings, suspicion)
+    return Selection(0, reason, target, points, settings, suspicion, ranking, ordered)
 
 
 def _with_share(point: SelectionPoint, target: int | None) -> SelectionPoint:

@@ -51,6 +51,7 @@ def test_the_papers_settings_and_overrides():
     (dict(pbe_lr=0.0), "--pbe-lr"),
     (dict(anp_eps=0.0), "--anp-eps must lie in (0, 1]"),
     (dict(anp_eps="loud"), "--anp-eps must be a number in (0, 1] or 'auto', got 'loud'"),
+    (dict(select_order="rank"), "--select-order must be one of masks, patch, got 'rank'"),
     (dict(colour="red"), "unknown reproduction setting(s) colour"),
 ])
 def test_bad_settings_say_what_is_accepted(overrides, message):
@@ -179,10 +180,16 @@ def test_the_clean_control_is_trained_without_poison_and_has_no_asr(tmp_path, ca
     rules and both PBE settings run on it, its ASR cells are absent (n/a), its key ignores the poison rate."""
     common = ["--data", "digits", "--arch", "small_cnn", "--attacks", "badnets,none", "--rate", "0.1", "--epochs", "4",
               "--clean-images", "64", "--subject-cache", str(tmp_path / "subjects"), "--no-progress"]
-    assert main(["reproduce", "anp", *common, "--iterations", "5", "--anp-eps", "auto", "--out", str(tmp_path / "anp")]) == 0
+    assert main(["reproduce", "anp", *common, "--iterations", "5", "--anp-eps", "auto", "--select-order", "patch",
+                 "--out", str(tmp_path / "anp")]) == 0
     out = capsys.readouterr().out
     anp = json.loads((tmp_path / "anp" / "table.json").read_text())
     assert "eps auto (read from each subject), alpha 0.2" in out and anp["config"]["anp_eps"] == "auto"
+    assert anp["config"]["select_order"] == "patch"
+    for r in anp["runs"]:  # the auto rule walked the trigger-guided order where a patch reached its target
+        auto = r["anp"]["auto"]
+        assert auto["settings"]["order"] == "patch"
+        assert (auto["order"] is not None) == (auto["settings"].get("walk") == "patch"), auto["reason"]
     for r in anp["runs"]:  # what the engine ran with: each subject's own reading (fastpurify.anp_eps)
         assert r["anp"]["settings"]["eps"] == r["anp"]["eps_reading"]["value"] in EPS_GRID
     assert "none, seed 0: subject (small_cnn, no poison: the clean control)" in out and "ASR n/a" in out and "**none**: the clean control" in out

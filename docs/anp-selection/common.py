@@ -56,3 +56,16 @@ def mask_sets(name):
     sets["mean"] = saved["mean"]
     sets["rank"] = aggregate_masks(saved["members"], "rank")
     return sets
+
+
+def evaluation_subject(name):
+    """(model frozen in eval mode, attack, the defender's clean images, the fixed random 2,000 test images, the
+    model's ACC / ASR on them): what the order studies (rerank_study.py, greedy_study.py) start from."""
+    from fastpurify.backdoor import evaluate
+    model, attack, clean, test = subject(name)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    idx = torch.randperm(test[1].numel(), generator=torch.Generator().manual_seed(0))[:2000]
+    test = (test[0][idx], test[1][idx])
+    return model, attack, clean, test, evaluate(model, *test, attack)

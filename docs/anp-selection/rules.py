@@ -26,11 +26,13 @@ for name in names:
         row["clean_rule"] = [choice.point.pruned, m["acc"], m.get("asr")]
         t = time.time()
         sel = choose_pruning(model, masks, *clean, **kw)
-        m = evaluate(prune(model, masks, number=sel.pruned) if sel.pruned else model, *test, attack)
+        m = evaluate(sel.prune(model), *test, attack)
         curve = [(p.pruned, round(p.acc, 3), round(p.concentration, 3), p.top_class,
                   None if p.target_share is None else round(p.target_share, 3)) for p in sel.points]
         row["auto"] = [sel.pruned, m["acc"], m.get("asr"), round(time.time() - t, 1), curve, sel.settings.get("walk")]
         row["auto_reason"], row["suspected_by"] = sel.reason, sel.settings.get("suspected_by")
+        if sel.order is not None:  # order="patch": the trigger-guided order the walk pruned along
+            row["order"] = sel.order.as_dict()
         if "class_shares" in sel.settings:
             row["class_shares"] = sel.settings["class_shares"]
         out[f"{name}/{label}"] = row

@@ -26,6 +26,7 @@ PRUNE_RULES = ("threshold", "number", "fraction", "max_drop")
 SELECT_RULES = ("auto", "threshold", "number", "fraction", "max-drop")
 DEFAULT_SEEDS, DEFAULT_SELECT = 1, "threshold"
 PROBES, DEFAULT_PROBE = ("inputs", "patch", "neurons"), "patch"  # selection.PROBES, without importing torch here
+ORDERS = ("masks", "patch")  # selection.ORDERS
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -77,6 +78,14 @@ def add_parser(sub) -> argparse.ArgumentParser:
                         "adversary's pull names no target, a patch toward every class in turn names it), inputs "
                         "(each clean image's PGD examples: their share on the target) or neurons "
                         "(default: %(default)s)")
+    g.add_argument("--select-order", choices=ORDERS, default="masks",
+                   help="auto: the ranking it prunes along: masks (ANP's) or patch (fastpurify's own, opt-in: ANP's "
+                        "neurons ordered one by one by how much pruning each breaks a trigger reconstructed toward the "
+                        "suspected target while the clean accuracy stays within 6 points; slower: a forward pass per "
+                        "neuron and step) (default: %(default)s)")
+    g.add_argument("--select-order-area", type=float, default=None,
+                   help="auto with --select-order patch: the share of the pixels of the patch the order is built "
+                        "with and the walk measures with (default: --select-eps, 0.01)")
     g.add_argument("--select-eps", type=float, default=None,
                    help="auto: the probe's bound: the L-inf bound on the pixels (inputs, 32/255), the patch's share "
                         "of the pixels (patch, 0.01) or the neurons' (neurons, 0.4) (default: the probe's)")
@@ -161,6 +170,16 @@ def _check(args) -> None:
                          "number")
     if args.seeds > 1 and args.engine != "fast":
         raise InputError("--seeds K > 1 (a seed ensemble) runs on the fast engine; drop --engine reference")
+    if args.select_order_area is not None:
+        if args.select_order != "patch":
+            raise InputError("--select-order-area is the patch of --select-order patch; give that too")
+        check_fraction(args.select_order_area, "--select-order-area", low_open=True, high_open=False)
+    if args.select_order != "masks":
+        if _rule(args)[0] != "auto":
+            raise InputError("--select-order is the auto rule's ranking; give it with --select auto")
+        if args.select_probe != "patch":
+            raise InputError("--select-order patch orders the neurons by a reconstructed patch: it needs "
+                             f"--select-probe patch, got --select-probe {args.select_probe}")
     _rule(args)
 
 
@@ -247,9 +266,10 @@ def _run(args: argparse.Namespace) -> int:
     if rule == "auto":
         selection = choose_pruning(model, result.masks, *clean, max_target_share=args.max_target_share,
                                    max_acc_drop=args.acc_budget, probe=args.select_probe, eps=args.select_eps,
-                                   steps=args.select_steps, progress=not args.no_progress)
+                                   steps=args.select_steps, order=args.select_order,
+                                   order_area=args.select_order_area, progress=not args.no_progress)
         k = selection.pruned
-        pruned_model = prune(model, result.masks, number=k)
+        pruned_model = selection.prune(model)
         print(f"auto pruning: {selection.reason}")
     elif rule == "max_drop":
         choice = prune_by_clean_accuracy(model, result.masks, *clean, max_drop=value)

@@ -51,6 +51,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="the clean-data rule's allowed clean-accuracy drop, a fraction (default: 0.02)")
     g.add_argument("--anp-seeds", type=int, default=None,
                    help="a seed ensemble of K mask sets per subject, pruned by their mean mask (default: 1)")
+    g.add_argument("--select-order", choices=["masks", "patch"], default=None,
+                   help="the auto rule's ranking: masks (ANP's) or patch (fastpurify's own: ANP's neurons ordered by a "
+                        "trigger reconstructed toward the suspected target; fastpurify.patch_order) (default: masks)")
     g.add_argument("--no-auto-rule", action="store_true",
                    help="skip the trigger-free auto pruning column (it attacks each candidate pruning with PGD)")
     g = p.add_argument_group("PBE")
@@ -102,7 +105,7 @@ def options(args: argparse.Namespace) -> dict:
         test_images=args.test_images, clean_images=args.clean_images, anp_iterations=args.iterations,
         anp_eps=None if args.anp_eps is None else parse_anp_eps(args.anp_eps, "--anp-eps"), threshold=args.threshold,
         max_drop=args.max_drop, anp_seeds=args.anp_seeds,
-        auto_rule=False if args.no_auto_rule else None,
+        auto_rule=False if args.no_auto_rule else None, select_order=args.select_order,
         pbe_settings=None if args.pbe_settings is None else tuple(s.strip() for s in args.pbe_settings.split(",")),
         pbe_adv_epochs=None if adv_clean is None else adv_clean[0],
         pbe_clean_epochs=None if adv_clean is None else adv_clean[1],

@@ -11,6 +11,7 @@ from ..validation import InputError, check_anp_eps, check_fraction, check_positi
 
 DEFENSES = ("anp", "pbe")
 PBE_SETTINGS = ("clean", "no-clean")
+SELECT_ORDERS = ("masks", "patch")  # the auto rule's ranking (fastpurify.selection.ORDERS)
 CONTROL = "none"  # the clean control: a subject trained on the same split without poison (no ASR)
 
 
@@ -69,6 +70,7 @@ class ReproduceConfig:
     max_drop: float = 0.02
     anp_seeds: int = 1  # > 1: a seed ensemble, pruned by its mean mask
     auto_rule: bool = True  # also prune by the trigger-free auto rule (fastpurify.selection)
+    select_order: str = "masks"  # the auto rule's ranking: ANP's masks, or "patch" (fastpurify.patch_order)
     # PBE (the engine's defaults are the paper's)
     pbe_settings: tuple[str, ...] = PBE_SETTINGS
     pbe_adv_epochs: int | None = None  # None (both): fastpurify.pbe's rounds for the setting
@@ -136,6 +138,8 @@ def check_config(c: ReproduceConfig) -> None:
     check_positive_int(c.anp_iterations, "--iterations")
     check_positive_int(c.anp_batch_size, "--anp-batch-size")
     check_anp_eps(c.anp_eps, "--anp-eps")
+    if c.select_order not in SELECT_ORDERS:
+        raise InputError(f"--select-order must be one of {', '.join(SELECT_ORDERS)}, got {c.select_order!r}")
     check_fraction(c.threshold, "--threshold", low_open=False)
     check_fraction(c.max_drop, "--max-drop", low_open=False, high_open=False)
     if not c.pbe_settings or any(s not in PBE_SETTINGS for s in c.pbe_settings):

@@ -29,7 +29,7 @@ def run_anp(subject: Subject, data: SplitData, config: ReproduceConfig, *, devic
     then three prunings: every neuron with mask <= ``threshold`` (the paper), the clean-data rule
     (the most neurons whose clean accuracy on the defender's images drops by at most
     ``max_drop``) and the trigger-free ``auto`` rule (:func:`fastpurify.selection.choose_pruning`,
-    its defaults); ACC / ASR of each on the test split. ``eps_reading``: what ``eps="auto"``
+    its defaults, along ``select_order``); ACC / ASR of each on the test split. ``eps_reading``: what ``eps="auto"``
     reads from the subject (:mod:`fastpurify.anp_eps`), also where the run used a given eps — a
     few passes over the defender's images, so every run says where its model puts the bound."""
     clean = defender_clean(data, config)
@@ -45,11 +45,11 @@ def run_anp(subject: Subject, data: SplitData, config: ReproduceConfig, *, devic
     auto = None
     if config.auto_rule:
         start = time.perf_counter()
-        selection = choose_pruning(subject.model, result.masks, *clean, progress=progress)
+        selection = choose_pruning(subject.model, result.masks, *clean, order=config.select_order, progress=progress)
         auto = {"pruned": selection.pruned, "reason": selection.reason,
                 "seconds": round(time.perf_counter() - start, 3), "settings": selection.settings,
-                **_metrics(evaluate(prune(subject.model, result.masks, number=selection.pruned), *data.test,
-                                    subject.attack))}
+                "order": None if selection.order is None else selection.order.as_dict(),
+                **_metrics(evaluate(selection.prune(subject.model), *data.test, subject.attack))}
     return {
         "clean_images": int(clean[1].numel()),
         "mask_seconds": round(result.seconds, 3),

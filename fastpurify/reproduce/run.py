@@ -132,7 +132,9 @@ def _header_lines(config: ReproduceConfig, split: SplitData, recipe, budget_info
                              f"eps {eps}, alpha 0.2, lr 0.2{ensemble}; pruned at threshold "
                              f"{config.threshold:g}, by the clean-data rule (clean ACC drop <= "
                              f"{config.max_drop * 100:g} points on the defender's images) and by "
-                             "the trigger-free auto rule (docs/anp-selection.md)"))
+                             "the trigger-free auto rule (docs/anp-selection.md)"
+                             + (", along the trigger-guided order (--select-order patch)"
+                                if config.select_order == "patch" else "")))
     else:
         if config.pbe_recipe:
             rounds = "the authors' rounds (--pbe-recipe authors)"
