@@ -36,7 +36,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .inference import model_device
+from .inference import model_device, predict
 from .patch_trigger import reconstruct_patch
 from .pruning import _ascending, _check_layers
 from .validation import InputError, check_fraction, check_images, check_labels, check_positive_int
@@ -80,14 +80,10 @@ class PatchOrder:
         return out
 
 
-def _predict(net: nn.Module, images: torch.Tensor, batch_size: int) -> torch.Tensor:
-    return torch.cat([net(images[i:i + batch_size]).argmax(1) for i in range(0, images.shape[0], batch_size)])
-
-
 def _scores(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, patched: torch.Tensor, target: int,
             batch_size: int) -> tuple[float, float]:
     """(clean accuracy, the patched images' mean cross-entropy to ``target``)."""
-    correct = int((_predict(net, images, batch_size) == labels).sum())
+    correct = int((predict(net, images, batch_size) == labels).sum())
     loss = 0.0
     goal = torch.full((batch_size,), target, device=patched.device)
     for start in range(0, patched.shape[0], batch_size):
@@ -137,7 +133,7 @@ def patch_order(model: nn.Module, masks: dict[str, torch.Tensor], images: torch.
     accs: list[float] = []
     losses: list[float] = []
     shares: list[tuple[int, float]] = []
-    acc0 = float((_predict(net, images, batch_size) == labels).float().mean())
+    acc0 = float((predict(net, images, batch_size) == labels).float().mean())
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -150,7 +146,7 @@ def patch_order(model: nn.Module, masks: dict[str, torch.Tensor], images: torch.
             mask, pattern = reconstruct_patch(net, others, target, area=area, steps=steps, batch_size=batch_size,
                                               seed=seed + step)
             patched = (1 - mask) * others + mask * pattern
-            share = float((_predict(net, patched, batch_size) == target).float().mean())
+            share = float((predict(net, patched, batch_size) == target).float().mean())
             shares.append((step, share))
             if share <= stop_share:
                 stopped = (f"a patch reconstructed after {step} prunings sends {share:.2f} of the other images to class "

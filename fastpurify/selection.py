@@ -99,7 +99,7 @@ class Selection:
     def prune(self, model: nn.Module) -> nn.Module:
         """A pruned copy of ``model``: the chosen number of neurons along the ranking the walk used
         (``ranking``: the masks, or with ``order="patch"`` the reconstructed trigger's order)."""
-        return prune(model, self.ranking, number=self.pruned) if self.pruned else copy.deepcopy(model)
+        return prune(model, self.ranking, number=self.pruned)
 
 
 def error_histogram(predictions: torch.Tensor, labels: torch.Tensor, num_classes: int) -> tuple[float, tuple[int, ...]]:

@@ -164,7 +164,9 @@ def test_anp_seed_ensemble_with_the_auto_selection(tmp_path, checkpoint, capsys)
 
 
 def test_the_command_offers_the_selection_probes_and_default():
-    assert set(command.PROBES) == set(selection.PROBES) and set(command.ORDERS) == set(selection.ORDERS)
+    from fastpurify.reproduce.config import SELECT_ORDERS
+    assert set(command.PROBES) == set(selection.PROBES)
+    assert set(command.ORDERS) == set(selection.ORDERS) == set(SELECT_ORDERS)
     assert inspect.signature(selection.choose_pruning).parameters["order"].default == "masks"
     assert command.DEFAULT_PROBE == inspect.signature(selection.choose_pruning).parameters["probe"].default
 

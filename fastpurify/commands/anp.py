@@ -174,13 +174,13 @@ def _check(args) -> None:
         if args.select_order != "patch":
             raise InputError("--select-order-area is the patch of --select-order patch; give that too")
         check_fraction(args.select_order_area, "--select-order-area", low_open=True, high_open=False)
+    rule, _ = _rule(args)
     if args.select_order != "masks":
-        if _rule(args)[0] != "auto":
+        if rule != "auto":
             raise InputError("--select-order is the auto rule's ranking; give it with --select auto")
         if args.select_probe != "patch":
             raise InputError("--select-order patch orders the neurons by a reconstructed patch: it needs "
                              f"--select-probe patch, got --select-probe {args.select_probe}")
-    _rule(args)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 
 from ..validation import InputError
+from .anp import ORDERS
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -51,7 +52,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="the clean-data rule's allowed clean-accuracy drop, a fraction (default: 0.02)")
     g.add_argument("--anp-seeds", type=int, default=None,
                    help="a seed ensemble of K mask sets per subject, pruned by their mean mask (default: 1)")
-    g.add_argument("--select-order", choices=["masks", "patch"], default=None,
+    g.add_argument("--select-order", choices=ORDERS, default=None,
                    help="the auto rule's ranking: masks (ANP's) or patch (fastpurify's own: ANP's neurons ordered by a "
                         "trigger reconstructed toward the suspected target; fastpurify.patch_order) (default: masks)")
     g.add_argument("--no-auto-rule", action="store_true",
