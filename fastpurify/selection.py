@@ -56,7 +56,8 @@ from .neurons import layer_kind
 from .patch_order import DEFAULT_ACC_BUDGET, PatchOrder, patch_order
 from .patch_trigger import reconstruct_patch
 from .pruning import _check_layers, prune, select_neurons
-from .validation import InputError, check_fraction, check_images, check_labels, check_positive_int
+from .validation import (InputError, check_auto_or_fraction, check_fraction, check_images, check_labels,
+                         check_positive_int)
 
 
 @dataclass(frozen=True)
@@ -137,6 +138,7 @@ DEFAULT_STEPS = {"inputs": 10, "patch": 100, "neurons": 10}
 SCAN_RATIO = 2.0  # a scanned class is the target when its patch share is this many times the next one's
 SCAN_DECISIVE = 0.9  # ... or when its patch sends this share of the images there and no other class's does
 ORDERS = ("masks", "patch")  # the ranking the walk prunes along: the masks', or the trigger-guided order
+AREA_LADDER = (1, 2, 4, 8)  # order_area="auto": the areas tried, as multiples of the probe's eps (1 %: 1-8 %)
 
 
 class PruningProbe:
@@ -260,6 +262,47 @@ def patch_outlier(shares: list[float], min_share: float, ratio: float = SCAN_RAT
     return top if shares[top] >= min_share and shares[top] >= ratio * second else None
 
 
+def read_patch_area(probe: PruningProbe, target: int, *, eps: float, steps: int, bar: float,
+                    known: list[float] | None = None, progress: bool = False) -> tuple[float, list[dict]]:
+    """The patch size read from the model (``order_area="auto"``): the largest area ``eps * f``, f in
+    ``AREA_LADDER``, at which a patch reconstructed toward every class but ``target`` still sends fewer
+    than ``bar`` of that class's other images there, on ``probe``'s model as pruned now. A larger patch
+    answers the backdoor more like its trigger (a trigger larger than the patch outlives a small one),
+    but past this size a patch draws clean features of other classes too, so it no longer tells the
+    backdoor apart. The ladder stops at the first area some other class reaches (``eps`` itself when
+    one does at ``eps``). ``known``: the shares toward every class at ``eps`` already measured (the
+    scan's). Returns (area, the reading: per area tried, the largest share toward another class and
+    which class). Cost: up to one patch reconstruction per other class and area tried."""
+    area, reading = eps, []
+    classes = [c for c in range(probe.num_classes()) if c != target]
+    sizes = [eps * f for f in AREA_LADDER if eps * f <= 1]
+    meter = None
+    if progress:
+        from tqdm.auto import tqdm
+        meter = tqdm(total=len(classes) * (len(sizes) - (known is not None)), desc="reading the patch size",
+                     unit="patch")
+    for size in sizes:
+        worst, which = 0.0, None
+        for c in classes:  # the first class over the bar ends the ladder: the others need not be tried
+            if size == eps and known is not None:
+                share = known[c]
+            else:
+                share = probe.under("patch", eps=size, steps=steps, target=c).point().target_share
+                if meter is not None:
+                    meter.update(1)
+            if share > worst:
+                worst, which = share, c
+            if share >= bar:
+                break
+        reading.append(dict(area=size, max_other=round(worst, 4), max_other_class=which))
+        if worst >= bar:
+            break
+        area = size
+    if meter is not None:
+        meter.close()
+    return area, reading
+
+
 def candidate_numbers(num_neurons: int, max_fraction: float, count: int) -> list[int]:
     """0 and up to ``count`` evenly spaced numbers of neurons up to ``max_fraction`` of them."""
     top = int(max_fraction * num_neurons)
@@ -271,7 +314,7 @@ def choose_pruning(model: nn.Module, masks: dict[str, torch.Tensor], images: tor
                    max_target_share: float = 0.05, margin: float = 0.25, min_suspicion: float = 0.4,
                    max_acc_drop: float = 0.1, probe: str = "patch", eps: float | None = None, steps: int | None = None,
                    max_fraction: float = 0.5, candidates: int = 50, batch_size: int = 512, seed: int = 0,
-                   order: str = "masks", order_budget: float = DEFAULT_ACC_BUDGET, order_area: float | None = None,
+                   order: str = "masks", order_budget: float = DEFAULT_ACC_BUDGET, order_area: float | str | None = None,
                    progress: bool = False) -> Selection:
     """The ``auto`` pruning rule on the defender's clean ``images`` (no trigger, no poisoned data;
     the module docstring says how). Candidates: 0 and up to ``candidates`` numbers of neurons up
@@ -285,7 +328,9 @@ def choose_pruning(model: nn.Module, masks: dict[str, torch.Tensor], images: tor
     ``order="patch"`` (fastpurify's own, opt-in): where the walk follows a patch toward the
     suspected target, it walks the order :func:`fastpurify.patch_order.patch_order` gives the
     masks' neurons (``order_budget`` its clean-accuracy budget; ``order_area`` its patch's share of
-    the pixels, which the walk then measures with too; None: ``eps``) instead of the masks' ranking;
+    the pixels, which the walk then measures with too; None: ``eps``; ``"auto"``: read from the model by
+    :func:`read_patch_area`, the largest of 1-8 times ``eps`` at which no other class is reached by a patch
+    as often as ``min_suspicion``; ``settings["area_reading"]``) instead of the masks' ranking;
     ``Selection.ranking`` is the ranking walked, ``Selection.order`` the order and its curve."""
     for value, name in ((max_target_share, "max_target_share"), (min_suspicion, "min_suspicion"),
                         (max_acc_drop, "max_acc_drop")):
@@ -302,7 +347,7 @@ def choose_pruning(model: nn.Module, masks: dict[str, torch.Tensor], images: tor
                          f"got {probe!r}")
     check_fraction(order_budget, "order_budget", low_open=False, high_open=False)
     if order_area is not None:
-        check_fraction(order_area, "order_area", low_open=True, high_open=False)
+        check_auto_or_fraction(order_area, "order_area", "a share of the pixels")
     eps = DEFAULT_EPS[probe] if eps is None else eps
     steps = DEFAULT_STEPS[probe] if steps is None else steps
     if not (isinstance(eps, (int, float)) and eps > 0):
@@ -368,6 +413,13 @@ def choose_pruning(model: nn.Module, masks: dict[str, torch.Tensor], images: tor
     ranking, ordered = masks, None
     if order == "patch" and walk == "patch":
         area = eps if order_area is None else order_area
+        if area == "auto":
+            area, settings["area_reading"] = read_patch_area(adversary, target, eps=eps, steps=steps, bar=min_suspicion,
+                                                             known=settings.get("class_shares"), progress=progress)
+            note += (f"the patch size read from the model: {area:g} of the pixels (the largest of "
+                     f"{', '.join(f'{eps * f:g}' for f in AREA_LADDER if eps * f <= 1)} at which no other class's patch "
+                     f"reaches {min_suspicion}); ")
+            settings["order_area_read"] = area
         ordered = patch_order(model, masks, images, labels, target, acc_budget=order_budget, area=area, steps=steps,
                               stop_share=max_target_share, max_neurons=max(1, numbers[-1]), batch_size=batch_size,
                               seed=seed, progress=progress)

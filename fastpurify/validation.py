@@ -94,13 +94,18 @@ def check_fraction(value: float, name: str, *, low_open: bool = True, high_open:
         raise InputError(f"{name} must lie in {interval}, got {value!r}")
 
 
+def check_auto_or_fraction(value: float | str, name: str, what: str = "a number") -> None:
+    """A setting read from the model unless given: "auto" or a number in (0, 1]."""
+    if isinstance(value, str):
+        if value != "auto":
+            raise InputError(f"{name} must be {what} in (0, 1] or 'auto', got {value!r}")
+        return
+    check_fraction(value, name, high_open=False)
+
+
 def check_anp_eps(eps: float | str, name: str) -> None:
     """ANP's neuron bound as a user gives it: "auto" (:mod:`fastpurify.anp_eps`) or a number in (0, 1]."""
-    if isinstance(eps, str):
-        if eps != "auto":
-            raise InputError(f"{name} must be a number in (0, 1] or 'auto', got {eps!r}")
-        return
-    check_fraction(eps, name, high_open=False)
+    check_auto_or_fraction(eps, name)
 
 
 def check_positive_int(value: int, name: str) -> None:

@@ -91,6 +91,7 @@ def test_pickled_model_needs_trust_pickle(tmp_path, capsys):
     (["--select", "auto", "--select-order", "patch", "--select-probe", "inputs"], "needs --select-probe patch"),
     (["--select", "auto", "--select-order-area", "0.04"], "--select-order-area is the patch of --select-order patch"),
     (["--select", "auto", "--select-order", "patch", "--select-order-area", "0"], "--select-order-area must lie in (0, 1]"),
+    (["--select", "auto", "--select-order", "patch", "--select-order-area", "big"], "--select-order-area must be a share of the pixels in (0, 1] or 'auto', got 'big'"),
 ])
 def test_anp_bad_arguments_exit_2(tmp_path, checkpoint, capsys, args, message):
     argv = ["anp", "--model", str(checkpoint), "--data", "digits", "--out", str(tmp_path / "out"), *FAST, *args]
@@ -216,4 +217,15 @@ def test_anp_auto_selection_along_the_trigger_guided_order(tmp_path, capsys):
         for channel in range(values.numel()):
             expected = 0.0 if (name, channel) in ordered else original[name].weight[channel]
             assert modules[name].weight[channel] == expected
+    assert report["after"]["asr"] < report["before"]["asr"]
+    # the order's patch size read from the model: the largest of 1-8 times --select-eps no other class's patch reaches
+    read = tmp_path / "read"
+    assert main([*args[:args.index("--out") + 1], str(read), *args[args.index("--out") + 2:args.index("0.03")], "auto",
+                 *args[args.index("0.03") + 1:]]) == 0
+    report = json.loads((read / "report.json").read_text())
+    chosen = report["selection"]
+    reading, area = chosen["settings"]["area_reading"], chosen["settings"]["order_area_read"]
+    assert chosen["settings"]["order_area"] == "auto" and chosen["order"]["settings"]["area"] == area
+    assert area == max(r["area"] for r in reading if r["max_other"] < 0.4) and area in {0.02 * f for f in (1, 2, 4, 8)}
+    assert f"the patch size read from the model: {area:g} of the pixels" in chosen["reason"]
     assert report["after"]["asr"] < report["before"]["asr"]

@@ -163,3 +163,61 @@ def test_the_order_and_the_walk_can_use_a_larger_patch(monkeypatch):
     assert chosen.points[0].target_share == 1.0  # the walk's unpruned point, measured with the larger patch
     with pytest.raises(InputError, match="order_area"):
         S.choose_pruning(model, masks, images, labels, order="patch", order_area=0.0)
+
+
+class _StubProbe:
+    """A PruningProbe stand-in whose patch toward class c at area a sends ``shares[a][c]`` of the images."""
+
+    def __init__(self, shares, classes=4):
+        self.shares, self.classes, self.calls = shares, classes, []
+
+    def num_classes(self):
+        return self.classes
+
+    def under(self, probe, *, eps, steps, target=None):
+        stub = self
+
+        class _Point:
+            def point(self):
+                stub.calls.append((eps, target))
+                return S.SelectionPoint(0, 1.0, 0.0, (), None, 0.0, stub.shares[eps][target])
+        return _Point()
+
+
+def test_the_patch_area_climbs_while_no_other_class_is_reached():
+    shares = {0.01: [1.0, 0.1, 0.0, 0.2], 0.02: [1.0, 0.3, 0.1, 0.39], 0.04: [1.0, 0.1, 0.5, 0.9],
+              0.08: [1.0, 1.0, 1.0, 1.0]}
+    probe = _StubProbe(shares)
+    area, reading = S.read_patch_area(probe, 0, eps=0.01, steps=5, bar=0.4)
+    assert area == 0.02  # 0.04 reaches class 2 (0.5 >= 0.4): the ladder ends there
+    assert [r["area"] for r in reading] == [0.01, 0.02, 0.04]
+    assert [r["max_other"] for r in reading] == [0.2, 0.39, 0.5] and reading[-1]["max_other_class"] == 2
+    assert (0.04, 3) not in probe.calls and (0.08, 1) not in probe.calls  # stopped at the first class over the bar
+    assert all(target != 0 for _, target in probe.calls)  # the suspected target's own patch is not a reading
+
+
+def test_the_patch_area_reuses_the_scan_and_stays_within_the_image():
+    shares = {0.3: [1.0, 0.0, 0.0], 0.6: [1.0, 0.1, 0.2]}
+    probe = _StubProbe(shares, classes=3)
+    area, reading = S.read_patch_area(probe, 0, eps=0.3, steps=5, bar=0.4, known=[1.0, 0.05, 0.0])
+    assert area == 0.6 and [r["area"] for r in reading] == [0.3, 0.6]  # 1.2 of the pixels is not a patch
+    assert reading[0]["max_other"] == 0.05  # the scan's shares at eps, not measured again
+    assert all(eps == 0.6 for eps, _ in probe.calls)
+    # another class reached at eps itself: the reading is eps
+    area, reading = S.read_patch_area(_StubProbe({0.01: [1.0, 0.5, 0.0]}, classes=3), 0, eps=0.01, steps=5, bar=0.4)
+    assert area == 0.01 and len(reading) == 1 and reading[0]["max_other_class"] == 1
+
+
+def test_the_order_reads_its_patch_size_from_the_model(monkeypatch):
+    model, masks, images, labels = _subject()
+    monkeypatch.setitem(S.DEFAULT_EPS, "inputs", 1e-6)
+    chosen = S.choose_pruning(model, masks, images, labels, steps=40, eps=1 / 64, candidates=2, max_fraction=0.5,
+                              batch_size=32, order="patch", order_area="auto")
+    reading, area = chosen.settings["area_reading"], chosen.settings["order_area_read"]
+    assert chosen.settings["order_area"] == "auto" and chosen.order.settings["area"] == area
+    below = [r for r in reading if r["max_other"] < 0.4]  # min_suspicion, the bar
+    assert below and area == below[-1]["area"] and [r["area"] for r in reading][:len(below)] == [r["area"] for r in below]
+    assert f"the patch size read from the model: {area:g} of the pixels" in chosen.reason
+    assert chosen.order.neurons[0] == ("bn", 0)
+    with pytest.raises(InputError, match="order_area must be a share of the pixels in \\(0, 1\\] or 'auto'"):
+        S.choose_pruning(model, masks, images, labels, order="patch", order_area="large")

@@ -52,6 +52,9 @@ def test_the_papers_settings_and_overrides():
     (dict(anp_eps=0.0), "--anp-eps must lie in (0, 1]"),
     (dict(anp_eps="loud"), "--anp-eps must be a number in (0, 1] or 'auto', got 'loud'"),
     (dict(select_order="rank"), "--select-order must be one of masks, patch, got 'rank'"),
+    (dict(select_order_area=0.04), "--select-order-area is the patch of --select-order patch"),
+    (dict(select_order="patch", select_order_area="large"), "--select-order-area must be a share of the pixels"),
+    (dict(select_order="patch", select_order_area=1.5), "--select-order-area must lie in (0, 1]"),
     (dict(colour="red"), "unknown reproduction setting(s) colour"),
 ])
 def test_bad_settings_say_what_is_accepted(overrides, message):
@@ -181,15 +184,18 @@ def test_the_clean_control_is_trained_without_poison_and_has_no_asr(tmp_path, ca
     common = ["--data", "digits", "--arch", "small_cnn", "--attacks", "badnets,none", "--rate", "0.1", "--epochs", "4",
               "--clean-images", "64", "--subject-cache", str(tmp_path / "subjects"), "--no-progress"]
     assert main(["reproduce", "anp", *common, "--iterations", "5", "--anp-eps", "auto", "--select-order", "patch",
-                 "--out", str(tmp_path / "anp")]) == 0
+                 "--select-order-area", "auto", "--out", str(tmp_path / "anp")]) == 0
     out = capsys.readouterr().out
     anp = json.loads((tmp_path / "anp" / "table.json").read_text())
     assert "eps auto (read from each subject), alpha 0.2" in out and anp["config"]["anp_eps"] == "auto"
-    assert anp["config"]["select_order"] == "patch"
+    assert anp["config"]["select_order"] == "patch" and anp["config"]["select_order_area"] == "auto"
+    assert "along the trigger-guided order (--select-order patch, its patch auto)" in out
     for r in anp["runs"]:  # the auto rule walked the trigger-guided order where a patch reached its target
         auto = r["anp"]["auto"]
         assert auto["settings"]["order"] == "patch"
         assert (auto["order"] is not None) == (auto["settings"].get("walk") == "patch"), auto["reason"]
+        if auto["order"] is not None:  # its patch read from the subject
+            assert auto["order"]["settings"]["area"] == auto["settings"]["order_area_read"]
     for r in anp["runs"]:  # what the engine ran with: each subject's own reading (fastpurify.anp_eps)
         assert r["anp"]["settings"]["eps"] == r["anp"]["eps_reading"]["value"] in EPS_GRID
     assert "none, seed 0: subject (small_cnn, no poison: the clean control)" in out and "ASR n/a" in out and "**none**: the clean control" in out

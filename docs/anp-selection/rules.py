@@ -33,6 +33,7 @@ for name in names:
         row["auto_reason"], row["suspected_by"] = sel.reason, sel.settings.get("suspected_by")
         if sel.order is not None:  # order="patch": the trigger-guided order the walk pruned along
             row["order"] = sel.order.as_dict()
+        row["settings"] = sel.settings
         if "class_shares" in sel.settings:
             row["class_shares"] = sel.settings["class_shares"]
         out[f"{name}/{label}"] = row

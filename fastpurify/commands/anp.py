@@ -19,8 +19,8 @@ from pathlib import Path
 
 from ..validation import InputError, check_fraction, check_positive_int
 from .options import (add_augment_options, add_engine_and_output_options, add_large_model_options,
-                      add_model_options, add_trigger_options, micro_batch_option, parse_anp_eps, peak_text,
-                      plotting_enabled, process_group)
+                      add_model_options, add_trigger_options, micro_batch_option, parse_anp_eps, parse_patch_area,
+                      peak_text, plotting_enabled, process_group)
 
 PRUNE_RULES = ("threshold", "number", "fraction", "max_drop")
 SELECT_RULES = ("auto", "threshold", "number", "fraction", "max-drop")
@@ -83,9 +83,11 @@ def add_parser(sub) -> argparse.ArgumentParser:
                         "neurons ordered one by one by how much pruning each breaks a trigger reconstructed toward the "
                         "suspected target while the clean accuracy stays within 6 points; slower: a forward pass per "
                         "neuron and step) (default: %(default)s)")
-    g.add_argument("--select-order-area", type=float, default=None,
+    g.add_argument("--select-order-area", default=None,
                    help="auto with --select-order patch: the share of the pixels of the patch the order is built "
-                        "with and the walk measures with (default: --select-eps, 0.01)")
+                        "with and the walk measures with, or auto: read from the model (the largest of 1, 2, 4 and "
+                        "8 times --select-eps at which no other class's patch sends 0.4 of the images "
+                        "there) (default: --select-eps, 0.01)")
     g.add_argument("--select-eps", type=float, default=None,
                    help="auto: the probe's bound: the L-inf bound on the pixels (inputs, 32/255), the patch's share "
                         "of the pixels (patch, 0.01) or the neurons' (neurons, 0.4) (default: the probe's)")
@@ -173,7 +175,7 @@ def _check(args) -> None:
     if args.select_order_area is not None:
         if args.select_order != "patch":
             raise InputError("--select-order-area is the patch of --select-order patch; give that too")
-        check_fraction(args.select_order_area, "--select-order-area", low_open=True, high_open=False)
+        args.select_order_area = parse_patch_area(args.select_order_area, "--select-order-area")
     rule, _ = _rule(args)
     if args.select_order != "masks":
         if rule != "auto":

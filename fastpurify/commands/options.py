@@ -6,7 +6,7 @@ import argparse
 import contextlib
 from collections.abc import Iterator
 
-from ..validation import InputError, check_anp_eps
+from ..validation import InputError, check_auto_or_fraction
 
 
 def add_model_options(p: argparse.ArgumentParser) -> None:
@@ -59,15 +59,24 @@ def parse_padding(text: str, name: str = "--padding") -> int | str:
     return value
 
 
-def parse_anp_eps(text: str, name: str = "--eps") -> float | str:
-    """ANP's neuron-perturbation bound: ``auto`` (:mod:`fastpurify.anp_eps`) or a number in (0, 1]
-    (:func:`fastpurify.validation.check_anp_eps`)."""
+def parse_auto_or_fraction(text: str, name: str, what: str = "a number") -> float | str:
+    """``auto`` or a number in (0, 1] (:func:`fastpurify.validation.check_auto_or_fraction`)."""
     try:
         value = float(text)
     except ValueError:
         value = text
-    check_anp_eps(value, name)
+    check_auto_or_fraction(value, name, what)
     return value
+
+
+def parse_anp_eps(text: str, name: str = "--eps") -> float | str:
+    """ANP's neuron-perturbation bound: ``auto`` (:mod:`fastpurify.anp_eps`) or a number in (0, 1]."""
+    return parse_auto_or_fraction(text, name)
+
+
+def parse_patch_area(text: str, name: str) -> float | str:
+    """A reconstructed patch's share of the pixels: ``auto`` (read from the model) or a number in (0, 1]."""
+    return parse_auto_or_fraction(text, name, "a share of the pixels")
 
 
 FLIP = {"auto": "auto", "on": True, "off": False}

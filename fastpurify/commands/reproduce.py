@@ -55,6 +55,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--select-order", choices=ORDERS, default=None,
                    help="the auto rule's ranking: masks (ANP's) or patch (fastpurify's own: ANP's neurons ordered by a "
                         "trigger reconstructed toward the suspected target; fastpurify.patch_order) (default: masks)")
+    g.add_argument("--select-order-area", default=None,
+                   help="with --select-order patch: the order's patch, a share of the pixels in (0, 1], or auto: read "
+                        "from each subject (the largest of 1-8 %% at which no other class's patch reaches 0.4 of the "
+                        "images) (default: the auto rule's 0.01)")
     g.add_argument("--no-auto-rule", action="store_true",
                    help="skip the trigger-free auto pruning column (it attacks each candidate pruning with PGD)")
     g = p.add_argument_group("PBE")
@@ -96,7 +100,7 @@ def _counts(text: str | None, name: str, n: int) -> tuple[int, ...] | None:
 
 def options(args: argparse.Namespace) -> dict:
     """The keywords of :func:`fastpurify.reproduce.reproduce` from the command line."""
-    from .options import parse_anp_eps
+    from .options import parse_anp_eps, parse_patch_area
     from .pbe import parse_pixels, parse_schedule
 
     adv_clean = _counts(args.pbe_epochs, "--pbe-epochs", 2)
@@ -107,6 +111,8 @@ def options(args: argparse.Namespace) -> dict:
         anp_eps=None if args.anp_eps is None else parse_anp_eps(args.anp_eps, "--anp-eps"), threshold=args.threshold,
         max_drop=args.max_drop, anp_seeds=args.anp_seeds,
         auto_rule=False if args.no_auto_rule else None, select_order=args.select_order,
+        select_order_area=None if args.select_order_area is None else parse_patch_area(args.select_order_area,
+                                                                                         "--select-order-area"),
         pbe_settings=None if args.pbe_settings is None else tuple(s.strip() for s in args.pbe_settings.split(",")),
         pbe_adv_epochs=None if adv_clean is None else adv_clean[0],
         pbe_clean_epochs=None if adv_clean is None else adv_clean[1],

@@ -7,7 +7,8 @@ from dataclasses import asdict, dataclass, field, replace
 
 from ..backdoor import ATTACKS
 from ..purification import DEFAULT_SCHEDULE, INITIAL, RECIPES, default_exclude_low_loss
-from ..validation import InputError, check_anp_eps, check_fraction, check_positive, check_positive_int
+from ..validation import (InputError, check_anp_eps, check_auto_or_fraction, check_fraction, check_positive,
+                          check_positive_int)
 
 DEFENSES = ("anp", "pbe")
 PBE_SETTINGS = ("clean", "no-clean")
@@ -71,6 +72,7 @@ class ReproduceConfig:
     anp_seeds: int = 1  # > 1: a seed ensemble, pruned by its mean mask
     auto_rule: bool = True  # also prune by the trigger-free auto rule (fastpurify.selection)
     select_order: str = "masks"  # the auto rule's ranking: ANP's masks, or "patch" (fastpurify.patch_order)
+    select_order_area: float | str | None = None  # the order's patch: None the probe's 1 %, a share, or "auto"
     # PBE (the engine's defaults are the paper's)
     pbe_settings: tuple[str, ...] = PBE_SETTINGS
     pbe_adv_epochs: int | None = None  # None (both): fastpurify.pbe's rounds for the setting
@@ -140,6 +142,10 @@ def check_config(c: ReproduceConfig) -> None:
     check_anp_eps(c.anp_eps, "--anp-eps")
     if c.select_order not in SELECT_ORDERS:
         raise InputError(f"--select-order must be one of {', '.join(SELECT_ORDERS)}, got {c.select_order!r}")
+    if c.select_order_area is not None:
+        if c.select_order != "patch":
+            raise InputError("--select-order-area is the patch of --select-order patch; give that too")
+        check_auto_or_fraction(c.select_order_area, "--select-order-area", "a share of the pixels")
     check_fraction(c.threshold, "--threshold", low_open=False)
     check_fraction(c.max_drop, "--max-drop", low_open=False, high_open=False)
     if not c.pbe_settings or any(s not in PBE_SETTINGS for s in c.pbe_settings):

@@ -45,7 +45,8 @@ def run_anp(subject: Subject, data: SplitData, config: ReproduceConfig, *, devic
     auto = None
     if config.auto_rule:
         start = time.perf_counter()
-        selection = choose_pruning(subject.model, result.masks, *clean, order=config.select_order, progress=progress)
+        selection = choose_pruning(subject.model, result.masks, *clean, order=config.select_order,
+                                   order_area=config.select_order_area, progress=progress)
         auto = {"pruned": selection.pruned, "reason": selection.reason,
                 "seconds": round(time.perf_counter() - start, 3), "settings": selection.settings,
                 "order": None if selection.order is None else selection.order.as_dict(),

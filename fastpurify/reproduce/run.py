@@ -133,8 +133,7 @@ def _header_lines(config: ReproduceConfig, split: SplitData, recipe, budget_info
                              f"{config.threshold:g}, by the clean-data rule (clean ACC drop <= "
                              f"{config.max_drop * 100:g} points on the defender's images) and by "
                              "the trigger-free auto rule (docs/anp-selection.md)"
-                             + (", along the trigger-guided order (--select-order patch)"
-                                if config.select_order == "patch" else "")))
+                             + _order_text(config)))
     else:
         if config.pbe_recipe:
             rounds = "the authors' rounds (--pbe-recipe authors)"
@@ -155,3 +154,12 @@ def _header_lines(config: ReproduceConfig, split: SplitData, recipe, budget_info
         lines.append(("budget", f"{budget_info['budget_seconds']:g} s for {budget_info['subjects']} subjects: "
                                 f"{budget_info['epochs_used']} of {budget_info['epochs_asked']} epochs"))
     return lines
+
+
+def _order_text(config: ReproduceConfig) -> str:
+    """The auto rule's ranking, as the ANP line says it: nothing for ANP's masks."""
+    if config.select_order != "patch":
+        return ""
+    area = config.select_order_area
+    patch = "" if area is None else f", its patch {area if area == 'auto' else format(area, 'g')}"
+    return f", along the trigger-guided order (--select-order patch{patch})"
