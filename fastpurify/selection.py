@@ -262,6 +262,11 @@ def patch_outlier(shares: list[float], min_share: float, ratio: float = SCAN_RAT
     return top if shares[top] >= min_share and shares[top] >= ratio * second else None
 
 
+def area_ladder(eps: float) -> list[float]:
+    """The patch sizes ``order_area="auto"`` may read: ``eps`` times ``AREA_LADDER``, within the image."""
+    return [eps * f for f in AREA_LADDER if eps * f <= 1]
+
+
 def read_patch_area(probe: PruningProbe, target: int, *, eps: float, steps: int, bar: float,
                     known: list[float] | None = None, progress: bool = False) -> tuple[float, list[dict]]:
     """The patch size read from the model (``order_area="auto"``): the largest area ``eps * f``, f in
@@ -275,7 +280,7 @@ def read_patch_area(probe: PruningProbe, target: int, *, eps: float, steps: int,
     which class). Cost: up to one patch reconstruction per other class and area tried."""
     area, reading = eps, []
     classes = [c for c in range(probe.num_classes()) if c != target]
-    sizes = [eps * f for f in AREA_LADDER if eps * f <= 1]
+    sizes = area_ladder(eps)
     meter = None
     if progress:
         from tqdm.auto import tqdm
@@ -417,7 +422,7 @@ def choose_pruning(model: nn.Module, masks: dict[str, torch.Tensor], images: tor
             area, settings["area_reading"] = read_patch_area(adversary, target, eps=eps, steps=steps, bar=min_suspicion,
                                                              known=settings.get("class_shares"), progress=progress)
             note += (f"the patch size read from the model: {area:g} of the pixels (the largest of "
-                     f"{', '.join(f'{eps * f:g}' for f in AREA_LADDER if eps * f <= 1)} at which no other class's patch "
+                     f"{', '.join(f'{size:g}' for size in area_ladder(eps))} at which no other class's patch "
                      f"reaches {min_suspicion}); ")
             settings["order_area_read"] = area
         ordered = patch_order(model, masks, images, labels, target, acc_budget=order_budget, area=area, steps=steps,
