@@ -16,10 +16,12 @@ demo: $(STAMP)
 	$(BIN)/fastpurify demo
 
 # The suite runs on WORKERS processes (pytest-xdist; each test file stays on one worker, so its
-# module fixtures run once); WORKERS=0 runs it in this process.
+# module fixtures run once); WORKERS=0 runs it in this process. Files are handed out in collection
+# order, where conftest.py puts the files with slow tests first (xdist's default order, most tests
+# first, left the slowest file to the end of the run on one worker).
 WORKERS ?= 2
 test: $(STAMP)
-	$(BIN)/python -m pytest $(if $(filter 0,$(WORKERS)),,-n $(WORKERS) --dist loadfile)
+	$(BIN)/python -m pytest $(if $(filter 0,$(WORKERS)),,-n $(WORKERS) --dist loadfile --no-loadscope-reorder)
 
 bench: $(STAMP)
 	mkdir -p bench/results

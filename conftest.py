@@ -12,7 +12,8 @@ if not torch.cuda.is_available():
 
 def pytest_collection_modifyitems(config, items):
     """The files holding ``slow`` tests (real training runs, minutes each) first, each file kept
-    whole and in order: under ``make test``'s pytest-xdist (``--dist loadfile``) they then start
-    while the other worker runs the rest, instead of ending the run on one worker alone."""
+    whole and in order: under ``make test``'s pytest-xdist (``--dist loadfile
+    --no-loadscope-reorder``, which hands files out in this order) they then start while the other
+    worker runs the rest, instead of ending the run on one worker alone."""
     slow_files = {item.path for item in items if item.get_closest_marker("slow")}
     items.sort(key=lambda item: item.path not in slow_files)  # stable: the order within each file kept

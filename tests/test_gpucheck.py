@@ -32,6 +32,7 @@ def dry_run(tmp_path_factory):
     return out, results, proc, time.monotonic() - start
 
 
+@pytest.mark.slow
 def test_dry_run_writes_every_file(dry_run):
     out, results, proc, seconds = dry_run
     assert proc.returncode == 0, proc.stderr[-3000:]
