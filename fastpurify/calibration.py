@@ -24,6 +24,7 @@ the same as with the resolved values given explicitly.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -82,30 +83,37 @@ def adversarial_share(model: nn.Module, images: torch.Tensor, labels: torch.Tens
     return float((predicted != labels.to(predicted.device)).double().mean())
 
 
+def smallest_bound(share: Callable[[int], float]) -> tuple[int, bool, dict[int, float]]:
+    """The smallest k in :data:`EPS_STEPS` with ``share(k)`` at least :data:`ADVERSARIAL_SHARE`:
+    the low end when it passes, the high end (not reached) when even it does not, else a binary
+    search between them (assuming the share grows with k). Returns (k, reached, every share
+    measured by k)."""
+    low, high = EPS_STEPS
+    shares: dict[int, float] = {}
+
+    def passes(k: int) -> bool:
+        shares[k] = share(k)
+        return shares[k] >= ADVERSARIAL_SHARE
+
+    if passes(low):
+        return low, True, shares
+    if not passes(high):
+        return high, False, shares
+    while high - low > 1:  # share(low) < target <= share(high): the smallest passing k in (low, high]
+        middle = (low + high) // 2
+        if passes(middle):
+            high = middle
+        else:
+            low = middle
+    return high, True, shares
+
+
 def auto_eps(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, alpha: float | None, steps: int,
              batch_size: int) -> dict[str, Any]:
     """The smallest k/255 (k in :data:`EPS_STEPS`) whose PGD examples are misclassified for at
     least :data:`ADVERSARIAL_SHARE` of the images; returns the choice and every share measured."""
-    low, high = EPS_STEPS
-    shares: dict[int, float] = {}
-
-    def share(k: int) -> float:
-        shares[k] = adversarial_share(model, images, labels, eps=k / 255, alpha=alpha, steps=steps,
-                                      batch_size=batch_size)
-        return shares[k]
-
-    if share(low) >= ADVERSARIAL_SHARE:
-        chosen, reached = low, True
-    elif share(high) < ADVERSARIAL_SHARE:
-        chosen, reached = high, False
-    else:  # share(low) < target <= share(high): the smallest passing k in (low, high]
-        while high - low > 1:
-            middle = (low + high) // 2
-            if share(middle) >= ADVERSARIAL_SHARE:
-                high = middle
-            else:
-                low = middle
-        chosen, reached = high, True
+    chosen, reached, shares = smallest_bound(
+        lambda k: adversarial_share(model, images, labels, eps=k / 255, alpha=alpha, steps=steps, batch_size=batch_size))
     return {"value": chosen / 255, "pixels": f"{chosen}/255", "reached": reached, "target_share": ADVERSARIAL_SHARE,
             "shares": {f"{k}/255": round(v, 4) for k, v in sorted(shares.items())}}
 

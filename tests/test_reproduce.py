@@ -231,10 +231,6 @@ def test_reduced_reproduction_on_real_cifar10(tmp_path, capsys):
     epochs, BadNets at 10 %; ANP then PBE on the same (cached) subject. A real training run, on the
     worker's one thread (tests/conftest.py): about 2 minutes beside the suite's other worker, where
     two threads sharing the machine's two cores with that worker took 3.5-4.5 minutes."""
-    _reduced_reproduction(tmp_path, capsys)
-
-
-def _reduced_reproduction(tmp_path, capsys):
     common = ["--data", f"cifar10-jpeg:{CIFAR10_JPEG}", "--arch", "small_cnn", "--attacks", "badnets", "--rate", "0.1",
               "--train-images", "5000", "--test-images", "1000", "--clean-images", "250", "--epochs", "15",
               "--subject-cache", str(tmp_path / "subjects"), "--no-progress"]
