@@ -139,6 +139,7 @@ SCAN_RATIO = 2.0  # a scanned class is the target when its patch share is this m
 SCAN_DECISIVE = 0.9  # ... or when its patch sends this share of the images there and no other class's does
 ORDERS = ("masks", "patch")  # the ranking the walk prunes along: the masks', or the trigger-guided order
 AREA_LADDER = (1, 2, 4, 8)  # order_area="auto": the areas tried, as multiples of the probe's eps (1 %: 1-8 %)
+DEFAULT_AREA_READINGS = 5  # order_area="auto": the median of up to this many seeds' readings (stops at 3 agreeing)
 
 
 class PruningProbe:
@@ -177,6 +178,13 @@ class PruningProbe:
         if probe == "patch" and target is None:
             raise InputError("the patch probe reconstructs a trigger toward a class: give its target")
         self.probe, self.eps, self.steps, self.target = probe, eps, steps, target
+
+    def reseeded(self, seed: int) -> "PruningProbe":
+        """This probe with another seed for its adversary's random draws (the model and images shared,
+        as :meth:`under`)."""
+        other = copy.copy(self)
+        other.seed = seed
+        return other
 
     def under(self, probe: str, *, eps: float, steps: int, target: int | None = None) -> "PruningProbe":
         """This probe's pruned copy and images (shared, not copied: prune one of the two only) under
@@ -308,6 +316,28 @@ def read_patch_area(probe: PruningProbe, target: int, *, eps: float, steps: int,
     return area, reading
 
 
+def vote_patch_area(probe: PruningProbe, target: int, *, eps: float, steps: int, bar: float, readings: int = 1,
+                    known: list[float] | None = None, progress: bool = False) -> tuple[float, list[dict]]:
+    """:func:`read_patch_area` repeated with up to ``readings`` seeds of the patch reconstruction
+    (``probe.seed``, ``probe.seed + 1``, ...): the median reading (for an even count the smaller of the
+    two middle ones). One reconstruction's reading is a draw where a class's share sits near ``bar``
+    (docs/anp-selection.md); the median of several is steadier. It stops as soon as one size has been
+    read more than ``readings / 2`` times, which is then the median whatever the others read (three
+    agreeing of five). ``known`` (the scan's shares, at ``probe.seed``) serves the first reading only.
+    Returns (area, per reading: its seed, its area and its ``read_patch_area`` reading)."""
+    check_positive_int(readings, "area_readings")
+    areas, record = [], []
+    for i in range(readings):
+        reader = probe if i == 0 else probe.reseeded(probe.seed + i)
+        area, reading = read_patch_area(reader, target, eps=eps, steps=steps, bar=bar, known=known if i == 0 else None,
+                                        progress=progress)
+        areas.append(area)
+        record.append(dict(seed=reader.seed, area=area, reading=reading))
+        if areas.count(area) > readings // 2:
+            return area, record
+    return sorted(areas)[(len(areas) - 1) // 2], record
+
+
 def candidate_numbers(num_neurons: int, max_fraction: float, count: int) -> list[int]:
     """0 and up to ``count`` evenly spaced numbers of neurons up to ``max_fraction`` of them."""
     top = int(max_fraction * num_neurons)
@@ -320,7 +350,7 @@ def choose_pruning(model: nn.Module, masks: dict[str, torch.Tensor], images: tor
                    max_acc_drop: float = 0.1, probe: str = "patch", eps: float | None = None, steps: int | None = None,
                    max_fraction: float = 0.5, candidates: int = 50, batch_size: int = 512, seed: int = 0,
                    order: str = "masks", order_budget: float = DEFAULT_ACC_BUDGET, order_area: float | str | None = None,
-                   progress: bool = False) -> Selection:
+                   area_readings: int = DEFAULT_AREA_READINGS, progress: bool = False) -> Selection:
     """The ``auto`` pruning rule on the defender's clean ``images`` (no trigger, no poisoned data;
     the module docstring says how). Candidates: 0 and up to ``candidates`` numbers of neurons up
     to ``max_fraction`` of them; the walk stops once the choice is made or the clean accuracy
@@ -335,7 +365,9 @@ def choose_pruning(model: nn.Module, masks: dict[str, torch.Tensor], images: tor
     masks' neurons (``order_budget`` its clean-accuracy budget; ``order_area`` its patch's share of
     the pixels, which the walk then measures with too; None: ``eps``; ``"auto"``: read from the model by
     :func:`read_patch_area`, the largest of 1-8 times ``eps`` at which no other class is reached by a patch
-    as often as ``min_suspicion``; ``settings["area_reading"]``) instead of the masks' ranking;
+    as often as ``min_suspicion``, the median of up to ``area_readings`` reconstruction seeds
+    (:func:`vote_patch_area`); ``settings["area_votes"]`` each reading, ``settings["area_reading"]``
+    the first that read the size used) instead of the masks' ranking;
     ``Selection.ranking`` is the ranking walked, ``Selection.order`` the order and its curve."""
     for value, name in ((max_target_share, "max_target_share"), (min_suspicion, "min_suspicion"),
                         (max_acc_drop, "max_acc_drop")):
@@ -353,6 +385,7 @@ def choose_pruning(model: nn.Module, masks: dict[str, torch.Tensor], images: tor
     check_fraction(order_budget, "order_budget", low_open=False, high_open=False)
     if order_area is not None:
         check_auto_or_fraction(order_area, "order_area", "a share of the pixels")
+    check_positive_int(area_readings, "area_readings")
     eps = DEFAULT_EPS[probe] if eps is None else eps
     steps = DEFAULT_STEPS[probe] if steps is None else steps
     if not (isinstance(eps, (int, float)) and eps > 0):
@@ -366,7 +399,7 @@ def choose_pruning(model: nn.Module, masks: dict[str, torch.Tensor], images: tor
     settings = dict(rule="auto", probe=probe, max_target_share=max_target_share, margin=margin,
                     min_suspicion=min_suspicion, max_acc_drop=max_acc_drop, eps=eps, steps=steps,
                     max_fraction=max_fraction, candidates=candidates, seed=seed, images=int(labels.numel()),
-                    order=order, order_area=order_area)
+                    order=order, order_area=order_area, area_readings=area_readings)
     if probe == "patch":  # the suspicion comes from the input adversary at its defaults
         adversary = PruningProbe(model, masks, images, labels, probe="inputs", eps=DEFAULT_EPS["inputs"],
                                  steps=DEFAULT_STEPS["inputs"], batch_size=batch_size, seed=seed)
@@ -419,11 +452,18 @@ def choose_pruning(model: nn.Module, masks: dict[str, torch.Tensor], images: tor
     if order == "patch" and walk == "patch":
         area = eps if order_area is None else order_area
         if area == "auto":
-            area, settings["area_reading"] = read_patch_area(adversary, target, eps=eps, steps=steps, bar=min_suspicion,
-                                                             known=settings.get("class_shares"), progress=progress)
+            area, readings = vote_patch_area(adversary, target, eps=eps, steps=steps, bar=min_suspicion,
+                                             readings=area_readings, known=settings.get("class_shares"),
+                                             progress=progress)
+            settings["area_votes"] = readings
+            settings["area_reading"] = next(r["reading"] for r in readings if r["area"] == area)
+            read = ", ".join(f"{r['area']:g}" for r in readings)
             note += (f"the patch size read from the model: {area:g} of the pixels (the largest of "
                      f"{', '.join(f'{size:g}' for size in area_ladder(eps))} at which no other class's patch "
-                     f"reaches {min_suspicion}); ")
+                     f"reaches {min_suspicion}"
+                     + (f"; the patch reconstruction's seeds {readings[0]['seed']}-{readings[-1]['seed']} read {read}: "
+                        f"their median, of up to {area_readings} seeds, stopping where more than half agree"
+                        if len(readings) > 1 else "") + "); ")
             settings["order_area_read"] = area
         ordered = patch_order(model, masks, images, labels, target, acc_budget=order_budget, area=area, steps=steps,
                               stop_share=max_target_share, max_neurons=max(1, numbers[-1]), batch_size=batch_size,

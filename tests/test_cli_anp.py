@@ -90,6 +90,8 @@ def test_pickled_model_needs_trust_pickle(tmp_path, capsys):
     (["--select-order", "patch"], "--select-order is the auto rule's ranking; give it with --select auto"),
     (["--select", "auto", "--select-order", "patch", "--select-probe", "inputs"], "needs --select-probe patch"),
     (["--select", "auto", "--select-order-area", "0.04"], "--select-order-area is the patch of --select-order patch"),
+    (["--select", "auto", "--select-order", "patch", "--select-area-readings", "3"], "--select-area-readings is how --select-order-area auto reads the size"),
+    (["--select", "auto", "--select-order", "patch", "--select-order-area", "auto", "--select-area-readings", "0"], "--select-area-readings must be a positive integer"),
     (["--select", "auto", "--select-order", "patch", "--select-order-area", "0"], "--select-order-area must lie in (0, 1]"),
     (["--select", "auto", "--select-order", "patch", "--select-order-area", "big"], "--select-order-area must be a share of the pixels in (0, 1] or 'auto', got 'big'"),
 ])
@@ -221,10 +223,13 @@ def test_anp_auto_selection_along_the_trigger_guided_order(tmp_path, capsys):
     # the order's patch size read from the model: the largest of 1-8 times --select-eps no other class's patch reaches
     read = tmp_path / "read"
     assert main([*args[:args.index("--out") + 1], str(read), *args[args.index("--out") + 2:args.index("0.03")], "auto",
-                 *args[args.index("0.03") + 1:]]) == 0
+                 "--select-area-readings", "3", *args[args.index("0.03") + 1:]]) == 0
     report = json.loads((read / "report.json").read_text())
     chosen = report["selection"]
     reading, area = chosen["settings"]["area_reading"], chosen["settings"]["order_area_read"]
+    votes = chosen["settings"]["area_votes"]  # the median of up to 3 seeds' readings
+    assert chosen["settings"]["area_readings"] == 3 and [v["seed"] for v in votes] == list(range(len(votes)))
+    assert 2 <= len(votes) <= 3 and area == sorted(v["area"] for v in votes)[(len(votes) - 1) // 2]
     assert chosen["settings"]["order_area"] == "auto" and chosen["order"]["settings"]["area"] == area
     assert area == max(r["area"] for r in reading if r["max_other"] < 0.4) and area in {0.02 * f for f in (1, 2, 4, 8)}
     assert f"the patch size read from the model: {area:g} of the pixels" in chosen["reason"]

@@ -208,6 +208,50 @@ def test_the_patch_area_reuses_the_scan_and_stays_within_the_image():
     assert area == 0.01 and len(reading) == 1 and reading[0]["max_other_class"] == 1
 
 
+class _SeededStubProbe(_StubProbe):
+    """A stub whose shares depend on the reconstruction seed: ``by_seed[seed]`` is a ``shares`` table."""
+
+    def __init__(self, by_seed, seed=0, classes=3, log=None):
+        super().__init__(by_seed[seed], classes)
+        self.by_seed, self.seed, self.log = by_seed, seed, [] if log is None else log
+        self.log.append(seed)
+
+    def reseeded(self, seed):
+        return _SeededStubProbe(self.by_seed, seed, self.classes, self.log)
+
+
+def _reads(area):
+    """A seed's shares (target 0, classes 1-2) at which read_patch_area reads ``area`` (eps 0.01)."""
+    ladder = (0.01, 0.02, 0.04, 0.08)
+    return {a: [1.0, 0.1 if a <= area else 0.6, 0.0] for a in ladder}
+
+
+def test_the_patch_area_is_the_median_of_several_seeds_readings():
+    # seeds read 2, 1, 2 %: two of three agree at once, so the third reading decides nothing new
+    probe = _SeededStubProbe({0: _reads(0.02), 1: _reads(0.01), 2: _reads(0.02), 3: _reads(0.08), 4: _reads(0.08)})
+    area, votes = S.vote_patch_area(probe, 0, eps=0.01, steps=5, bar=0.4, readings=3)
+    assert area == 0.02 and [v["area"] for v in votes] == [0.02, 0.01, 0.02] and probe.log == [0, 1, 2]
+    assert [v["seed"] for v in votes] == [0, 1, 2] and votes[1]["reading"][-1]["max_other"] == 0.6
+    # five readings: it stops at the third agreeing one (seed 3 here), never reading seed 4
+    probe = _SeededStubProbe({0: _reads(0.02), 1: _reads(0.01), 2: _reads(0.02), 3: _reads(0.02), 4: _reads(0.01)})
+    area, votes = S.vote_patch_area(probe, 0, eps=0.01, steps=5, bar=0.4, readings=5)
+    assert area == 0.02 and len(votes) == 4 and probe.log == [0, 1, 2, 3]
+    # no majority: the median of 1, 8, 2, 4, 8 % is 4 %; of four readings, the smaller middle one
+    table = {0: _reads(0.01), 1: _reads(0.08), 2: _reads(0.02), 3: _reads(0.04), 4: _reads(0.08)}
+    assert S.vote_patch_area(_SeededStubProbe(table), 0, eps=0.01, steps=5, bar=0.4, readings=5)[0] == 0.04
+    assert S.vote_patch_area(_SeededStubProbe(table), 0, eps=0.01, steps=5, bar=0.4, readings=4)[0] == 0.02
+    # one reading is read_patch_area's; the scan's shares serve the first seed only
+    single = S.vote_patch_area(_SeededStubProbe(table), 0, eps=0.01, steps=5, bar=0.4, readings=1)
+    assert single[0] == 0.01 and single[1][0]["reading"] == S.read_patch_area(_StubProbe(table[0], 3), 0, eps=0.01,
+                                                                              steps=5, bar=0.4)[1]
+    probe = _SeededStubProbe({0: _reads(0.02), 1: _reads(0.02), 2: _reads(0.01)})
+    area, votes = S.vote_patch_area(probe, 0, eps=0.01, steps=5, bar=0.4, readings=3, known=[1.0, 0.9, 0.0])
+    assert [v["area"] for v in votes] == [0.01, 0.02, 0.01] and area == 0.01  # seed 0 read the scan's 0.9
+    assert votes[0]["reading"][0]["max_other"] == 0.9 and votes[1]["reading"][0]["max_other"] == 0.1
+    with pytest.raises(InputError, match="area_readings"):
+        S.vote_patch_area(probe, 0, eps=0.01, steps=5, bar=0.4, readings=0)
+
+
 def test_the_order_reads_its_patch_size_from_the_model(monkeypatch):
     model, masks, images, labels = _subject()
     monkeypatch.setitem(S.DEFAULT_EPS, "inputs", 1e-6)
@@ -215,6 +259,10 @@ def test_the_order_reads_its_patch_size_from_the_model(monkeypatch):
                               batch_size=32, order="patch", order_area="auto")
     reading, area = chosen.settings["area_reading"], chosen.settings["order_area_read"]
     assert chosen.settings["order_area"] == "auto" and chosen.order.settings["area"] == area
+    votes = chosen.settings["area_votes"]  # the default: the median of up to 5 reconstruction seeds' readings
+    assert chosen.settings["area_readings"] == 5 and 3 <= len(votes) <= 5
+    assert area == sorted(v["area"] for v in votes)[(len(votes) - 1) // 2]
+    assert reading == next(v["reading"] for v in votes if v["area"] == area)
     below = [r for r in reading if r["max_other"] < 0.4]  # min_suspicion, the bar
     assert below and area == below[-1]["area"] and [r["area"] for r in reading][:len(below)] == [r["area"] for r in below]
     assert f"the patch size read from the model: {area:g} of the pixels" in chosen.reason

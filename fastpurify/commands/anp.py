@@ -88,6 +88,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
                         "with and the walk measures with, or auto: read from the model (the largest of 1, 2, 4 and "
                         "8 times --select-eps at which no other class's patch sends 0.4 of the images "
                         "there) (default: --select-eps, 0.01)")
+    g.add_argument("--select-area-readings", type=int, default=None,
+                   help="with --select-order-area auto: read the size with up to this many seeds of the patch "
+                        "reconstruction and take the median (it stops at a majority: 3 agreeing of 5); one reading "
+                        "is a draw where a class sits near the bar (default: 5)")
     g.add_argument("--select-eps", type=float, default=None,
                    help="auto: the probe's bound: the L-inf bound on the pixels (inputs, 32/255), the patch's share "
                         "of the pixels (patch, 0.01) or the neurons' (neurons, 0.4) (default: the probe's)")
@@ -176,6 +180,10 @@ def _check(args) -> None:
         if args.select_order != "patch":
             raise InputError("--select-order-area is the patch of --select-order patch; give that too")
         args.select_order_area = parse_patch_area(args.select_order_area, "--select-order-area")
+    if args.select_area_readings is not None:
+        if args.select_order_area != "auto":
+            raise InputError("--select-area-readings is how --select-order-area auto reads the size; give that too")
+        check_positive_int(args.select_area_readings, "--select-area-readings")
     rule, _ = _rule(args)
     if args.select_order != "masks":
         if rule != "auto":
@@ -205,7 +213,7 @@ def _run(args: argparse.Namespace) -> int:
     from ..files import write_json, write_text
     from ..masks import save_masks
     from ..pruning import count_pruned, format_sweep, prune, prune_by_clean_accuracy, sweep
-    from ..selection import choose_pruning
+    from ..selection import DEFAULT_AREA_READINGS, choose_pruning
     from ..reference import anp as reference_anp
 
     _check(args)
@@ -269,7 +277,9 @@ def _run(args: argparse.Namespace) -> int:
         selection = choose_pruning(model, result.masks, *clean, max_target_share=args.max_target_share,
                                    max_acc_drop=args.acc_budget, probe=args.select_probe, eps=args.select_eps,
                                    steps=args.select_steps, order=args.select_order,
-                                   order_area=args.select_order_area, progress=not args.no_progress)
+                                   order_area=args.select_order_area,
+                                   area_readings=args.select_area_readings or DEFAULT_AREA_READINGS,
+                                   progress=not args.no_progress)
         k = selection.pruned
         pruned_model = selection.prune(model)
         print(f"auto pruning: {selection.reason}")
