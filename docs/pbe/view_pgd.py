@@ -16,8 +16,9 @@ if MODE not in ("round", "epoch"):
     raise SystemExit(f"VIEW must be 'round' or 'epoch', got {MODE!r}")
 
 
-def purify(self, images, labels, spec, bar=None, after_adversarial=None):
-    """PBEEngine.purify with the examples made from the augmented view (regenerate="round" only)."""
+def purify(self, images, labels, spec, bar=None, after_adversarial=None, after_epoch=None):
+    """PBEEngine.purify with the examples made from the augmented view (regenerate="round" only);
+    ``after_epoch(epoch)``, when given, after every epoch (a study's hook: dose_probe.py)."""
     cfg = self.plan.cfg
     if cfg["regenerate"] != "round":
         raise SystemExit("view_pgd.py replaces the once-per-round examples: leave regenerate at 'round'")
@@ -44,6 +45,8 @@ def purify(self, images, labels, spec, bar=None, after_adversarial=None):
             self.tuner(x, y)
         if bar is not None:
             bar.update(1)
+        if after_epoch is not None:
+            after_epoch(epoch)
         if epoch == spec.adv_epochs - 1 and spec.clean_epochs and after_adversarial is not None:
             after_adversarial()
 
