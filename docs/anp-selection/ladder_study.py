@@ -5,7 +5,8 @@ is re-applied as a ranking; after each k = 0..KMAX pruned neurons: the ACC / ASR
 trigger for evaluation only), the defender's clean accuracy, and for each area the share of the defender's other
 images a patch reconstructed toward the suspected target (the auto rule's: row["auto"] curve's target) sends there.
 SUBJECTS "scan:<subject>" instead: the unpruned model's patch shares toward every class at each area (the clean
-controls). Writes OUT/ladder-<subjects>.json."""
+controls). SEEDS (environment, default "0"): the patch reconstruction's seeds; a share of seed s > 0 is keyed
+"<area>@s<s>" (ninth round: several seeds' patches at each k). Writes OUT/ladder-<subjects>.json."""
 import json, os, sys, time
 import torch
 from common import evaluation_subject, mask_sets
@@ -22,9 +23,12 @@ for path in sys.argv[4].split(",") if sys.argv[4] != "-" else []:
     source.update(json.load(open(path)))
 
 
-def share(net, images, labels, target, area):
+seeds = [int(v) for v in os.environ.get("SEEDS", "0").split(",")]
+
+
+def share(net, images, labels, target, area, seed=0):
     others = images[labels != target]
-    mask, pattern = reconstruct_patch(net, others, target, area=area, steps=100, batch_size=512, seed=0)
+    mask, pattern = reconstruct_patch(net, others, target, area=area, steps=100, batch_size=512, seed=seed)
     return float((predict(net, (1 - mask) * others + mask * pattern, 512) == target).float().mean())
 
 
@@ -48,11 +52,13 @@ for name in names:
         net = prune(model, ranking, number=k).eval()
         m = evaluate(net, *test, attack)
         acc = float((predict(net, clean[0], 512) == clean[1]).float().mean())
-        shares = {str(a): round(share(net, *clean, target, a), 4) for a in areas}
+        shares = {str(a) + (f"@s{sd}" if sd else ""): round(share(net, *clean, target, a, sd), 4)
+                  for a in areas for sd in seeds}
         rows.append(dict(k=k, acc=m["acc"], asr=m["asr"], defender_acc=acc, shares=shares))
         print(f"{name} k={k:2d} ACC {100*m['acc']:.1f} ASR {100*m['asr']:.1f} defender {100*acc:.1f} "
               + " ".join(f"{a}:{v:.2f}" for a, v in shares.items()), flush=True)
-    out[name] = dict(before=before, target=target, ordered=len(neurons), chosen=row["auto"][0], curve=rows)
+    out[name] = dict(before=before, target=target, ordered=len(neurons), chosen=row["auto"][0], curve=rows,
+                     neurons=sum(m.numel() for m in masks.values()))
     print(name, f"{time.time() - t0:.0f} s", flush=True)
 tag = "_".join(n.replace(":", "-") for n in names)[:60]
 json.dump(out, open(os.path.join(os.environ.get("OUT", "."), f"ladder-{tag}.json"), "w"), indent=1)
