@@ -2,7 +2,7 @@
 same device, model and data.
 
 Every variant runs whole ANP iterations (batch draw and augmentation included) from the same
-seeded sampler. Each is warmed up (compilation, graph capture, cuDNN autotuning), then timed in
+seeded sampler. Each is warmed up (compilation, graph capture; cuDNN autotuning where named), then timed in
 ``repeats`` blocks of ``iterations`` iterations with a device synchronisation around each block;
 we report the median, min and max time per iteration over the blocks and the peak device memory.
 
@@ -28,6 +28,11 @@ Variants (each isolates one of DESIGN.md §4's wins):
   batched=True)``, the default on CUDA): one iteration advances 4 independent mask sets, so its
   time over ``fast``'s is what the batched ensemble costs (4.0: no better than the 4 runs one
   after another, the default off CUDA).
+- ``reference-autotune``, ``fast-autotune`` (CUDA): ``reference`` and ``fast`` with cuDNN
+  autotuning (``torch.backends.cudnn.benchmark``), each in a thread of its own so that its
+  convolutions are autotuned whatever the default variants cached
+  (:func:`.common.in_autotune_thread`); fastpurify's engines do not turn it on. Their
+  ``ratio_vs_autotuned_reference`` compares the two sides both autotuned.
 """
 
 from __future__ import annotations
@@ -44,11 +49,13 @@ from ..neurons import DEFAULT_KINDS, check_kinds
 from ..pruning import select_neurons
 from ..reference.anp import ANPState
 from ..validation import InputError, check_positive_int
-from .common import (build_variants, choose_variants, compile_model, environment, run_variants, skipped_lines,
-                     synthetic_subject, table, time_interleaved, time_variant)
+from .common import (AUTOTUNED_VARIANTS, build_variants, check_interleavable, choose_variants, compile_model,
+                     environment, run_variants, skipped_lines, synthetic_subject, table, time_interleaved,
+                     time_variant, untuned)
 
 VARIANTS = ("reference", "reference-frozen", "reference-compile", "fast-separate", "fast-eager", "fast",
-            "fast-nchw", "fast-bf16", "fast-unfused", "fast-seeds4")
+            "fast-nchw", "fast-bf16", "fast-unfused", "fast-seeds4", *AUTOTUNED_VARIANTS)
+CUDA_ONLY = AUTOTUNED_VARIANTS
 ENSEMBLE_MEMBERS = 4
 ANP_KW = dict(eps=0.4, steps=1, alpha=0.2, lr=0.2, momentum=0.9, clamp_noise=True)
 
@@ -152,7 +159,7 @@ def run_anp_benchmark(*, arch: str = "cifar_resnet18", batch_size: int = 128, nu
                         ("repeats", repeats)):
         check_positive_int(value, name)
     defaults = variants is None
-    variants = choose_variants(variants, VARIANTS, device,
+    variants = choose_variants(variants, VARIANTS, device, cuda_only=CUDA_ONLY,
                                cpu_default_skip=("reference-compile", "fast-bf16", "fast-unfused"))
     if defaults and device.type == "cuda":  # NCHW on CUDA only when named
         variants = tuple(v for v in variants if v != "fast-nchw")
@@ -173,13 +180,14 @@ def run_anp_benchmark(*, arch: str = "cifar_resnet18", batch_size: int = 128, nu
         return ", ".join(parts)
 
     def measure(name):
-        step = _build(name, model, images, labels, batch_size, device, large)
+        step = _build(untuned(name), model, images, labels, batch_size, device, large)
         return time_variant(name, step, device, warmup=warmup, iterations=iterations, repeats=repeats,
                             note=note(step))
 
     interleave = device.type != "cuda" if interleave is None else interleave
     with tf32_enabled(device.type == "cuda"):
         if interleave:
+            check_interleavable(variants)
             steps, skipped = build_variants(variants, lambda n: _build(n, model, images, labels, batch_size, device,
                                                                        large), progress=progress)
             if progress:

@@ -15,6 +15,7 @@ import platform
 import re
 import statistics
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -29,6 +30,9 @@ from ..models import build_model
 from ..validation import InputError
 
 REFERENCE, COMPILED = "reference", "reference-compile"
+AUTOTUNED = "-autotune"  # a variant run with cuDNN autotuning: "reference-autotune", "fast-autotune"
+AUTOTUNED_REFERENCE = REFERENCE + AUTOTUNED
+AUTOTUNED_VARIANTS = (AUTOTUNED_REFERENCE, "fast" + AUTOTUNED)  # the benchmarks' (CUDA only)
 RESULTS_DIR = Path("bench/results")
 
 
@@ -49,6 +53,7 @@ class Timing:
     ratio_vs_reference: float | None = None
     ratio_vs_compile: float | None = None
     note: str = ""
+    ratio_vs_autotuned_reference: float | None = None  # autotuned variants: against reference-autotune
 
     def as_dict(self) -> dict:
         """JSON-ready; the rate is stored as ``<unit>_per_second``."""
@@ -205,10 +210,16 @@ def run_variants(names: Sequence[str], measure: Callable[[str], Timing], device:
                  optional: Iterable[str] = (COMPILED,)) -> tuple[list[Timing], list[dict]]:
     """``measure(name)`` for each variant in turn, peak memory counted per variant. A variant in
     ``optional`` that fails (torch.compile without a working compiler, say) is skipped and
-    recorded with the error instead of ending the run."""
+    recorded with the error instead of ending the run. An autotuned variant (``<name>-autotune``,
+    :func:`in_autotune_thread`) is measured in a thread of its own; ``measure`` builds it as
+    :func:`untuned` of its name."""
     def one(name: str) -> Timing:
         reset_memory(device)
-        return measure(name)
+        if not autotuned(name):
+            return measure(name)
+        timing = in_autotune_thread(lambda: measure(name), device)
+        timing.note = "cuDNN autotuned" + (f", {timing.note}" if timing.note else "")
+        return timing
 
     done, skipped = build_variants(names, one, progress=progress, optional=optional)
     timings = list(done.values())
@@ -237,28 +248,94 @@ def build_variants(names: Sequence[str], build: Callable[[str], object], *,
 
 
 def add_ratios(timings: list[Timing]) -> None:
-    """Speed-ups (median time of the baseline / median time of the variant)."""
+    """Speed-ups (median time of the baseline / median time of the variant); the autotuned
+    variants also against the autotuned reference."""
     by_name = {t.name: t for t in timings}
     for t in timings:
         if REFERENCE in by_name:
             t.ratio_vs_reference = round(by_name[REFERENCE].median_ms / t.median_ms, 3)
         if COMPILED in by_name:
             t.ratio_vs_compile = round(by_name[COMPILED].median_ms / t.median_ms, 3)
+        if AUTOTUNED_REFERENCE in by_name and autotuned(t.name):
+            t.ratio_vs_autotuned_reference = round(by_name[AUTOTUNED_REFERENCE].median_ms / t.median_ms, 3)
+
+
+def autotuned(name: str) -> bool:
+    """Whether the variant runs with cuDNN autotuning (its name ends in ``-autotune``)."""
+    return name.endswith(AUTOTUNED)
+
+
+def untuned(name: str) -> str:
+    """The variant an autotuned one times (``fast-autotune``: ``fast``); other names unchanged."""
+    return name[:-len(AUTOTUNED)] if autotuned(name) else name
+
+
+def check_interleavable(variants: Sequence[str]) -> None:
+    """Interleaved blocks run every variant in the calling thread: refuse the autotuned ones."""
+    tuned = [v for v in variants if autotuned(v)]
+    if tuned:
+        raise InputError(f"variant(s) {tuned} run in a thread of their own (cuDNN keeps its plans per thread) "
+                         f"and cannot be timed in interleaved blocks; time them without interleaving")
+
+
+@contextlib.contextmanager
+def cudnn_autotuning() -> Iterator[None]:
+    """``torch.backends.cudnn.benchmark`` on while the block runs, the previous value after."""
+    saved = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = saved
+
+
+def in_autotune_thread(call: Callable[[], object], device: torch.device) -> object:
+    """``call()`` with cuDNN autotuning on, in a new thread; its result, or its exception re-raised.
+
+    PyTorch caches the cuDNN plan of each convolution per thread, keyed by the shapes, layout,
+    dtype and TF32 flag but not by ``torch.backends.cudnn.benchmark`` (ATen's ``Conv_v8.cpp``:
+    a thread-local ``benchmark_cache``, looked up before the flag is read). In the thread that
+    timed the default variants the flag would therefore change nothing for shapes already seen,
+    and an autotuned variant timed first would hand its plans to the default ones. A new thread
+    starts with an empty cache, so every convolution of ``call`` is autotuned and the calling
+    thread's plans stay the heuristics' (the flag is global, so nothing else may run meanwhile:
+    the caller waits)."""
+    out: dict[str, object] = {}
+
+    def run() -> None:
+        try:
+            if device.type == "cuda":
+                torch.cuda.set_device(device)
+            with cudnn_autotuning():
+                out["value"] = call()
+        except BaseException as err:  # noqa: BLE001 - handed to the caller
+            out["error"] = err
+
+    thread = threading.Thread(target=run, name="fastpurify-cudnn-autotune")
+    thread.start()
+    thread.join()
+    if "error" in out:
+        raise out["error"]
+    return out["value"]
 
 
 def table(rows: Sequence[dict], *, rate_key: str, time_header: str = "ms/it", rate_header: str = "it/s",
           scale: float = 1.0) -> list[str]:
     """Lines of a text table of variant dicts (:meth:`Timing.as_dict`): the median, min and max
-    time (times ``scale``), the rate, the ratios and the peak memory."""
+    time (times ``scale``), the rate, the ratios and the peak memory (an autotuned variant's ratio
+    to the autotuned reference in its note)."""
     def cell(x, fmt):
         return format("-", fmt.split(".")[0]) if x is None else format(x, fmt)
 
     lines = [f"{'variant':<18} {time_header:>9} {'min':>9} {'max':>9} {rate_header:>9} {'x ref':>7} "
              f"{'x compile':>9} {'peak MB':>9}  note"]
     for v in rows:
+        note = v["note"]
+        if v.get("ratio_vs_autotuned_reference") is not None:
+            note += f"; {v['ratio_vs_autotuned_reference']:.2f}x {AUTOTUNED_REFERENCE}"
         lines.append(f"{v['name']:<18} {v['median_ms'] * scale:>9.2f} {v['min_ms'] * scale:>9.2f} "
                      f"{v['max_ms'] * scale:>9.2f} {v[rate_key]:>9.2f} {cell(v['ratio_vs_reference'], '>7.2f')} "
-                     f"{cell(v['ratio_vs_compile'], '>9.2f')} {cell(v['peak_memory_mb'], '>9.1f')}  {v['note']}")
+                     f"{cell(v['ratio_vs_compile'], '>9.2f')} {cell(v['peak_memory_mb'], '>9.1f')}  {note}")
     return lines
 
 

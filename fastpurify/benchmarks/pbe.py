@@ -17,7 +17,9 @@ initialised model: the speed does not depend on them):
    and on the CPU for float32 models — and on CUDA the graphs of the training step and of the PGD
    loop and TF32), ``fast-bf16`` (CUDA: ``fast`` under
    bfloat16 autocast), ``fast-native-norms`` (CUDA: ``fast`` with PGD through PyTorch's eval
-   BatchNorms instead of fastpurify's fused eval kernels, ``fused_norms=False``).
+   BatchNorms instead of fastpurify's fused eval kernels, ``fused_norms=False``),
+   ``reference-autotune`` and ``fast-autotune`` (CUDA: the two with cuDNN autotuning, each in a
+   thread of its own, :func:`.common.in_autotune_thread`; fastpurify's engines do not turn it on).
 2. **Scoring**: one pass over ``score_images`` images that gives each its cosine similarity
    between the infected model's logits (computed beforehand, once, as both implementations do)
    and the current model's (a seeded perturbation of the infected one stands in for the
@@ -45,11 +47,12 @@ from ..purification import DEFAULT_SCHEDULE, plan_pbe
 from ..ranking import cosine_scores
 from ..reference import pbe as reference_pbe
 from ..validation import check_positive_int
-from .common import (Timing, choose_variants, compile_model, environment, run_variants, skipped_lines,
-                     synthetic_subject, table, time_variant, timed)
+from .common import (AUTOTUNED_VARIANTS, Timing, choose_variants, compile_model, environment, run_variants,
+                     skipped_lines, synthetic_subject, table, time_variant, timed, untuned)
 
-VARIANTS = ("reference", "reference-compile", "fast-eager", "fast", "fast-bf16", "fast-native-norms")
-CUDA_ONLY = ("fast-bf16", "fast-native-norms")
+VARIANTS = ("reference", "reference-compile", "fast-eager", "fast", "fast-bf16", "fast-native-norms",
+            *AUTOTUNED_VARIANTS)
+CUDA_ONLY = ("fast-bf16", "fast-native-norms", *AUTOTUNED_VARIANTS)
 CPU_DEFAULT_SKIP = ("reference-compile",)
 SCORE_VARIANTS = ("reference", "fast", "fast-bf16")
 PBE_KW = dict(eps=6 / 255, alpha=None, pgd_steps=7, random_start=False, regenerate="round", lr=1e-3, momentum=0.9,
@@ -212,7 +215,7 @@ def run_pbe_benchmark(*, arch: str = "preact_resnet18", batch_size: int = 128, n
     data = images[:num_images], labels[:num_images]
 
     def measure(name):
-        call = round_call(name, model, data, device, batch_size=batch_size, adv_epochs=adv_epochs,
+        call = round_call(untuned(name), model, data, device, batch_size=batch_size, adv_epochs=adv_epochs,
                           clean_epochs=clean_epochs, pgd_batch_size=pgd_batch_size)
         return time_rounds(name, call, device, warmup=warmup, repeats=repeats, images=num_images)
 

@@ -6,7 +6,7 @@ random start (torchattacks' ``PGD`` default and ``fastpurify.pgd``'s), on chunks
 images (512 by default) of CIFAR-shaped data (3×32×32, 10 classes) against PreAct-ResNet-18.
 The images stay on the device. Each timed step attacks the next chunk (cycling through
 ``num_images // batch_size`` chunks) with the random start drawn from one seeded generator per
-variant. After a warm-up (compilation, graph capture, cuDNN autotuning) ``repeats`` blocks of
+variant. After a warm-up (compilation, graph capture; cuDNN autotuning where named) ``repeats`` blocks of
 ``iterations`` chunks are timed between device synchronisations; we report the median, min and
 max milliseconds per chunk, images per second, and the peak device memory.
 
@@ -25,6 +25,9 @@ Variants (each adds one of the wins of the issue to the one before it):
 - ``fast-native-norms`` (CUDA): ``fast`` with the model's eval BatchNorms left to PyTorch
   (``fused_norms=False``), to measure what the fused eval kernels
   (:mod:`fastpurify.eval_norms`) add.
+- ``reference-autotune``, ``fast-autotune`` (CUDA): ``reference`` and ``fast`` with cuDNN
+  autotuning, each in a thread of its own (:func:`.common.in_autotune_thread`); fastpurify's
+  engines do not turn it on.
 
 The reference variants, ``fast-eager`` and ``fast-graph`` run under PyTorch's TF32 defaults
 (recorded in the environment); ``fast`` and ``fast-bf16`` turn TF32 on as the engine does.
@@ -52,12 +55,13 @@ from ..engines.runtime import channels_last_default, resolve_device, tf32_enable
 from ..inference import model_dtype
 from ..reference import pgd as reference_pgd
 from ..validation import check_positive_int
-from .common import (build_variants, choose_variants, compile_model, environment, run_variants, skipped_lines,
-                     synthetic_subject, table, time_interleaved, time_variant, timed)
+from .common import (AUTOTUNED_VARIANTS, build_variants, check_interleavable, choose_variants, compile_model,
+                     environment, run_variants, skipped_lines, synthetic_subject, table, time_interleaved,
+                     time_variant, timed, untuned)
 
 VARIANTS = ("reference", "reference-frozen", "reference-compile", "fast-eager", "fast-graph", "fast", "fast-bf16",
-            "fast-native-norms")
-CUDA_ONLY = ("fast-graph", "fast-bf16", "fast-native-norms")
+            "fast-native-norms", *AUTOTUNED_VARIANTS)
+CUDA_ONLY = ("fast-graph", "fast-bf16", "fast-native-norms", *AUTOTUNED_VARIANTS)
 CPU_DEFAULT_SKIP = ("reference-compile",)
 PGD_KW = dict(eps=8 / 255, alpha=2 / 255, steps=10, random_start=True, norm="linf")
 
@@ -187,7 +191,7 @@ def run_pgd_benchmark(*, arch: str = "preact_resnet18", batch_size: int = 512, n
             checks[name] = agreement(adv, reference_first[0], first[0], pgd_kw["eps"])
 
     def measure(name):
-        attack = build_attack(name, model, device, pgd_kw)
+        attack = build_attack(untuned(name), model, device, pgd_kw)
         timing = time_variant(name, chunk_step(attack, images, labels, batch_size), device, warmup=warmup,
                               iterations=iterations, repeats=repeats, items=batch_size, unit="images")
         timing.note = _note(name, attack)
@@ -196,6 +200,7 @@ def run_pgd_benchmark(*, arch: str = "preact_resnet18", batch_size: int = 512, n
 
     interleave = device.type != "cuda" if interleave is None else interleave
     if interleave:
+        check_interleavable(variants)
         attacks, skipped = build_variants(variants, lambda n: build_attack(n, model, device, pgd_kw), progress=progress)
         for name, attack in attacks.items():
             check_against_reference(name, attack)
