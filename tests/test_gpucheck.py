@@ -68,6 +68,8 @@ def test_dry_run_records_what_each_stage_measured(dry_run):
     assert {"reference", "fast"} <= names
     assert stages["anp"]["anp_end_to_end"]["iterations"] == 20
     assert {v["name"] for v in stages["pgd"]["pgd"]["variants"]} == {"reference", "fast"}
+    assert set(stages["pbe"]["pbe_profile"]) == {"reference", "fast"}  # where a round's time goes
+    assert all(p["wall_ms_per_step"] > 0 and p["top"] for p in stages["pbe"]["pbe_profile"].values())
     assert len(stages["large"]["large"]) == 2
     assert stages["bn"]["bn"]["rows"]
     rows = {r["target"]: r for r in result["targets"]}

@@ -100,6 +100,24 @@ def time_rounds(name: str, call: Callable, device: torch.device, *, warmup: int,
     return timing
 
 
+def profile_variants(names: tuple[str, ...], *, arch: str = "preact_resnet18", batch_size: int = 128,
+                     num_images: int = 2500, image_size: int = 32, adv_epochs: int = 1, clean_epochs: int = 2,
+                     pgd_batch_size: int | None = None, device=None) -> dict:
+    """Each variant's PBE call under ``torch.profiler`` (:func:`.profile.profile_step`, one
+    untimed call first): where a round's time goes, the PGD examples against the fine-tuning's
+    convolutions (weight gradients included), BatchNorms and optimiser. A shorter round than the
+    timed one (``adv_epochs`` + ``clean_epochs``) keeps the trace small; its set-up is included,
+    as in the timed calls."""
+    from .profile import profile_step
+
+    device = resolve_device(device)
+    model, images, labels = synthetic_subject(arch, num_images, device, image_size=image_size)
+    return {name: profile_step(round_call(name, model, (images, labels), device, batch_size=batch_size,
+                                          adv_epochs=adv_epochs, clean_epochs=clean_epochs,
+                                          pgd_batch_size=pgd_batch_size), device, iterations=1, warmup=1)
+            for name in names}
+
+
 def fine_tuned_stand_in(model: nn.Module, scale: float = 0.5, seed: int = 0) -> nn.Module:
     """A copy of ``model`` with every floating parameter moved by seeded noise (``scale`` times its
     mean magnitude): a stand-in for the model after a round of fine-tuning, so the scores differ

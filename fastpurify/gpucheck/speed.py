@@ -33,10 +33,10 @@ SIZES = {
             dict(arch="small_cnn", batch_size=8, num_images=16, image_size=16, warmup=1, iterations=1, repeats=2,
                  steps=2, variants=("reference", "fast"))),
     "pbe": (dict(arch="preact_resnet18", batch_size=128, num_images=2500, image_size=32, warmup=1, repeats=2,
-                 adv_epochs=3, clean_epochs=17,
+                 adv_epochs=3, clean_epochs=17, profile_epochs=(1, 2),
                  variants=("reference", "fast", "fast-bf16", "reference-autotune", "fast-autotune")),
             dict(arch="small_cnn", batch_size=8, num_images=16, image_size=16, warmup=0, repeats=1, adv_epochs=1,
-                 clean_epochs=1, variants=("reference", "fast"))),
+                 clean_epochs=1, profile_epochs=(1, 1), variants=("reference", "fast"))),
     "large": (dict(models=(("torchvision:resnet50", 224), ("torchvision:vit_b_16", 224)), batch_size=64,
                    num_images=128, warmup=2, iterations=3, repeats=3, variants=("reference", "fast")),
               dict(models=(("torchvision:resnet18", 32), ("torchvision:convnext_tiny", 32)), batch_size=2,
@@ -233,12 +233,20 @@ def run_pbe(record, opts) -> None:
     s = sizes("pbe", opts.dry_run)
     kw = {k: s[k] for k in ("arch", "batch_size", "num_images", "image_size", "warmup", "repeats", "adv_epochs",
                             "clean_epochs")}
+    runs = []  # reference and fast first (then profiled), the other variants after
+
+    def run_one(v):
+        return pbe.run_pbe_benchmark(variants=(v,), **kw, progress=print)
+
     with device_setup(opts.dry_run):
-        result = per_variant(record, "pbe", s["variants"], lambda v: pbe.run_pbe_benchmark(variants=(v,), **kw,
-                                                                                           progress=print), need=20)
-    if result:
-        record.put(table=pbe.format_table(result))
-        print(record.data["table"])
+        result = per_variant(record, "pbe", s["variants"][:2], run_one, need=20, results=runs)
+        if result:
+            adv, clean = s["profile_epochs"]
+            record.run_step("pbe profile", lambda: record.put(pbe_profile=pbe.profile_variants(
+                s["variants"][:2], arch=s["arch"], batch_size=s["batch_size"], num_images=s["num_images"],
+                image_size=s["image_size"], adv_epochs=adv, clean_epochs=clean)), need=20)
+        result = per_variant(record, "pbe", s["variants"][2:], run_one, need=20, results=runs) or result
+    put_tables(record, pbe.format_table(result) if result else None, "pbe_profile")
 
 
 def run_large(record, opts) -> None:
