@@ -21,6 +21,8 @@ after a frozen model's eval BatchNorms for PGD).
 
 from __future__ import annotations
 
+from collections import Counter
+
 import torch
 import torch.fx as fx
 import torch.nn as nn
@@ -64,7 +66,8 @@ def _has_hooks(model: nn.Module) -> bool:
 
 def fold_relus(model: nn.Module, foldable, tracer: fx.Tracer | None = None) -> tuple[nn.Module, list[nn.Module]]:
     """``model`` traced (by ``tracer``, default fx's) with every plain ReLU removed whose input is a
-    call of a module ``foldable(module)`` accepts and is used by that ReLU alone: ``(GraphModule,
+    call of a module ``foldable(module)`` accepts, the model's only call of that module, and is used
+    by that ReLU alone: ``(GraphModule,
     those modules)``, whose callers must then apply the ReLU themselves; ``(model, [])`` where
     nothing folds, fx cannot trace the model, or a module carries forward hooks."""
     if _has_hooks(model):
@@ -74,11 +77,12 @@ def fold_relus(model: nn.Module, foldable, tracer: fx.Tracer | None = None) -> t
     except Exception:  # noqa: BLE001 - any model fx cannot trace runs as it is
         return model, []
     modules = dict(model.named_modules())
+    calls = Counter(id(modules[n.target]) for n in graph.nodes if n.op == "call_module" and n.target in modules)
     folded = []
     for node in list(graph.nodes):
         module = modules.get(node.target) if node.op == "call_module" else None
-        if module is None or not foldable(module):
-            continue
+        if module is None or not foldable(module) or calls[id(module)] != 1:  # a flag set for one call would
+            continue  # change every call of a module the model calls twice (under one name or two)
         users = list(node.users)
         if len(users) != 1 or not _is_relu_of(users[0], node, modules):
             continue

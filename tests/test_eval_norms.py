@@ -267,6 +267,27 @@ def test_the_relus_the_norms_feed_are_folded_and_the_traced_model_is_the_model()
     assert EvalNorms(model, fold_relu=False).folded == 0
 
 
+def test_a_norm_the_model_calls_twice_keeps_its_relu_apart():
+    class CalledTwice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            h = self.conv(x)
+            return (F.relu(self.bn(h)) + self.bn(0.5 * h)).mean((2, 3))
+
+    torch.manual_seed(0)
+    model = _frozen(CalledTwice())
+    norms = EvalNorms(model)
+    assert len(norms) == 1 and norms.folded == 0
+    x = on_device(torch.randn(2, 3, 5, 5, dtype=torch.float64))
+    with norms.active() as forward:
+        got = forward(x)
+    tol = float64_tol(backend_for(x))
+    torch.testing.assert_close(got, model(x), rtol=tol, atol=tol)
+
+
 def test_nothing_is_folded_in_a_model_with_forward_hooks():
     model = _frozen(Preact())
     model.bn1.register_forward_hook(lambda m, i, o: None)

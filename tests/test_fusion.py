@@ -92,6 +92,26 @@ class Branchy(nn.Module):
         return y.mean((2, 3)) if float(x.sum()) > 0 else -y.mean((2, 3))
 
 
+class CalledTwice(nn.Module):
+    """One BatchNorm called twice, once before a ReLU: its flag would change both calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        h = self.conv(x)
+        return (F.relu(self.bn(h)) + self.bn(0.5 * h)).mean((2, 3))
+
+
+def test_a_norm_the_model_calls_twice_is_not_folded():
+    plain = anp_mode(convert(CalledTwice()))
+    fused, count = fuse_batch_norm_relu(copy.deepcopy(plain))
+    assert count == 0 and not fused.bn.fused_relu
+    x = torch.rand(2, 3, 5, 5)
+    torch.testing.assert_close(fused(x), plain(x))
+
+
 def test_only_a_relu_that_is_all_the_norm_feeds_is_folded():
     plain = anp_mode(convert(TwoUses()))
     fused, count = fuse_batch_norm_relu(copy.deepcopy(plain))
