@@ -86,10 +86,13 @@ def perturbed_batch_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: tor
                          mask: torch.Tensor, noise: torch.Tensor | None = None,
                          noise_bias: torch.Tensor | None = None, running_mean: torch.Tensor | None = None,
                          running_var: torch.Tensor | None = None, training: bool = True, momentum: float = 0.1,
-                         eps: float = 1e-5, groups: int = 1, relu: bool = False) -> torch.Tensor:
+                         eps: float = 1e-5, groups: int = 1, relu: bool = False,
+                         residual: torch.Tensor | None = None) -> torch.Tensor:
     """BatchNorm whose scale is ``weight * (mask + noise[g])`` and shift ``bias * (1 + noise_bias[g])``;
     with ``relu``, ReLU of that (fused: the backward recomputes where the output is positive from
-    x, so nothing more is kept, and the ReLU costs no pass of its own).
+    x, so nothing more is kept, and the ReLU costs no pass of its own); with ``residual`` (only
+    with ``relu``; x's shape, dtype and device), ReLU(BatchNorm(x) + residual), a ResNet block's
+    end in one pass, the residual's gradient written beside x's.
 
     ``x`` is (N, C) or (N, C, *spatial), contiguous or channels_last. The batch is ``groups``
     equal contiguous chunks, each normalised with its own statistics in training mode (exactly
@@ -100,6 +103,7 @@ def perturbed_batch_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: tor
     """
     if _CHECKS.get():
         _check_batch_norm(x, weight, bias, mask, noise, noise_bias, running_mean, running_var, training, eps, groups)
+        _check_residual(x, residual, relu)
     c = x.shape[1]
     if weight is None:
         weight = torch.ones(c, dtype=mask.dtype, device=x.device)
@@ -108,10 +112,26 @@ def perturbed_batch_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: tor
     noise, noise_bias = _rows(noise, groups, c), _rows(noise_bias, groups, c)
     if backend_for(x) == "triton":
         return _PerturbedBatchNorm.apply(x, weight, bias, mask, noise, noise_bias, running_mean, running_var,
-                                         training, momentum, eps, groups, relu)
+                                         training, momentum, eps, groups, relu, residual)
     y = _perturbed_batch_norm_torch(x, weight, bias, mask, noise, noise_bias, running_mean, running_var,
                                     training, momentum, eps, groups)
+    if residual is not None:
+        y = y + residual
     return F.relu(y) if relu else y
+
+
+def _check_residual(x: torch.Tensor, residual: torch.Tensor | None, relu: bool) -> None:
+    if residual is None:
+        return
+    if not relu:
+        raise InputError("residual is taken with relu=True only (ReLU(BatchNorm(x) + residual)); add it yourself "
+                         "otherwise")
+    if not isinstance(residual, torch.Tensor) or residual.shape != x.shape or residual.dtype != x.dtype \
+            or residual.device != x.device:
+        got = (f"{tuple(residual.shape)} {residual.dtype} on {residual.device}" if isinstance(residual, torch.Tensor)
+               else type(residual).__name__)
+        raise InputError(f"residual must be a tensor of x's shape, dtype and device ({tuple(x.shape)} {x.dtype} on "
+                         f"{x.device}), got {got}")
 
 
 def _check_batch_norm(x, weight, bias, mask, noise, noise_bias, running_mean, running_var, training, eps, groups):
@@ -217,10 +237,11 @@ class _PerturbedBatchNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, mask, noise, noise_bias, running_mean, running_var, training, momentum,
-                eps, groups, relu):
+                eps, groups, relu, residual):
         from .kernels.batch_norm import bn_forward
 
         x3 = _ncs(x)
+        r3 = None if residual is None else _ncs(residual)
         # y is allocated in x's memory format (dense) and returned itself, not a view of it:
         # the caller may modify it in place (e.g. ReLU(inplace=True)).
         y = torch.empty_like(x)
@@ -230,25 +251,30 @@ class _PerturbedBatchNorm(torch.autograd.Function):
         rstd = torch.empty_like(mean)
         update = training and running_mean is not None and running_var is not None
         bn_forward(x3, y3, weight, bias, mask, noise, noise_bias, running_mean, running_var, mean, rstd,
-                   groups=groups, training=training, update_running=update, momentum=momentum, eps=eps, relu=relu)
-        ctx.save_for_backward(x3, weight, bias, mask, noise, noise_bias, mean, rstd)
+                   groups=groups, training=training, update_running=update, momentum=momentum, eps=eps, relu=relu,
+                   residual3=r3)
+        ctx.save_for_backward(x3, weight, bias, mask, noise, noise_bias, mean, rstd, r3)
         ctx.training, ctx.groups, ctx.shape, ctx.relu = training, groups, x.shape, relu
+        ctx.residual_shape = None if residual is None else residual.shape
         return y
 
     @staticmethod
     def backward(ctx, dy):
         from .kernels.batch_norm import bn_backward
 
-        x3, weight, bias, mask, noise, noise_bias, mean, rstd = ctx.saved_tensors
+        x3, weight, bias, mask, noise, noise_bias, mean, rstd, r3 = ctx.saved_tensors
         dy3 = _ncs(dy)
         dx = torch.empty_like(x3) if ctx.needs_input_grad[0] else None
+        dr = torch.empty_like(r3) if r3 is not None and ctx.needs_input_grad[13] else None
         dweight, dbias, dmask, dnoise, dnoise_b = _param_grad_buffers(ctx, weight, bias, mask, noise, noise_bias)
         bn_backward(x3, dy3, dx, weight, bias, mask, noise, noise_bias, mean, rstd, groups=ctx.groups,
                     training=ctx.training, dmask=dmask, dnoise=dnoise, dnoise_bias=dnoise_b, dweight=dweight,
-                    dbias=dbias, relu=ctx.relu)
+                    dbias=dbias, relu=ctx.relu, residual3=r3, dresidual3=dr)
         if dx is not None:
             dx = dx.view(ctx.shape)
-        return dx, dweight, dbias, dmask, dnoise, dnoise_b, None, None, None, None, None, None, None
+        if dr is not None:
+            dr = dr.view(ctx.residual_shape)
+        return dx, dweight, dbias, dmask, dnoise, dnoise_b, None, None, None, None, None, None, None, dr
 
 
 # ---------------------------------------------------------------------------------------------

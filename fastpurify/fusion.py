@@ -5,12 +5,16 @@ ReLU costs a pass over the activations forward (read, write) and one backward (r
 and the output, write): on an H200 the ReLUs of ANP's step on the CIFAR ResNet-18 took about
 1 ms of its 8 ms (``bench/results/gpucheck-2026-11-27-run3``). Fused, the BatchNorm kernel writes
 ReLU(y) and its backward recomputes where y was positive from x, which it reads anyway
-(:func:`fastpurify.functional.perturbed_batch_norm`, ``relu=True``).
+(:func:`fastpurify.functional.perturbed_batch_norm`, ``relu=True``). The other BatchNorm of each
+block ends it, ``relu(bn2(conv2(h)) + shortcut)``: there the add is folded in too (``residual``),
+the kernel reading the shortcut, writing ReLU(y + r) and, backward, r's gradient beside x's.
 
 :func:`fuse_batch_norm_relu` traces the model with ``torch.fx`` (fastpurify's perturbed layers as
 leaves), and wherever a fused-path :class:`~fastpurify.layers.PerturbedBatchNorm1d` / ``2d``'s
 output goes to a ReLU (``F.relu``, ``torch.relu``, ``.relu()``, ``nn.ReLU``; in place or not)
-and to nothing else, it removes the ReLU from the graph and sets the layer's ``fused_relu``. The
+and to nothing else, it removes the ReLU from the graph and sets the layer's ``fused_relu``; where
+it goes to an add whose result goes to such a ReLU alone, the layer takes the add's other operand
+as its residual (``fused_residual``). A layer the model calls more than once is never folded. The
 result is a ``GraphModule`` over the same layer objects under the same names, computing the same
 function. A model fx cannot trace (data-dependent control flow, say), or one whose modules carry
 forward hooks (a traced graph would skip those of the modules it inlines), is returned unchanged.
@@ -22,6 +26,9 @@ after a frozen model's eval BatchNorms for PGD).
 from __future__ import annotations
 
 from collections import Counter
+
+import operator
+import warnings
 
 import torch
 import torch.fx as fx
@@ -64,12 +71,30 @@ def _has_hooks(model: nn.Module) -> bool:
     return any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
 
 
-def fold_relus(model: nn.Module, foldable, tracer: fx.Tracer | None = None) -> tuple[nn.Module, list[nn.Module]]:
+ADDS = (operator.add, torch.add)  # fx traces ``out += shortcut`` as ``out + shortcut`` too
+
+
+def _residual_add(node: fx.Node, source: fx.Node) -> fx.Node | None:
+    """The other operand where ``node`` adds ``source`` and one other node and nothing else
+    (``a + b``, ``torch.add(a, b)``, in either order), else None."""
+    if node.op != "call_function" or node.target not in ADDS or len(node.args) != 2 or node.kwargs:
+        return None
+    a, b = node.args
+    if (a is source) == (b is source):
+        return None
+    other = b if a is source else a
+    return other if isinstance(other, fx.Node) else None
+
+
+def fold_relus(model: nn.Module, foldable, tracer: fx.Tracer | None = None,
+               residual: bool = False) -> tuple[nn.Module, list[nn.Module]]:
     """``model`` traced (by ``tracer``, default fx's) with every plain ReLU removed whose input is a
     call of a module ``foldable(module)`` accepts, the model's only call of that module, and is used
-    by that ReLU alone: ``(GraphModule,
-    those modules)``, whose callers must then apply the ReLU themselves; ``(model, [])`` where
-    nothing folds, fx cannot trace the model, or a module carries forward hooks."""
+    by that ReLU alone: ``(GraphModule, those modules)``, whose callers must then apply the ReLU
+    themselves; ``(model, [])`` where nothing folds, fx cannot trace the model, or a module
+    carries forward hooks. With ``residual`` (modules whose forward takes one: fastpurify's
+    BatchNorms), also ``relu(m(x) + r)``, the add used by the ReLU alone and m's output by the add
+    alone, becomes ``m(x, r)`` (called where the add was) and the module's ``fused_residual`` is set."""
     if _has_hooks(model):
         return model, []
     try:
@@ -84,24 +109,83 @@ def fold_relus(model: nn.Module, foldable, tracer: fx.Tracer | None = None) -> t
         if module is None or not foldable(module) or calls[id(module)] != 1:  # a flag set for one call would
             continue  # change every call of a module the model calls twice (under one name or two)
         users = list(node.users)
-        if len(users) != 1 or not _is_relu_of(users[0], node, modules):
+        if len(users) != 1:
             continue
-        relu = users[0]
-        relu.replace_all_uses_with(node)
-        graph.erase_node(relu)
+        if _is_relu_of(users[0], node, modules):
+            relu = users[0]
+            relu.replace_all_uses_with(node)
+            graph.erase_node(relu)
+            folded.append(module)
+            continue
+        add = _residual_add(users[0], node) if residual and len(node.args) == 1 and not node.kwargs else None
+        if add is None or len(users[0].users) != 1 or not _is_relu_of(next(iter(users[0].users)), users[0], modules):
+            continue
+        relu = next(iter(users[0].users))
+        with graph.inserting_before(users[0]):  # after the other operand, which the add already follows
+            both = graph.call_module(node.target, (node.args[0], add))
+        relu.replace_all_uses_with(both)
+        for gone in (relu, users[0], node):
+            graph.erase_node(gone)
+        module.fused_residual = True
         folded.append(module)
     if not folded:
         return model, []
     graph.lint()
     out = fx.GraphModule(model, graph, class_name=type(model).__name__ + "Folded")
+    _keep_module_order(out, model)
     out.training = model.training  # the root's flag only: each layer keeps its own
     return out, folded
 
 
-def fuse_batch_norm_relu(model: nn.Module) -> tuple[nn.Module, int]:
+def _keep_module_order(copy: nn.Module, original: nn.Module) -> None:
+    """Register ``copy``'s submodules, at every level, in ``original``'s order. A GraphModule
+    registers them in the order its graph calls them, which a folded add changes (a block's
+    shortcut BatchNorm before its bn2); the modules' order is the order of the neurons (the
+    arena's layout, the noise draws), which must stay the model's."""
+    rank = {name: i for i, name in enumerate(original._modules)}
+    copy._modules = dict(sorted(copy._modules.items(), key=lambda item: rank.get(item[0], len(rank))))
+    for name, child in copy._modules.items():
+        if name in original._modules and child is not original._modules[name]:
+            _keep_module_order(child, original._modules[name])
+
+
+def fuse_batch_norm_relu(model: nn.Module, sample: torch.Tensor | None = None) -> tuple[nn.Module, int]:
     """``(model with the ReLUs folded into their BatchNorms, how many)``; ``(model, 0)`` where fx
-    cannot trace it or nothing is to fuse (see the module docstring)."""
-    out, folded = fold_relus(model, lambda m: type(m) in FUSABLE and m.path == "fused", _Tracer())
+    cannot trace it or nothing is to fuse (see the module docstring). With ``sample`` (a batch
+    the model takes), the folded model's outputs on it are checked against the model's own: a
+    model fx traced otherwise than it runs (Python-side state, say) is left unfolded, with a
+    warning, rather than run as something else."""
+    out, folded = fold_relus(model, lambda m: type(m) in FUSABLE and m.path == "fused", _Tracer(), residual=True)
     for layer in folded:
         layer.fused_relu = True
+    if folded and sample is not None and not _same_outputs(out, model, folded, sample):
+        return model, 0
     return out, len(folded)
+
+
+def _set_folded(layers: list[nn.Module], on: bool) -> None:
+    for layer in layers:
+        layer.fused_relu = on
+        layer.fused_residual = on and layer.fused_residual
+
+
+def _same_outputs(folded_model: nn.Module, model: nn.Module, layers: list[nn.Module], sample: torch.Tensor) -> bool:
+    """Whether the folded model gives the model's own outputs on ``sample`` (the model run with
+    the layers' flags cleared); where not, the flags stay cleared and a warning says so."""
+    residual = [layer.fused_residual for layer in layers]
+    with torch.no_grad():
+        got = folded_model(sample)
+        _set_folded(layers, False)
+        want = model(sample)
+    if isinstance(got, torch.Tensor) and isinstance(want, torch.Tensor) and got.shape == want.shape:
+        scale = float(want.abs().max()) + 1.0 if want.numel() else 1.0
+        if torch.allclose(got.float(), want.float(), rtol=1e-4, atol=1e-5 * scale, equal_nan=True):
+            for layer, r in zip(layers, residual):
+                layer.fused_relu, layer.fused_residual = True, r
+            return True
+        gap = f"max |difference| {float((got.float() - want.float()).abs().max()):.3g}"
+    else:
+        gap = "outputs of another kind or shape"
+    warnings.warn(f"the model as torch.fx traced it, with its ReLUs folded into the BatchNorms, computes other "
+                  f"outputs than the model ({gap}); running it with its ReLUs apart", RuntimeWarning, stacklevel=3)
+    return False

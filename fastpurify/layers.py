@@ -73,14 +73,24 @@ class _Neurons:
 
 class _PerturbedBatchNorm(_Neurons, nn.modules.batchnorm._BatchNorm):
     fused_relu = False  # set by fastpurify.fusion where the ReLU after it was folded in: ReLU(BatchNorm)
+    fused_residual = False  # ... and where the residual add before that ReLU was too: ReLU(BatchNorm + r)
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
                  track_running_stats: bool = True, device=None, dtype=None):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
         self._init_neurons(num_features, torch.empty(0, device=device, dtype=dtype))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """BatchNorm(x), ReLU'd where ``fused_relu``; with ``residual`` (a folded ResNet block's
+        shortcut, ``fused_residual``): ReLU(BatchNorm(x) + residual), in one pass where the
+        residual matches x's shape, dtype and device, else as the add and ReLU would compute it."""
         self._check_input_dim(x)
+        if residual is not None and not self.fused_relu:
+            raise InputError("a residual is added before the folded ReLU only: this layer has none (fused_relu)")
+        relu, one_pass = self.fused_relu, residual
+        if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype
+                                     or residual.device != x.device):
+            relu, one_pass = False, None  # added and ReLU'd below, as the unfused graph would
         # Momentum and the running-statistics rule exactly as nn.BatchNorm's forward.
         factor = 0.0 if self.momentum is None else self.momentum
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:
@@ -89,10 +99,14 @@ class _PerturbedBatchNorm(_Neurons, nn.modules.batchnorm._BatchNorm):
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
         track = not self.training or self.track_running_stats
         noise, noise_bias = self._perturbation()
-        return FP.perturbed_batch_norm(
+        y = FP.perturbed_batch_norm(
             x, self.weight, self.bias, self.neuron_mask, noise, noise_bias,
             self.running_mean if track else None, self.running_var if track else None,
-            training=use_batch_stats, momentum=factor, eps=self.eps, groups=self.batch_groups, relu=self.fused_relu)
+            training=use_batch_stats, momentum=factor, eps=self.eps, groups=self.batch_groups, relu=relu,
+            residual=one_pass)
+        if residual is not None and one_pass is None:  # type promotion and broadcasting as the unfused graph's
+            return F.relu(y + residual)
+        return y
 
 
 class PerturbedBatchNorm1d(_PerturbedBatchNorm):

@@ -32,6 +32,11 @@ shifted by split 0's) and normalises its own split's rows. Eval mode runs only
 writes per-split sum(dy * xhat) and sum(dy); ``bn_grad_apply_kernel`` merges them and writes dx
 for its rows, and one program per channel block writes the per-channel gradients. Every merge is a fixed-order sum over the same partials (no atomics), so results are
 bitwise reproducible, and every program of a group computes the same statistics.
+
+**Epilogue.** The output may take a residual tensor r and a ReLU: ReLU(y + r), a ResNet block's
+``relu(bn2(conv2(h)) + shortcut)`` in one pass (``fastpurify.fusion``). The backward recomputes
+where y + r was positive from x and r (nothing more is saved), zeroes dy elsewhere, and writes
+that dy as r's gradient beside dx.
 """
 
 from __future__ import annotations
@@ -138,10 +143,20 @@ def _output_affine(rstd, w, factor, b, bias_factor, CHANNELS_INNER: tl.constexpr
 
 
 @triton.jit
-def _relu_blocks(x, mean, a, shift):
+def _pre_activation(x, mean, a, shift, R, offs, valid, RESIDUAL: tl.constexpr, ACC: tl.constexpr):
+    """The output before a fused ReLU, y = (x - mean) * a + shift (+ the residual tile at ``offs``
+    with ``RESIDUAL``): one expression for the forward and for the backward's ReLU mask."""
+    y = (x - mean) * a + shift
+    if RESIDUAL:
+        y += tl.load(R + offs, mask=valid, other=0.0).to(ACC)
+    return y
+
+
+@triton.jit
+def _relu_blocks(x, mean, a, shift, R, offs, valid, RESIDUAL: tl.constexpr, ACC: tl.constexpr):
     """Where a fused ReLU stops the gradient: y <= 0 for y recomputed as the forward computed it
     (PyTorch's ReLU backward, ``threshold_backward``: a NaN output passes it)."""
-    return (x - mean) * a + shift <= 0
+    return _pre_activation(x, mean, a, shift, R, offs, valid, RESIDUAL, ACC) <= 0
 
 
 @triton.jit
@@ -218,17 +233,18 @@ def bn_stats_kernel(X, PART, C, S, Ng, sxn, sxc, sxs, C_BLOCKS, splits, U0, U1, 
 
 
 @triton.jit(do_not_specialize=NOT_SPECIALIZED)
-def bn_normalize_kernel(X, Y, W, B, MASK, NOISE, NOISE_B, RUN_MEAN, RUN_VAR, MEAN, RSTD, PART,
-                        C, S, Ng, G, sxn, sxc, sxs, syn, syc, sys_, s_noise, s_noise_b, eps, momentum,
+def bn_normalize_kernel(X, Y, R, W, B, MASK, NOISE, NOISE_B, RUN_MEAN, RUN_VAR, MEAN, RSTD, PART,
+                        C, S, Ng, G, sxn, sxc, sxs, syn, syc, sys_, srn, src, srs, s_noise, s_noise_b, eps, momentum,
                         C_BLOCKS, splits, U0, U1, Q, T, splits_s, plane,
                         TRAINING: tl.constexpr, UPDATE_RUNNING: tl.constexpr, HAS_NOISE: tl.constexpr,
-                        HAS_NOISE_B: tl.constexpr, RELU: tl.constexpr, ACC: tl.constexpr, IDX: tl.constexpr,
-                        CHANNELS_INNER: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
-                        BLOCK_P: tl.constexpr):
+                        HAS_NOISE_B: tl.constexpr, RELU: tl.constexpr, RESIDUAL: tl.constexpr, ACC: tl.constexpr,
+                        IDX: tl.constexpr, CHANNELS_INNER: tl.constexpr, BLOCK_R: tl.constexpr,
+                        BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
     """Grid ``(G * splits * C_BLOCKS,)``. Each program takes its group's mean and variance of its
     channels (training: merged from all the group's splits in ``PART``; eval: the running
     statistics), writes y = (x - mean) * rstd * w * (mask + noise[g]) + b * (1 + noise_bias[g])
-    (then ReLU(y) with ``RELU``, NaN kept) for the rows of its split, and, if it is split 0, saves mean and rstd = 1/sqrt(var + eps) to
+    (plus the residual r with ``RESIDUAL``; then ReLU(y) with ``RELU``, NaN kept) for the rows of
+    its split, and, if it is split 0, saves mean and rstd = 1/sqrt(var + eps) to
     ``MEAN``/``RSTD`` (G, C). The program of group 0, split 0 of each channel block also folds
     every group's statistics into the running ones in group order (unbiased variance) and stores
     them once (``UPDATE_RUNNING``)."""
@@ -268,22 +284,24 @@ def bn_normalize_kernel(X, Y, W, B, MASK, NOISE, NOISE_B, RUN_MEAN, RUN_VAR, MEA
         for v in range(b0, b1, 1 if CHANNELS_INNER else BLOCK_R):
             n, s, valid = _tile(u, v, a1, b1, base_n, S, cmask, IDX, CHANNELS_INNER, BLOCK_R)
             x = tl.load(X + _offsets(n, s, cs, sxn, sxc, sxs, CHANNELS_INNER), mask=valid, other=0.0).to(ACC)
-            y = (x - mean) * a + shift
+            y = _pre_activation(x, mean, a, shift, R, _offsets(n, s, cs, srn, src, srs, CHANNELS_INNER), valid,
+                                RESIDUAL, ACC)
             if RELU:
                 y = tl.where(y < 0, 0.0, y)
             tl.store(Y + _offsets(n, s, cs, syn, syc, sys_, CHANNELS_INNER), y.to(Y.dtype.element_ty), mask=valid)
 
 
 @triton.jit(do_not_specialize=NOT_SPECIALIZED)
-def bn_grad_sums_kernel(X, DY, W, B, MASK, NOISE, NOISE_B, MEAN, RSTD, PART, C, S, Ng, sxn, sxc, sxs, sdn, sdc, sds,
-                        s_noise, s_noise_b, C_BLOCKS, splits, U0, U1, Q, T, splits_s, plane,
-                        HAS_NOISE: tl.constexpr, HAS_NOISE_B: tl.constexpr, RELU: tl.constexpr, ACC: tl.constexpr,
-                        IDX: tl.constexpr, CHANNELS_INNER: tl.constexpr, BLOCK_R: tl.constexpr,
-                        BLOCK_C: tl.constexpr):
+def bn_grad_sums_kernel(X, DY, R, W, B, MASK, NOISE, NOISE_B, MEAN, RSTD, PART, C, S, Ng, sxn, sxc, sxs, sdn, sdc,
+                        sds, srn, src, srs, s_noise, s_noise_b, C_BLOCKS, splits, U0, U1, Q, T, splits_s, plane,
+                        HAS_NOISE: tl.constexpr, HAS_NOISE_B: tl.constexpr, RELU: tl.constexpr,
+                        RESIDUAL: tl.constexpr, ACC: tl.constexpr, IDX: tl.constexpr, CHANNELS_INNER: tl.constexpr,
+                        BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     """Grid ``(G * splits * C_BLOCKS,)``. Each program reduces its split of its group for its
     channels to sum(dy * xhat) and sum(dy) (xhat recomputed from x and the saved statistics;
-    per-lane accumulators in ACC; with ``RELU`` dy is zeroed where the recomputed output is
-    <= 0) and stores them into ``PART[0, g, sp, :]`` and ``PART[1, g, sp, :]``."""
+    per-lane accumulators in ACC; with ``RELU`` dy is zeroed where the recomputed output, the
+    residual r added with ``RESIDUAL``, is <= 0) and stores them into ``PART[0, g, sp, :]`` and
+    ``PART[1, g, sp, :]``."""
     g, sp, cb = _decode(C_BLOCKS, splits)
     cs, cmask = _channels(cb, C, BLOCK_C)
     rstd_c = tl.load(RSTD + g * C + cs, mask=cmask, other=0.0).to(ACC)
@@ -303,7 +321,8 @@ def bn_grad_sums_kernel(X, DY, W, B, MASK, NOISE, NOISE_B, MEAN, RSTD, PART, C, 
             x = tl.load(X + _offsets(n, s, cs, sxn, sxc, sxs, CHANNELS_INNER), mask=valid, other=0.0).to(ACC)
             dy = tl.load(DY + _offsets(n, s, cs, sdn, sdc, sds, CHANNELS_INNER), mask=valid, other=0.0).to(ACC)
             if RELU:
-                dy = tl.where(_relu_blocks(x, mean, a_out, shift), 0.0, dy)
+                dy = tl.where(_relu_blocks(x, mean, a_out, shift, R, _offsets(n, s, cs, srn, src, srs, CHANNELS_INNER),
+                                           valid, RESIDUAL, ACC), 0.0, dy)
             acc_dyx += dy * tl.where(valid, (x - mean) * rstd, 0.0)
             acc_dy += dy
     slot = (g * splits + sp) * C + cs
@@ -345,23 +364,24 @@ def _channel_grads(W, B, MASK, NOISE, NOISE_B, PART, DMASK, DNOISE, DNOISE_B, DW
 
 
 @triton.jit(do_not_specialize=NOT_SPECIALIZED)
-def bn_grad_apply_kernel(X, DY, DX, W, B, MASK, NOISE, NOISE_B, MEAN, RSTD, PART,
+def bn_grad_apply_kernel(X, DY, DX, R, DR, W, B, MASK, NOISE, NOISE_B, MEAN, RSTD, PART,
                          DMASK, DNOISE, DNOISE_B, DW, DB,
-                         C, S, Ng, G, sxn, sxc, sxs, sdn, sdc, sds, sgn, sgc, sgs, s_noise, s_noise_b,
-                         C_BLOCKS, splits, U0, U1, Q, T, splits_s, plane,
+                         C, S, Ng, G, sxn, sxc, sxs, sdn, sdc, sds, sgn, sgc, sgs, srn, src, srs, sqn, sqc, sqs,
+                         s_noise, s_noise_b, C_BLOCKS, splits, U0, U1, Q, T, splits_s, plane,
                          TRAINING: tl.constexpr, HAS_NOISE: tl.constexpr, HAS_NOISE_B: tl.constexpr,
-                         RELU: tl.constexpr, NEED_DX: tl.constexpr, NEED_DMASK: tl.constexpr,
-                         NEED_DNOISE: tl.constexpr, NEED_DNOISE_B: tl.constexpr, NEED_DW: tl.constexpr,
-                         NEED_DB: tl.constexpr,
+                         RELU: tl.constexpr, RESIDUAL: tl.constexpr, NEED_DX: tl.constexpr, NEED_DR: tl.constexpr,
+                         NEED_DMASK: tl.constexpr, NEED_DNOISE: tl.constexpr, NEED_DNOISE_B: tl.constexpr,
+                         NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
                          ACC: tl.constexpr, IDX: tl.constexpr, CHANNELS_INNER: tl.constexpr,
                          BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
-    """Grid ``(G * splits * C_BLOCKS,)`` with ``NEED_DX``, else ``(C_BLOCKS,)``. With Sdy and Sdyx
-    group g's sums merged from ``PART`` in split order, each program writes for the rows of its
-    split dx = w * (mask + noise[g]) * rstd * (dy - Sdy/M - xhat * Sdyx/M) (training) or
-    w * (mask + noise[g]) * rstd * dy (eval, no sums needed), dy zeroed where the recomputed output
-    is <= 0 with ``RELU``. The program of group 0, split 0 of each channel block first writes
-    the per-channel gradients that are asked for (:func:`_channel_grads`)."""
-    if NEED_DX:
+    """Grid ``(G * splits * C_BLOCKS,)`` with ``NEED_DX`` or ``NEED_DR``, else ``(C_BLOCKS,)``. With
+    Sdy and Sdyx group g's sums merged from ``PART`` in split order, each program writes for the
+    rows of its split dx = w * (mask + noise[g]) * rstd * (dy - Sdy/M - xhat * Sdyx/M) (training)
+    or w * (mask + noise[g]) * rstd * dy (eval, no sums needed), dy zeroed where the recomputed
+    output (the residual r added with ``RESIDUAL``) is <= 0 with ``RELU``; and, with ``NEED_DR``,
+    that zeroed dy itself, the residual's gradient. The program of group 0, split 0 of each channel
+    block first writes the per-channel gradients that are asked for (:func:`_channel_grads`)."""
+    if NEED_DX or NEED_DR:
         g, sp, cb = _decode(C_BLOCKS, splits)
     else:
         g, sp, cb = 0, 0, tl.program_id(0)
@@ -372,7 +392,7 @@ def bn_grad_apply_kernel(X, DY, DX, W, B, MASK, NOISE, NOISE_B, MEAN, RSTD, PART
                            plane, s_noise, s_noise_b, HAS_NOISE, HAS_NOISE_B, NEED_DMASK, NEED_DNOISE, NEED_DNOISE_B,
                            NEED_DW, NEED_DB, ACC, BLOCK_P, BLOCK_C)
     M = Ng * S
-    if NEED_DX:
+    if NEED_DX or NEED_DR:
         w, b, factor, bias_factor = _group_affine(W, B, MASK, NOISE, NOISE_B, g, cs, cmask, s_noise, s_noise_b,
                                                   HAS_NOISE, HAS_NOISE_B, ACC)
         rstd = tl.load(RSTD + g * C + cs, mask=cmask, other=0.0).to(ACC)
@@ -381,7 +401,7 @@ def bn_grad_apply_kernel(X, DY, DX, W, B, MASK, NOISE, NOISE_B, MEAN, RSTD, PART
             mean = col(tl.load(MEAN + g * C + cs, mask=cmask, other=0.0).to(ACC), CHANNELS_INNER)
         if RELU:
             a_out, shift = _output_affine(rstd, w, factor, b, bias_factor, CHANNELS_INNER)
-        if TRAINING:
+        if TRAINING and NEED_DX:
             sdyx, sdy = _merge_sums(PART, plane, g, cs, cmask, C, splits, ACC, BLOCK_P, BLOCK_C)
             c1 = col(sdy / M, CHANNELS_INNER)
             c2 = col(sdyx / M, CHANNELS_INNER)
@@ -392,17 +412,23 @@ def bn_grad_apply_kernel(X, DY, DX, W, B, MASK, NOISE, NOISE_B, MEAN, RSTD, PART
             for v in range(b0, b1, 1 if CHANNELS_INNER else BLOCK_R):
                 n, s, valid = _tile(u, v, a1, b1, base_n, S, cmask, IDX, CHANNELS_INNER, BLOCK_R)
                 dy = tl.load(DY + _offsets(n, s, cs, sdn, sdc, sds, CHANNELS_INNER), mask=valid, other=0.0).to(ACC)
-                if TRAINING or RELU:
+                if (TRAINING and NEED_DX) or RELU:
                     x = tl.load(X + _offsets(n, s, cs, sxn, sxc, sxs, CHANNELS_INNER), mask=valid,
                                 other=0.0).to(ACC)
                 if RELU:
-                    dy = tl.where(_relu_blocks(x, mean, a_out, shift), 0.0, dy)
-                if TRAINING:
-                    dx = a * (dy - c1 - (x - mean) * rstd_t * c2)
-                else:
-                    dx = a * dy
-                tl.store(DX + _offsets(n, s, cs, sgn, sgc, sgs, CHANNELS_INNER), dx.to(DX.dtype.element_ty),
-                         mask=valid)
+                    dy = tl.where(_relu_blocks(x, mean, a_out, shift, R,
+                                               _offsets(n, s, cs, srn, src, srs, CHANNELS_INNER), valid, RESIDUAL,
+                                               ACC), 0.0, dy)
+                if NEED_DR:
+                    tl.store(DR + _offsets(n, s, cs, sqn, sqc, sqs, CHANNELS_INNER), dy.to(DR.dtype.element_ty),
+                             mask=valid)
+                if NEED_DX:
+                    if TRAINING:
+                        dx = a * (dy - c1 - (x - mean) * rstd_t * c2)
+                    else:
+                        dx = a * dy
+                    tl.store(DX + _offsets(n, s, cs, sgn, sgc, sgs, CHANNELS_INNER), dx.to(DX.dtype.element_ty),
+                             mask=valid)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -450,7 +476,7 @@ class LaunchPlan:
 @functools.lru_cache(maxsize=4096)
 def launch_plan(shape: tuple[int, int, int], strides: tuple[int, int, int], groups: int, sms: int,
                 itemsize: int, *, splits: int | None = None, tile: tuple[int, int] | None = None,
-                warps: int | None = None, interpret: bool = False) -> LaunchPlan:
+                warps: int | None = None, interpret: bool = False, residual: bool = False) -> LaunchPlan:
     """The launch plan of a BatchNorm on an (N, C, S) view with these (sample, channel, spatial)
     strides, ``groups`` groups, on a GPU with ``sms`` SMs, for ``itemsize``-byte values. Pure
     (cached): runs on every call.
@@ -470,6 +496,8 @@ def launch_plan(shape: tuple[int, int, int], strides: tuple[int, int, int], grou
     - ``splits`` / ``tile`` / ``warps`` (tests, and the plan sweep of
       ``fastpurify.benchmarks.bn_plans``): force about that many splits per group and channel
       block (rounded so that none is empty), a (BLOCK_R, BLOCK_C) tile and the warps a program.
+    - ``residual``: the kernels also read a residual (and write its gradient): tiles of rows read
+      value by value are halved once more (160 registers a thread at 14x14 NCHW otherwise).
     - ``interpret`` (Triton's interpreter on CPU, which runs programs one after another): tiles
       of ``INTERPRET_TILE`` values, rows of up to ``INTERPRET_ROW`` channels, one split unless
       forced. The code paths are the same; only the sizes differ.
@@ -483,7 +511,9 @@ def launch_plan(shape: tuple[int, int, int], strides: tuple[int, int, int], grou
     tile_values = max(256, TILE_BYTES // itemsize)
     row_values = max(1, ROW_BYTES // itemsize)
     if not channels_inner and s % 16:  # Triton knows rows of positions aligned only when S % 16 == 0: other
-        tile_values //= 2  # rows are read value by value, each with its own address (registers)
+        tile_values //= 2  # rows are read value by value, each with its own address (registers) ...
+        if residual:  # ... and a residual and its gradient are two tensors more to address
+            tile_values //= 2
     want = max(1, min(PROGRAMS_PER_SM * sms, n * c * s // MIN_PROGRAM_VALUES))
     if interpret:
         tile_values, row_values, want = INTERPRET_TILE, INTERPRET_ROW, 1
@@ -536,7 +566,7 @@ def _strides(t: torch.Tensor) -> tuple[int, int, int]:
     return t.stride(0), t.stride(1), (t.stride(2) if t.dim() == 3 else 0)
 
 
-def _geometry(x3: torch.Tensor, others, groups: int, splits, tile, warps=None):
+def _geometry(x3: torch.Tensor, others, groups: int, splits, tile, warps=None, residual: bool = False):
     """(plan, (S, Ng), strides of x3 and of each of ``others``, index type) as the kernels take
     them. When every tensor's rows merge (sample stride = S * spatial stride: channels_last,
     (N, C)), the rows are passed as one axis (S = 1), so that the kernels need no division."""
@@ -545,7 +575,7 @@ def _geometry(x3: torch.Tensor, others, groups: int, splits, tile, warps=None):
     tensors = [x3, *others]
     strides = [_strides(t) for t in tensors]
     plan = launch_plan((n, c, s), strides[0], groups, sm_count(x3.device), x3.element_size(), splits=splits,
-                       tile=tile, warps=warps, interpret=interpreting() and not x3.is_cuda)
+                       tile=tile, warps=warps, interpret=interpreting() and not x3.is_cuda, residual=residual)
     assert 2 * groups * plan.splits * c < 2**31, "the partial statistics are indexed in int32"
     ng = n // groups
     if plan.channels_inner and s > 1 and all(sn == s * ss for sn, _, ss in strides):
@@ -556,13 +586,16 @@ def _geometry(x3: torch.Tensor, others, groups: int, splits, tile, warps=None):
 
 def bn_forward(x3: torch.Tensor, y3: torch.Tensor, weight, bias, mask, noise, noise_bias, running_mean,
                running_var, mean: torch.Tensor, rstd: torch.Tensor, *, groups: int, training: bool,
-               update_running: bool, momentum: float, eps: float, relu: bool = False, splits: int | None = None,
+               update_running: bool, momentum: float, eps: float, relu: bool = False,
+               residual3: torch.Tensor | None = None, splits: int | None = None,
                tile: tuple[int, int] | None = None, warps: int | None = None) -> None:
-    """Launch the forward on (N, C, S) views ``x3`` -> ``y3`` (``relu``: ReLU of the output); fills
-    ``mean``/``rstd`` (G, C) and, if ``update_running``, the running statistics in place (exactly
-    once). ``splits``, ``tile`` and ``warps`` override the launch plan (tests, the plan sweep)."""
+    """Launch the forward on (N, C, S) views ``x3`` -> ``y3`` (``residual3``: added to the output;
+    ``relu``: ReLU of the output); fills ``mean``/``rstd`` (G, C) and, if ``update_running``, the
+    running statistics in place (exactly once). ``splits``, ``tile`` and ``warps`` override the
+    launch plan (tests, the plan sweep)."""
     C = x3.shape[1]
-    plan, (S, Ng), (sx, sy), idx = _geometry(x3, [y3], groups, splits, tile, warps)
+    r3 = x3 if residual3 is None else residual3  # never read without a residual
+    plan, (S, Ng), (sx, sy, sr), idx = _geometry(x3, [y3, r3], groups, splits, tile, warps, residual3 is not None)
     acc = accumulator_dtype(x3.dtype)
     part = torch.empty(2, groups, plan.splits, C, dtype=mean.dtype, device=x3.device) if training else mean
     plane = groups * plan.splits * C
@@ -573,46 +606,54 @@ def bn_forward(x3: torch.Tensor, y3: torch.Tensor, weight, bias, mask, noise, no
         bn_stats_kernel[grid](x3, part, C, S, Ng, *sx, *plan.split_args, plane, **common)
     pick = lambda t: t if t is not None else mean  # noqa: E731  (never read nor written)
     bn_normalize_kernel[grid](
-        x3, y3, weight, bias, mask, pick(noise), pick(noise_bias), pick(running_mean), pick(running_var),
-        mean, rstd, part, C, S, Ng, groups, *sx, *sy, row_stride(noise), row_stride(noise_bias),
+        x3, y3, r3, weight, bias, mask, pick(noise), pick(noise_bias), pick(running_mean), pick(running_var),
+        mean, rstd, part, C, S, Ng, groups, *sx, *sy, *sr, row_stride(noise), row_stride(noise_bias),
         float(eps), float(momentum), *plan.split_args, plane,
         TRAINING=training, UPDATE_RUNNING=update_running, HAS_NOISE=noise is not None,
-        HAS_NOISE_B=noise_bias is not None, RELU=relu, BLOCK_P=plan.block_p, **common)
+        HAS_NOISE_B=noise_bias is not None, RELU=relu, RESIDUAL=residual3 is not None, BLOCK_P=plan.block_p,
+        **common)
 
 
 def bn_backward(x3, dy3, dx3, weight, bias, mask, noise, noise_bias, mean, rstd, *, groups: int,
                 training: bool, dmask=None, dnoise=None, dnoise_bias=None, dweight=None, dbias=None,
-                relu: bool = False, splits: int | None = None, tile: tuple[int, int] | None = None,
-                warps: int | None = None) -> None:
+                relu: bool = False, residual3=None, dresidual3=None, splits: int | None = None,
+                tile: tuple[int, int] | None = None, warps: int | None = None) -> None:
     """Launch the backward; writes ``dx3`` (if given) and each per-channel gradient buffer that
     is given (None: not needed, no work spent on it); ``relu``: the forward's output went through
-    a fused ReLU (recomputed from ``x3``, so nothing more is saved). The per-split sums are computed only when
-    something needs them (training-mode dx, or any per-channel gradient). ``splits``, ``tile``
-    and ``warps`` override the launch plan (tests, the plan sweep)."""
+    a fused ReLU (recomputed from ``x3``, and ``residual3`` where the forward added it, so nothing
+    more is saved); ``dresidual3`` (with ``relu``): the residual's gradient, dy where the output
+    was positive. The per-split sums are computed only when something needs them (training-mode
+    dx, or any per-channel gradient). ``splits``, ``tile`` and ``warps`` override the launch plan
+    (tests, the plan sweep)."""
     C = x3.shape[1]
+    assert dresidual3 is None or (relu and residual3 is not None), "a residual's gradient needs the fused ReLU"
     need_params = any(t is not None for t in (dmask, dnoise, dnoise_bias, dweight, dbias))
-    if dx3 is None and not need_params:
+    if dx3 is None and dresidual3 is None and not need_params:
         return
-    plan, (S, Ng), (sx, sd, sg), idx = _geometry(x3, [dy3, dx3 if dx3 is not None else x3], groups, splits,
-                                                 tile, warps)
+    r3 = x3 if residual3 is None else residual3  # placeholders: never read nor written
+    dr3 = x3 if dresidual3 is None else dresidual3
+    plan, (S, Ng), (sx, sd, sg, sr, sq), idx = _geometry(x3, [dy3, dx3 if dx3 is not None else x3, r3, dr3],
+                                                         groups, splits, tile, warps, residual3 is not None)
     acc = accumulator_dtype(x3.dtype)
-    need_sums = need_params or training
+    need_sums = need_params or (training and dx3 is not None)
     part = torch.empty(2, groups, plan.splits, C, dtype=mean.dtype, device=x3.device) if need_sums else mean
     plane = groups * plan.splits * C
     common = dict(ACC=acc, IDX=idx, CHANNELS_INNER=plan.channels_inner, BLOCK_R=plan.block_r, BLOCK_C=plan.block_c,
                   num_warps=plan.warps)
     pick = lambda t: t if t is not None else mean  # noqa: E731  (never read nor written)
+    residual = residual3 is not None
     if need_sums:
         bn_grad_sums_kernel[(plan.programs,)](
-            x3, dy3, weight, bias, mask, pick(noise), pick(noise_bias), mean, rstd, part, C, S, Ng, *sx, *sd,
-            row_stride(noise), row_stride(noise_bias), *plan.split_args, plane, HAS_NOISE=noise is not None,
-            HAS_NOISE_B=noise_bias is not None, RELU=relu, **common)
-    grid = (plan.programs if dx3 is not None else plan.channel_blocks,)
+            x3, dy3, r3, weight, bias, mask, pick(noise), pick(noise_bias), mean, rstd, part, C, S, Ng, *sx, *sd,
+            *sr, row_stride(noise), row_stride(noise_bias), *plan.split_args, plane, HAS_NOISE=noise is not None,
+            HAS_NOISE_B=noise_bias is not None, RELU=relu, RESIDUAL=residual, **common)
+    rows = dx3 is not None or dresidual3 is not None
+    grid = (plan.programs if rows else plan.channel_blocks,)
     bn_grad_apply_kernel[grid](
-        x3, dy3, pick(dx3), weight, bias, mask, pick(noise), pick(noise_bias), mean, rstd, part,
+        x3, dy3, pick(dx3), r3, dr3, weight, bias, mask, pick(noise), pick(noise_bias), mean, rstd, part,
         pick(dmask), pick(dnoise), pick(dnoise_bias), pick(dweight), pick(dbias),
-        C, S, Ng, groups, *sx, *sd, *sg, row_stride(noise), row_stride(noise_bias), *plan.split_args, plane,
-        TRAINING=training, HAS_NOISE=noise is not None, HAS_NOISE_B=noise_bias is not None, RELU=relu,
-        NEED_DX=dx3 is not None, NEED_DMASK=dmask is not None, NEED_DNOISE=dnoise is not None,
-        NEED_DNOISE_B=dnoise_bias is not None, NEED_DW=dweight is not None, NEED_DB=dbias is not None,
-        BLOCK_P=plan.block_p, **common)
+        C, S, Ng, groups, *sx, *sd, *sg, *sr, *sq, row_stride(noise), row_stride(noise_bias), *plan.split_args,
+        plane, TRAINING=training, HAS_NOISE=noise is not None, HAS_NOISE_B=noise_bias is not None, RELU=relu,
+        RESIDUAL=residual, NEED_DX=dx3 is not None, NEED_DR=dresidual3 is not None, NEED_DMASK=dmask is not None,
+        NEED_DNOISE=dnoise is not None, NEED_DNOISE_B=dnoise_bias is not None, NEED_DW=dweight is not None,
+        NEED_DB=dbias is not None, BLOCK_P=plan.block_p, **common)

@@ -1,6 +1,8 @@
 """perturbed_batch_norm through its public function, on both backends (the Triton one through
 the interpreter without a GPU), against the float64 formulas."""
 
+import re
+
 import pytest
 import torch
 
@@ -72,6 +74,63 @@ def test_fused_relu_forward_and_every_gradient(backend, shape, groups, training,
     ref_grads = _grads(relu_of_batch_norm, x, p["weight"], p["bias"], p["mask"], p["noise"], p["noise_bias"], dy,
                        **ref_stats, training=training, groups=groups)
     assert_every_gradient(dict(x=x, **p), ref_grads)
+
+
+@pytest.mark.parametrize("weight_grad", [False, True])
+@pytest.mark.parametrize("shape, groups, training, channels_last", SHAPES)
+def test_fused_residual_and_relu_forward_and_every_gradient(backend, shape, groups, training, channels_last,
+                                                            weight_grad):
+    """``residual=r`` is ReLU(BatchNorm(x) + r), a ResNet block's end: the output and every
+    gradient, r's too, against the float64 formula (r in the other layout where there is one: the
+    kernels take each tensor's own strides)."""
+    c = shape[1]
+    x, p = inputs(shape, channels_last), params(c, groups, weight_grad=weight_grad)
+    r = inputs(shape, channels_last=len(shape) == 4 and not channels_last, seed=7)
+    s = random_running_stats(c)
+    ref_stats = {k: v.clone() for k, v in s.items()}
+    y = FP.perturbed_batch_norm(x, **p, **s, training=training, groups=groups, relu=True, residual=r)
+    dy = on_device(torch.randn(shape, generator=torch.Generator().manual_seed(2)))
+    y.backward(dy)
+    r64 = r.detach().double().requires_grad_()
+
+    def relu_of_batch_norm_plus_r(*args, **kw):
+        return torch.relu(batch_norm(*args, **kw)[0] + r64)
+    ref = relu_of_batch_norm_plus_r(x.detach(), **detached(p), **{k: v.clone() for k, v in ref_stats.items()},
+                                    training=training, groups=groups)
+    assert torch.allclose(y.double(), ref, atol=2e-5, rtol=1e-5)
+    assert (y == 0).any() and (y > 0).any()
+    if x.dim() == 4 and shape[2] * shape[3] > 1:
+        assert y.is_contiguous(memory_format=torch.channels_last) == channels_last  # x's layout, not r's
+    (dr_ref,) = torch.autograd.grad((ref * dy.double()).sum(), [r64])
+    ref_grads = _grads(relu_of_batch_norm_plus_r, x, p["weight"], p["bias"], p["mask"], p["noise"], p["noise_bias"],
+                       dy, **ref_stats, training=training, groups=groups)
+    assert_every_gradient(dict(x=x, r=r, **p), dict(ref_grads, r=dr_ref))
+    assert r.grad.shape == r.shape and r.grad.stride() == r.stride()
+
+
+def test_the_residual_alone_gets_its_gradient(backend):
+    """x needs no gradient (a frozen first layer, say): the kernels still write r's."""
+    x, p = inputs((4, 5, 6, 6)).detach(), detached(params(5, 2, noisy=True))
+    r = inputs((4, 5, 6, 6), seed=7)
+    y = FP.perturbed_batch_norm(x, **p, groups=2, relu=True, residual=r)
+    dy = on_device(torch.randn(y.shape, generator=torch.Generator().manual_seed(3)))
+    y.backward(dy)
+    torch.testing.assert_close(r.grad, dy * (y > 0))
+
+
+@pytest.mark.parametrize("residual, message", [
+    ("no relu", "residual is taken with relu=True only"),
+    (torch.zeros(4, 5, 6), "residual must be a tensor of x's shape, dtype and device ((4, 5, 6, 6) torch.float32"),
+    (torch.zeros(4, 5, 6, 6, dtype=torch.float64), "got (4, 5, 6, 6) torch.float64"),
+    ("a string", "got str"),
+])
+def test_a_bad_residual_is_a_clear_error(residual, message):
+    x = on_device(torch.randn(4, 5, 6, 6))
+    relu = residual != "no relu"
+    r = on_device(torch.zeros_like(x)) if residual == "no relu" else (
+        on_device(residual) if isinstance(residual, torch.Tensor) else residual)
+    with pytest.raises(InputError, match=re.escape(message)):
+        FP.perturbed_batch_norm(x, None, None, on_device(torch.ones(5)), relu=relu, residual=r)
 
 
 @pytest.mark.parametrize("channels_last", [False, True])

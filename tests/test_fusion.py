@@ -46,15 +46,16 @@ def outputs_and_grads(model, x):
 
 
 @pytest.mark.parametrize("name,expected,backend", [
-    ("cifar_resnet18", 9, "triton"), ("small_cnn", None, "triton"), ("preact_resnet18", 16, "torch"),
-    ("torchvision:resnet18", 9, "torch")])
+    ("cifar_resnet18", (17, 8), "triton"), ("small_cnn", None, "triton"), ("preact_resnet18", (16, 0), "torch"),
+    ("torchvision:resnet18", (17, 8), "torch"), ("torchvision:resnet50", (49, 16), "torch")])
 def test_the_fused_network_computes_the_same(name, expected, backend, monkeypatch):
     monkeypatch.setenv("FASTPURIFY_BACKEND", backend)
     plain = converted(name)
     fused, count = fuse_batch_norm_relu(converted(name))
-    if expected is not None:
-        assert count == expected  # ResNets: the stem and each block's first BN (the second feeds the add); PreAct: all
-    assert count > 0 and sum(layer.fused_relu for layer in perturbed_layers(fused).values()) == count
+    residuals = sum(layer.fused_residual for layer in perturbed_layers(fused).values())
+    if expected is not None:  # ResNets: the stem and each block's BNs, the last with the residual add before
+        assert (count, residuals) == expected  # its ReLU (a downsampling shortcut's BN is its residual); PreAct:
+    assert count > 0 and sum(layer.fused_relu for layer in perturbed_layers(fused).values()) == count  # all, no add
     assert list(perturbed_layers(fused)) == list(perturbed_layers(plain))  # the same layers, the same names
     for model in (plain, fused):
         perturb(model)
@@ -120,6 +121,34 @@ def test_only_a_relu_that_is_all_the_norm_feeds_is_folded():
     torch.testing.assert_close(fused(x), plain(x))
 
 
+class Stateful(nn.Module):
+    """Python-side state: fx bakes in the branch its trace took (the first call's)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.calls = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), 0
+
+    def forward(self, x):
+        self.calls += 1
+        return F.relu(self.bn(self.conv(x))).mean((2, 3)) * (2.0 if self.calls > 1 else 1.0)
+
+
+def test_a_model_traced_otherwise_than_it_runs_is_left_unfolded_with_a_warning():
+    model = anp_mode(convert(Stateful()))
+    with pytest.warns(RuntimeWarning, match="computes other outputs than the model"):
+        same, count = fuse_batch_norm_relu(model, torch.rand(2, 3, 5, 5))
+    assert same is model and count == 0 and not model.bn.fused_relu and not model.bn.fused_residual
+
+
+def test_the_check_on_a_sample_keeps_a_faithful_fold(recwarn):
+    sample = on_device(torch.rand(2, 3, 8, 8, dtype=torch.float64))
+    fused, count = fuse_batch_norm_relu(converted("cifar_resnet18"), sample)
+    layers = perturbed_layers(fused).values()
+    assert count == 17 and sum(layer.fused_relu for layer in layers) == 17
+    assert sum(layer.fused_residual for layer in layers) == 8
+    assert not [w for w in recwarn.list if "computes other outputs" in str(w.message)]
+
+
 def test_an_untraceable_model_is_left_as_it_is():
     model = anp_mode(convert(Branchy()))
     same, count = fuse_batch_norm_relu(model)
@@ -147,4 +176,5 @@ def test_anp_with_folded_relus_equals_the_reference(name, backend, monkeypatch):
     ref = reference_anp(model, data, **settings)
     fast = fastpurify.anp(model, data, device="cpu", fused_relu=True, **settings)
     assert fast.engine["fused_relus"] > 0
+    assert fast.engine["fused_residuals"] == (8 if name == "torchvision:resnet18" else 0)  # each block's end
     assert max(float((ref.masks[k] - fast.masks[k]).abs().max()) for k in ref.masks) < 1e-6

@@ -21,9 +21,9 @@ Variants (each isolates one of DESIGN.md §4's wins):
 - ``fast-nchw`` (by default on the CPU only): ``fast`` with ``channels_last=False``, on the CPU
   the reference's arithmetic bit for bit (the CPU default before 2026-11-27);
 - ``fast-bf16``: ``fast`` under bfloat16 autocast;
-- ``fast-unfused`` (by default on CUDA only): ``fast`` without the ReLUs folded into the
-  BatchNorms before them (``fused_relu=False``; :mod:`fastpurify.fusion`, on by default on CUDA):
-  what the folding adds;
+- ``fast-unfused`` (by default on CUDA only): ``fast`` without the ReLUs (and the residual adds
+  before them) folded into the BatchNorms before them (``fused_relu=False``;
+  :mod:`fastpurify.fusion`, on by default on CUDA): what the folding adds;
 - ``fast-seeds4``: ``fast`` as a batched seed ensemble of 4 members (``fastpurify.anp(seeds=4,
   batched=True)``, the default on CUDA): one iteration advances 4 independent mask sets, so its
   time over ``fast``'s is what the batched ensemble costs (4.0: no better than the 4 runs one
@@ -88,7 +88,7 @@ def _fast_step(model, images, labels, batch_size, device, *, grouped=None, graph
         engine.iterate(sampler, noise, graphed)
     step.graphed = graphed is not None
     step.channels_last = channels_last
-    step.fused_relus = engine.fused_relus
+    step.fused_relus, step.fused_residuals = engine.fused_relus, engine.fused_residuals
     return step
 
 
@@ -176,7 +176,7 @@ def run_anp_benchmark(*, arch: str = "cifar_resnet18", batch_size: int = 128, nu
         if device.type == "cpu" and hasattr(step, "channels_last"):
             parts.append("channels_last" if step.channels_last else "NCHW")
         if getattr(step, "fused_relus", 0):
-            parts.append(f"{step.fused_relus} ReLUs folded")
+            parts.append(f"{step.fused_relus} ReLUs folded ({step.fused_residuals} with their residual add)")
         return ", ".join(parts)
 
     def measure(name):

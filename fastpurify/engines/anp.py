@@ -87,8 +87,9 @@ class ANPEngine:
                 layer.track_running_stats = False  # batch statistics; no running-stat writes
         anp_mode(net)  # BatchNorm on batch statistics, as the official script; no dropout
         self.fused_relus = 0  # ReLUs folded into the BatchNorm before them (fastpurify.fusion; not with checkpoint,
-        if fuse_relu and not checkpoint:  # which wraps the model's own blocks)
-            net, self.fused_relus = fuse_batch_norm_relu(net)
+        if fuse_relu and not checkpoint:  # which wraps the model's own blocks); checked on a random batch
+            net, self.fused_relus = fuse_batch_norm_relu(net, _fusion_sample(net, images_shape, device))
+        self.fused_residuals = sum(bool(getattr(m, "fused_residual", False)) for m in net.modules())  # and their adds
         self.checkpointed = checkpoint_blocks(net) if checkpoint else []
         self.model = to_memory_format(net, channels_last)
         self.members = members  # a seed ensemble: ``images`` holds the members' batches one after another
@@ -243,6 +244,14 @@ def use_grouped(grouped: bool | None, device: torch.device) -> bool:
     return device.type == "cuda" if grouped is None else bool(grouped)
 
 
+def _fusion_sample(net: nn.Module, images_shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """A few seeded random inputs of the engine's images to check the folded network on (BatchNorm
+    takes batch statistics here: more than one sample)."""
+    dtype = next((p.dtype for p in net.parameters() if p.is_floating_point()), torch.float32)
+    g = torch.Generator().manual_seed(0)
+    return torch.randn((min(4, max(2, images_shape[0])), *images_shape[1:]), generator=g, dtype=dtype).to(device)
+
+
 def _check_options(device: torch.device, cuda_graph: bool | None, check_every: int, precision: str) -> bool:
     check_precision(precision)
     check_positive_int(check_every, "check_every")
@@ -306,8 +315,9 @@ def anp(model: nn.Module, clean_data: Any, *, eps: float | str = 0.4, steps: int
     arithmetic bit for bit), ``tf32`` (CUDA
     convolutions and matmuls), ``precision`` ("fp32" or "bf16" autocast), ``check_every``
     (iterations between host checks of the loss), ``fused_relu`` (a ReLU that is all a BatchNorm's
-    output feeds, folded into the BatchNorm's kernels: :mod:`fastpurify.fusion`; None: on CUDA;
-    the same function, the ReLU's two passes saved). Prune afterwards with :func:`fastpurify.prune`.
+    output feeds, or all a residual add of it feeds, folded into the BatchNorm's kernels with that
+    add: :mod:`fastpurify.fusion`; None: on CUDA; the same function, the ReLU's and the add's
+    passes saved). Prune afterwards with :func:`fastpurify.prune`.
 
     Memory: ``micro_batch`` (a divisor of the batch, "auto": the largest that fits in free CUDA
     memory, None: the whole batch) processes each batch in micro-batches with accumulated
@@ -393,7 +403,7 @@ def anp(model: nn.Module, clean_data: Any, *, eps: float | str = 0.4, steps: int
         engine.set_micro_batch(_choose_micro_batch(engine, micro_batch == "auto", fixed, seeds * local))
         run = engine.capture() if use_graph else None
         info = dict(device=str(device), grouped=engine.grouped, cuda_graph=run is not None, channels_last=channels_last,
-                    fused_relus=engine.fused_relus,
+                    fused_relus=engine.fused_relus, fused_residuals=engine.fused_residuals,
                     tf32=tf32 and device.type == "cuda", precision=precision, backend=FP.backend_for(engine.images),
                     num_neurons=engine.arena.num_neurons, num_layers=len(engine.arena.layers),
                     layer_paths=layer_paths(engine.model), mask_layers=list(mask_layers),

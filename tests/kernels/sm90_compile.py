@@ -137,8 +137,8 @@ def other_modes(layouts=(False, True)):
     """The branches the ANP step does not take, once per layout: eval forward and a dx-only
     backward (PGD through a frozen model), running statistics updated, weight and bias
     gradients, a mask-only backward (x needs no gradient), the folded ReLU (training with mask
-    and noise gradients; eval, dx only), float16 and bfloat16, and a tensor of 2**31 values
-    (int64 offsets)."""
+    and noise gradients; eval, dx only), the folded residual add and ReLU (with every gradient;
+    the residual's alone), float16 and bfloat16, and a tensor of 2**31 values (int64 offsets)."""
     import torch
 
     from fastpurify import functional as FP
@@ -168,6 +168,14 @@ def other_modes(layouts=(False, True)):
             y = FP.perturbed_batch_norm(x.detach().requires_grad_(), p[0].detach(), p[1].detach(), p[2].detach(),
                                         *[None, None], *stats, training=False, relu=True)
             y.backward(torch.empty_like(y))  # eval with the ReLU, dx only
+            r = torch.empty_like(x).requires_grad_()
+            y = FP.perturbed_batch_norm(x.detach().requires_grad_(), p[0].detach(), p[1].detach(), p[2],
+                                        torch.empty(2, 256, device="meta").requires_grad_(), groups=2, relu=True,
+                                        residual=r)
+            y.backward(torch.empty_like(y))  # ANP's step at a block's end: the residual add and ReLU folded in
+            y = FP.perturbed_batch_norm(x.detach(), p[0].detach(), p[1].detach(), p[2].detach(), groups=2, relu=True,
+                                        residual=r)
+            y.backward(torch.empty_like(y))  # the residual's gradient alone
         x = torch.empty(512, 64, 256, 256, device="meta")  # 2**31 values: int64 offsets
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -342,7 +350,8 @@ def main() -> None:
             kernels[kernel.hash] = dict(name=name, **resources(kernel))
         # every launch reads or writes the activations (or, GroupNorm's per-group sums of its
         # per-sample partials, is sized to fill the GPU like them), except the per-channel gradients alone
-        touches = name not in ("bn_grad_apply_kernel", "gn_grad_apply_kernel") or bool(kwargs.get("NEED_DX"))
+        touches = (name not in ("bn_grad_apply_kernel", "gn_grad_apply_kernel") or bool(kwargs.get("NEED_DX"))
+                   or bool(kwargs.get("NEED_DR")))
         records.append(dict(kernel=name, hash=kernel.hash, grid=list(grid), anp=i < anp_launches,
                             touches_activations=touches))
     print(json.dumps(dict(cases=cases, launches=records, kernels=kernels, seconds=time.perf_counter() - start)))

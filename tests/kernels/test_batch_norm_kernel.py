@@ -13,7 +13,7 @@ from fastpurify.kernels.batch_norm import bn_backward, bn_forward, launch_plan
 from fastpurify.kernels.runtime import SM_COUNT_WITHOUT_GPU, sm_count
 
 from ..devices import on_device
-from ..formulas import batch_norm, batch_norm_grads, random_bn_params, random_running_stats
+from ..formulas import _grads, batch_norm, batch_norm_grads, random_bn_params, random_running_stats
 from .resnet_shapes import BN_SHAPES
 
 CASES = [  # (shape, groups, training, channels_last)
@@ -161,6 +161,51 @@ def test_split_reductions(shape, groups, layout, splits, tile, training):
     dy = on_device(torch.randn(x.shape, generator=torch.Generator().manual_seed(9)))
     out = launch_backward(x3, dy.view_as(x3), p, mean, rstd, groups, training, **force)
     assert_gradients(out, x, p, dy, before, groups, training)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("shape, groups, layout, splits, tile", SPLIT_CASES, ids=str)
+def test_split_reductions_with_the_residual_and_relu(shape, groups, layout, splits, tile, training):
+    """ReLU(y + r) forward, and backward dx, r's gradient and every per-channel gradient, with
+    several splits a group: the mask the backward recomputes from x and r in both of its kernels,
+    r's gradient written for every row (NaN-poisoned), r in its own strides (the other layout)."""
+    x, p, stats = make_layout(shape, groups, layout)
+    r = on_device(torch.randn(x.shape, generator=torch.Generator().manual_seed(4)) * 2)
+    if layout == "nchw":
+        r = r.contiguous(memory_format=torch.channels_last)
+    x3, r3 = ncs(x), ncs(r)
+    force = dict(splits=splits, tile=tile)
+    c = x.shape[1]
+    y3 = torch.full_like(x3, float("nan"))
+    mean = torch.full((groups, c), float("nan"), device=x.device)
+    rstd = torch.full_like(mean, float("nan"))
+    bn_forward(x3, y3, p["weight"], p["bias"], p["mask"], p["noise"], p["noise_bias"], stats["running_mean"],
+               stats["running_var"], mean, rstd, groups=groups, training=training, update_running=False,
+               momentum=0.1, eps=1e-5, relu=True, residual3=r3, **force)
+    r64 = r.double().requires_grad_()
+
+    def forward(*args, **kw):
+        return torch.relu(batch_norm(*args, **kw)[0] + r64)
+    ref = forward(x, **p, **stats, training=training, groups=groups)
+    assert not torch.isnan(y3).any() and torch.allclose(y3.view(x.shape).double(), ref, atol=2e-5, rtol=1e-5)
+    assert (ref == 0).any() and (ref > 0).any()
+    dy = on_device(torch.randn(x.shape, generator=torch.Generator().manual_seed(9)))
+    nan = lambda t: torch.full_like(t, float("nan"))  # noqa: E731
+    out = dict(x=nan(x3), mask=nan(p["mask"]), noise=nan(p["noise"]), noise_bias=nan(p["noise_bias"]),
+               weight=nan(p["weight"]), bias=nan(p["bias"]))
+    dr3 = nan(r3)
+    bn_backward(x3, ncs(dy), out["x"], p["weight"], p["bias"], p["mask"], p["noise"], p["noise_bias"], mean, rstd,
+                groups=groups, training=training, dmask=out["mask"], dnoise=out["noise"],
+                dnoise_bias=out["noise_bias"], dweight=out["weight"], dbias=out["bias"], relu=True, residual3=r3,
+                dresidual3=dr3, **force)
+    (dr_ref,) = torch.autograd.grad((ref * dy.double()).sum(), [r64])
+    assert not torch.isnan(dr3).any() and torch.allclose(dr3.view(x.shape).double(), dr_ref, atol=1e-6)
+    ref_grads = _grads(forward, x, p["weight"], p["bias"], p["mask"], p["noise"], p["noise_bias"], dy, **stats,
+                       training=training, groups=groups)
+    for k, v in dict(out, x=out["x"].view(x.shape)).items():
+        assert not torch.isnan(v).any(), f"d{k} has unwritten elements"
+        scale = ref_grads[k].abs().max().item() + 1.0
+        assert torch.allclose(v.double(), ref_grads[k], atol=5e-5 * scale, rtol=1e-4), k
 
 
 @pytest.mark.parametrize("layout", ["nchw", "nhwc"])
