@@ -37,6 +37,17 @@ def test_an_error_in_the_thread_reaches_the_caller_and_the_flag_comes_back():
     assert torch.backends.cudnn.benchmark is before
 
 
+@pytest.mark.parametrize("device, expected", [("cuda", 3), ("cuda:1", 1)])
+def test_the_thread_runs_on_the_callers_cuda_device(device, expected, monkeypatch):
+    """``torch.device("cuda")`` (what the benchmarks resolve) has no index, which set_device refuses:
+    the thread takes the caller's current device by index."""
+    seen = []
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: seen.append((index, threading.get_ident())))
+    in_autotune_thread(lambda: None, torch.device(device))
+    assert seen[0][0] == expected and isinstance(seen[0][0], int) and seen[0][1] != threading.get_ident()
+
+
 def test_run_variants_measures_the_autotuned_ones_in_their_own_thread():
     calls = {}
 

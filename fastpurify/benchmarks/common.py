@@ -301,11 +301,14 @@ def in_autotune_thread(call: Callable[[], object], device: torch.device) -> obje
     thread's plans stay the heuristics' (the flag is global, so nothing else may run meanwhile:
     the caller waits)."""
     out: dict[str, object] = {}
+    # the caller's CUDA device, by index (a new thread starts on device 0; set_device wants an index)
+    index = (device.index if device.index is not None else torch.cuda.current_device()) if device.type == "cuda" \
+        else None
 
     def run() -> None:
         try:
-            if device.type == "cuda":
-                torch.cuda.set_device(device)
+            if index is not None:
+                torch.cuda.set_device(index)
             with cudnn_autotuning():
                 out["value"] = call()
         except BaseException as err:  # noqa: BLE001 - handed to the caller
