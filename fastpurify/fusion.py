@@ -25,10 +25,9 @@ after a frozen model's eval BatchNorms for PGD).
 
 from __future__ import annotations
 
-from collections import Counter
-
 import operator
 import warnings
+from collections import Counter
 
 import torch
 import torch.fx as fx
@@ -108,25 +107,23 @@ def fold_relus(model: nn.Module, foldable, tracer: fx.Tracer | None = None,
         module = modules.get(node.target) if node.op == "call_module" else None
         if module is None or not foldable(module) or calls[id(module)] != 1:  # a flag set for one call would
             continue  # change every call of a module the model calls twice (under one name or two)
-        users = list(node.users)
-        if len(users) != 1:
+        if len(node.users) != 1:
             continue
-        if _is_relu_of(users[0], node, modules):
-            relu = users[0]
-            relu.replace_all_uses_with(node)
-            graph.erase_node(relu)
-            folded.append(module)
-            continue
-        add = _residual_add(users[0], node) if residual and len(node.args) == 1 and not node.kwargs else None
-        if add is None or len(users[0].users) != 1 or not _is_relu_of(next(iter(users[0].users)), users[0], modules):
-            continue
-        relu = next(iter(users[0].users))
-        with graph.inserting_before(users[0]):  # after the other operand, which the add already follows
-            both = graph.call_module(node.target, (node.args[0], add))
-        relu.replace_all_uses_with(both)
-        for gone in (relu, users[0], node):
-            graph.erase_node(gone)
-        module.fused_residual = True
+        user = next(iter(node.users))
+        if _is_relu_of(user, node, modules):  # relu(m(x)) -> m(x)
+            relu, result, gone = user, node, (user,)
+        else:  # relu(m(x) + r) -> m(x, r), called where the add was (after r)
+            other = _residual_add(user, node) if residual and len(node.args) == 1 and not node.kwargs else None
+            relu = next(iter(user.users)) if other is not None and len(user.users) == 1 else None
+            if relu is None or not _is_relu_of(relu, user, modules):
+                continue
+            with graph.inserting_before(user):
+                result = graph.call_module(node.target, (node.args[0], other))
+            gone = (relu, user, node)
+            module.fused_residual = True
+        relu.replace_all_uses_with(result)
+        for dead in gone:
+            graph.erase_node(dead)
         folded.append(module)
     if not folded:
         return model, []
@@ -163,25 +160,20 @@ def fuse_batch_norm_relu(model: nn.Module, sample: torch.Tensor | None = None) -
     return out, len(folded)
 
 
-def _set_folded(layers: list[nn.Module], on: bool) -> None:
-    for layer in layers:
-        layer.fused_relu = on
-        layer.fused_residual = on and layer.fused_residual
-
-
 def _same_outputs(folded_model: nn.Module, model: nn.Module, layers: list[nn.Module], sample: torch.Tensor) -> bool:
     """Whether the folded model gives the model's own outputs on ``sample`` (the model run with
     the layers' flags cleared); where not, the flags stay cleared and a warning says so."""
-    residual = [layer.fused_residual for layer in layers]
+    flags = [(layer.fused_relu, layer.fused_residual) for layer in layers]
     with torch.no_grad():
         got = folded_model(sample)
-        _set_folded(layers, False)
+        for layer in layers:
+            layer.fused_relu = layer.fused_residual = False
         want = model(sample)
     if isinstance(got, torch.Tensor) and isinstance(want, torch.Tensor) and got.shape == want.shape:
         scale = float(want.abs().max()) + 1.0 if want.numel() else 1.0
         if torch.allclose(got.float(), want.float(), rtol=1e-4, atol=1e-5 * scale, equal_nan=True):
-            for layer, r in zip(layers, residual):
-                layer.fused_relu, layer.fused_residual = True, r
+            for layer, (relu, residual) in zip(layers, flags):
+                layer.fused_relu, layer.fused_residual = relu, residual
             return True
         gap = f"max |difference| {float((got.float() - want.float()).abs().max()):.3g}"
     else:

@@ -1,6 +1,7 @@
-"""Stand-in models for tests of input checks."""
+"""Stand-in models for tests of input checks and of the ReLU folding."""
 
 import torch.nn as nn
+import torch.nn.functional as F
 
 
 class Refuses(nn.Module):
@@ -13,3 +14,15 @@ class Refuses(nn.Module):
 
     def forward(self, x):
         raise AssertionError("no forward may run")
+
+
+class CalledTwice(nn.Module):
+    """One BatchNorm called twice, once before a ReLU: a flag set for that call would change both."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        h = self.conv(x)
+        return (F.relu(self.bn(h)) + self.bn(0.5 * h)).mean((2, 3))

@@ -19,6 +19,7 @@ from fastpurify.models import small_cnn
 from fastpurify.purification import DEFAULT_SCHEDULE, plan_pbe
 
 from .devices import TEST_DEVICE, float64_tol, on_device
+from .stubs import CalledTwice
 
 # (type, input shape, channels_last)
 CASES = [(nn.BatchNorm1d, (7, 5), False), (nn.BatchNorm1d, (6, 3, 11), False), (nn.BatchNorm2d, (5, 3, 7, 9), False),
@@ -268,15 +269,6 @@ def test_the_relus_the_norms_feed_are_folded_and_the_traced_model_is_the_model()
 
 
 def test_a_norm_the_model_calls_twice_keeps_its_relu_apart():
-    class CalledTwice(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
-
-        def forward(self, x):
-            h = self.conv(x)
-            return (F.relu(self.bn(h)) + self.bn(0.5 * h)).mean((2, 3))
-
     torch.manual_seed(0)
     model = _frozen(CalledTwice())
     norms = EvalNorms(model)

@@ -18,6 +18,7 @@ from fastpurify.models import build_model
 from fastpurify.reference import anp as reference_anp
 
 from .devices import on_device
+from .stubs import CalledTwice
 
 
 def converted(name, seed=0, **kw):
@@ -91,18 +92,6 @@ class Branchy(nn.Module):
     def forward(self, x):
         y = F.relu(self.bn(self.conv(x)))
         return y.mean((2, 3)) if float(x.sum()) > 0 else -y.mean((2, 3))
-
-
-class CalledTwice(nn.Module):
-    """One BatchNorm called twice, once before a ReLU: its flag would change both calls."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
-
-    def forward(self, x):
-        h = self.conv(x)
-        return (F.relu(self.bn(h)) + self.bn(0.5 * h)).mean((2, 3))
 
 
 def test_a_norm_the_model_calls_twice_is_not_folded():

@@ -247,9 +247,9 @@ def use_grouped(grouped: bool | None, device: torch.device) -> bool:
 def _fusion_sample(net: nn.Module, images_shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
     """A few seeded random inputs of the engine's images to check the folded network on (BatchNorm
     takes batch statistics here: more than one sample)."""
-    dtype = next((p.dtype for p in net.parameters() if p.is_floating_point()), torch.float32)
     g = torch.Generator().manual_seed(0)
-    return torch.randn((min(4, max(2, images_shape[0])), *images_shape[1:]), generator=g, dtype=dtype).to(device)
+    return torch.randn((min(4, max(2, images_shape[0])), *images_shape[1:]), generator=g,
+                       dtype=model_dtype(net)).to(device)
 
 
 def _check_options(device: torch.device, cuda_graph: bool | None, check_every: int, precision: str) -> bool:

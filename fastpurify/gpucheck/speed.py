@@ -233,6 +233,7 @@ def run_pbe(record, opts) -> None:
     s = sizes("pbe", opts.dry_run)
     kw = {k: s[k] for k in ("arch", "batch_size", "num_images", "image_size", "warmup", "repeats", "adv_epochs",
                             "clean_epochs")}
+
     def run_one(v):
         return pbe.run_pbe_benchmark(variants=(v,), **kw, progress=print)
 
