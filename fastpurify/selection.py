@@ -49,6 +49,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .bn_statistics import Statistics, batch_norms, corrected_statistics, load_statistics
 from .inference import model_device, predict
 from .layers import convert
 from .neuron_adversary import perturbed_predictions
@@ -90,17 +91,25 @@ class Selection:
     suspicion: SelectionPoint | None = None
     ranking: dict[str, torch.Tensor] | None = None
     order: "PatchOrder | None" = None
+    statistics: Statistics | None = None
+    statistics_check: SelectionPoint | None = None
 
     def as_dict(self) -> dict:
         return {"pruned": self.pruned, "reason": self.reason, "target": self.target, "settings": self.settings,
                 "suspicion": None if self.suspicion is None else asdict(self.suspicion),
                 "order": None if self.order is None else self.order.as_dict(),
+                "statistics": None if self.statistics_check is None else
+                "corrected" if self.statistics is not None else "stored",
+                "statistics_check": None if self.statistics_check is None else asdict(self.statistics_check),
                 "points": [asdict(p) for p in self.points]}
 
     def prune(self, model: nn.Module) -> nn.Module:
         """A pruned copy of ``model``: the chosen number of neurons along the ranking the walk used
-        (``ranking``: the masks, or with ``order="patch"`` the reconstructed trigger's order)."""
-        return prune(model, self.ranking, number=self.pruned)
+        (``ranking``: the masks, or with ``order="patch"`` the reconstructed trigger's order), with
+        the BatchNorm statistics corrected for the pruning where the choice kept them
+        (``statistics``; ``correct_statistics=True``)."""
+        pruned = prune(model, self.ranking, number=self.pruned)
+        return pruned if self.statistics is None else load_statistics(pruned, self.statistics)
 
 
 def error_histogram(predictions: torch.Tensor, labels: torch.Tensor, num_classes: int) -> tuple[float, tuple[int, ...]]:
@@ -350,7 +359,8 @@ def choose_pruning(model: nn.Module, masks: dict[str, torch.Tensor], images: tor
                    max_acc_drop: float = 0.1, probe: str = "patch", eps: float | None = None, steps: int | None = None,
                    max_fraction: float = 0.5, candidates: int = 50, batch_size: int = 512, seed: int = 0,
                    order: str = "masks", order_budget: float = DEFAULT_ACC_BUDGET, order_area: float | str | None = None,
-                   area_readings: int = DEFAULT_AREA_READINGS, progress: bool = False) -> Selection:
+                   area_readings: int = DEFAULT_AREA_READINGS, correct_statistics: bool = False,
+                   progress: bool = False) -> Selection:
     """The ``auto`` pruning rule on the defender's clean ``images`` (no trigger, no poisoned data;
     the module docstring says how). Candidates: 0 and up to ``candidates`` numbers of neurons up
     to ``max_fraction`` of them; the walk stops once the choice is made or the clean accuracy
@@ -368,7 +378,14 @@ def choose_pruning(model: nn.Module, masks: dict[str, torch.Tensor], images: tor
     as often as ``min_suspicion``, the median of up to ``area_readings`` reconstruction seeds
     (:func:`vote_patch_area`); ``settings["area_votes"]`` each reading, ``settings["area_reading"]``
     the first that read the size used) instead of the masks' ranking;
-    ``Selection.ranking`` is the ranking walked, ``Selection.order`` the order and its curve."""
+    ``Selection.ranking`` is the ranking walked, ``Selection.order`` the order and its curve.
+
+    ``correct_statistics=True`` (fastpurify's own, opt-in): once the walk has chosen a pruning, the
+    BatchNorm running statistics are corrected for it on the defender's images
+    (:mod:`fastpurify.bn_statistics`), and the correction is kept only where the walk's own probe
+    still passes on the corrected model (target share at most ``max_target_share``) and its clean
+    accuracy is at least the uncorrected one's; the correction can bring the backdoor back (on
+    digits it did), and then the check refuses it (``Selection.statistics``, ``statistics_check``)."""
     for value, name in ((max_target_share, "max_target_share"), (min_suspicion, "min_suspicion"),
                         (max_acc_drop, "max_acc_drop")):
         check_fraction(value, name, low_open=False, high_open=False)
@@ -386,6 +403,9 @@ def choose_pruning(model: nn.Module, masks: dict[str, torch.Tensor], images: tor
     if order_area is not None:
         check_auto_or_fraction(order_area, "order_area", "a share of the pixels")
     check_positive_int(area_readings, "area_readings")
+    if correct_statistics and not batch_norms(model):
+        raise InputError("correct_statistics corrects BatchNorm running statistics, and the model has no BatchNorm "
+                         "layer that keeps them; drop it")
     eps = DEFAULT_EPS[probe] if eps is None else eps
     steps = DEFAULT_STEPS[probe] if steps is None else steps
     if not (isinstance(eps, (int, float)) and eps > 0):
@@ -399,7 +419,8 @@ def choose_pruning(model: nn.Module, masks: dict[str, torch.Tensor], images: tor
     settings = dict(rule="auto", probe=probe, max_target_share=max_target_share, margin=margin,
                     min_suspicion=min_suspicion, max_acc_drop=max_acc_drop, eps=eps, steps=steps,
                     max_fraction=max_fraction, candidates=candidates, seed=seed, images=int(labels.numel()),
-                    order=order, order_area=order_area, area_readings=area_readings)
+                    order=order, order_area=order_area, area_readings=area_readings,
+                    correct_statistics=correct_statistics)
     if probe == "patch":  # the suspicion comes from the input adversary at its defaults
         adversary = PruningProbe(model, masks, images, labels, probe="inputs", eps=DEFAULT_EPS["inputs"],
                                  steps=DEFAULT_STEPS["inputs"], batch_size=batch_size, seed=seed)
@@ -508,17 +529,48 @@ def choose_pruning(model: nn.Module, masks: dict[str, torch.Tensor], images: tor
         reason = (f"{pull} fell to {found.target_share:.2f} (<= {max_target_share}) at {found.pruned} neurons; with "
                   f"the margin {margin:g}: {best.pruned} neurons, clean accuracy {best.acc:.3f} "
                   f"(unpruned {first.acc:.3f})")
-        return Selection(best.pruned, reason, target, points, settings, suspicion, ranking, ordered)
+        chosen = Selection(best.pruned, reason, target, points, settings, suspicion, ranking, ordered)
+        return _correct_statistics(chosen, model, adversary, best, max_target_share) if correct_statistics else chosen
     lowest = min(within, key=lambda p: (p.target_share, p.pruned))
     if lowest.target_share <= first.target_share / 2:
         reason = note + (f"no pruning within the accuracy budget ({max_acc_drop}) brings the share of class "
                          f"{target} to {max_target_share}; the lowest, {lowest.target_share:.2f} (unpruned "
                          f"{first.target_share:.2f}), at {lowest.pruned} neurons")
-        return Selection(lowest.pruned, reason, target, points, settings, suspicion, ranking, ordered)
+        chosen = Selection(lowest.pruned, reason, target, points, settings, suspicion, ranking, ordered)
+        return (_correct_statistics(chosen, model, adversary, lowest, max_target_share) if correct_statistics
+                and lowest.pruned else chosen)
     reason = "nothing pruned: " + note + (f"no pruning within the accuracy budget ({max_acc_drop}) halves the share "
                                           f"of class {target} ({first.target_share:.2f} unpruned, "
                                           f"{lowest.target_share:.2f} at best)")
     return Selection(0, reason, target, points, settings, suspicion, ranking, ordered)
+
+
+def _correct_statistics(chosen: Selection, model: nn.Module, walked: PruningProbe, point: SelectionPoint,
+                        max_target_share: float) -> Selection:
+    """``chosen`` with the BatchNorm statistics corrected for its pruning where the walk's probe
+    (``walked``: its adversary, patch size and target) still passes on the corrected model and the
+    clean accuracy does not fall; otherwise ``chosen`` as it was, the check recorded either way."""
+    check = PruningProbe(model, chosen.ranking, walked.images, walked.labels, probe=walked.probe, eps=walked.eps,
+                         steps=walked.steps, batch_size=walked.batch_size, seed=walked.seed,
+                         target=walked.target if walked.probe == "patch" else None)
+    check.prune_to(chosen.pruned)
+    statistics = corrected_statistics(model, check.net, check.images, check.batch_size)
+    load_statistics(check.net, statistics)
+    corrected = check.point()
+    if walked.probe != "patch":
+        corrected = _with_share(corrected, chosen.target)
+    chosen.statistics_check = corrected
+    probe = "the patch" if walked.probe == "patch" else "the adversary"
+    sent = f"{corrected.target_share:.2f} of the other images to class {chosen.target}"
+    if corrected.target_share <= max_target_share and corrected.acc >= point.acc:
+        chosen.statistics = statistics
+        chosen.reason += (f"; the BatchNorm statistics corrected for the pruning ({probe} still sends only {sent}, "
+                          f"<= {max_target_share}; clean accuracy {corrected.acc:.3f})")
+    else:
+        why = (f"{probe} would send {sent} (> {max_target_share})" if corrected.target_share > max_target_share else
+               f"the clean accuracy would be {corrected.acc:.3f}, not above {point.acc:.3f}")
+        chosen.reason += f"; the BatchNorm statistics left as stored (corrected for the pruning, {why})"
+    return chosen
 
 
 def _with_share(point: SelectionPoint, target: int | None) -> SelectionPoint:

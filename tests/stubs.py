@@ -1,5 +1,6 @@
-"""Stand-in models for tests of input checks and of the ReLU folding."""
+"""Stand-in models for tests of input checks, of the ReLU folding and of the pruning choice."""
 
+import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -26,3 +27,16 @@ class CalledTwice(nn.Module):
     def forward(self, x):
         h = self.conv(x)
         return (F.relu(self.bn(h)) + self.bn(0.5 * h)).mean((2, 3))
+
+
+def pruning_subject():
+    """A small random CNN (48 BatchNorm neurons), 24 random 12 px images with labels, and random
+    masks: what the pruning choice's tests walk."""
+    from fastpurify.models import small_cnn
+    torch.manual_seed(0)
+    model = small_cnn(num_classes=10, in_channels=3, width=8).eval()
+    g = torch.Generator().manual_seed(0)
+    images, labels = torch.rand(24, 3, 12, 12, generator=g), torch.randint(0, 10, (24,), generator=g)
+    masks = {n: torch.rand(m.num_features, generator=g) for n, m in model.named_modules()
+             if isinstance(m, nn.BatchNorm2d)}
+    return model, masks, images, labels

@@ -88,6 +88,7 @@ def test_pickled_model_needs_trust_pickle(tmp_path, capsys):
     (["--select-probe", "patch", "--select-eps", "2"], "the patch's share of the pixels"),
     (["--select-steps", "0"], "--select-steps must be a positive integer"),
     (["--select-order", "patch"], "--select-order is the auto rule's ranking; give it with --select auto"),
+    (["--select-correct-stats"], "--select-correct-stats corrects the pruning the auto rule chooses"),
     (["--select", "auto", "--select-order", "patch", "--select-probe", "inputs"], "needs --select-probe patch"),
     (["--select", "auto", "--select-order-area", "0.04"], "--select-order-area is the patch of --select-order patch"),
     (["--select", "auto", "--select-order", "patch", "--select-area-readings", "3"], "--select-area-readings is how --select-order-area auto reads the size"),
@@ -100,6 +101,18 @@ def test_anp_bad_arguments_exit_2(tmp_path, checkpoint, capsys, args, message):
     assert main(argv) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out" / "report.json").exists()
+
+
+def test_correcting_statistics_needs_batch_norms(tmp_path, capsys):
+    """A model without BatchNorm (torchvision's SqueezeNet): refused before any ANP iteration, not after."""
+    from fastpurify.models import build_model
+    torch.save(build_model("torchvision:squeezenet1_1", num_classes=10).state_dict(), tmp_path / "squeezenet.pt")
+    argv = ["anp", "--model", str(tmp_path / "squeezenet.pt"), "--arch", "torchvision:squeezenet1_1", "--num-classes",
+            "10", "--in-channels", "3", "--data", "synthetic", "--size", "32", "--out", str(tmp_path / "out"),
+            "--select", "auto", "--select-correct-stats", *FAST]
+    assert main(argv) == 2
+    assert "torchvision:squeezenet1_1 has no BatchNorm layer that keeps them" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 def test_missing_checkpoint_exits_2(tmp_path, capsys):
@@ -234,3 +247,24 @@ def test_anp_auto_selection_along_the_trigger_guided_order(tmp_path, capsys):
     assert area == max(r["area"] for r in reading if r["max_other"] < 0.4) and area in {0.02 * f for f in (1, 2, 4, 8)}
     assert f"the patch size read from the model: {area:g} of the pixels" in chosen["reason"]
     assert report["after"]["asr"] < report["before"]["asr"]
+    # the same choice with the BatchNorm statistics corrected for the pruning where the patch still fails on them
+    fixed = tmp_path / "fixed"
+    assert main([*args[:args.index("--out") + 1], str(fixed), *args[args.index("--out") + 2:],
+                 "--select-correct-stats"]) == 0
+    report = json.loads((fixed / "report.json").read_text())
+    chosen = report["selection"]
+    assert chosen["pruned"] == report["pruning"]["pruned"] > 0 and chosen["settings"]["correct_statistics"]
+    check = chosen["statistics_check"]
+    assert check["pruned"] == chosen["pruned"]
+    assert chosen["statistics"] in ("corrected", "stored")
+    if chosen["statistics"] == "corrected":  # kept only where the patch still fails on the corrected model
+        assert check["target_share"] <= 0.05 and "the BatchNorm statistics corrected for the pruning" in chosen["reason"]
+    else:
+        assert "the BatchNorm statistics left as stored" in chosen["reason"]
+    corrected, meta = load_model(fixed / "pruned_model.safetensors")
+    moved = any(not torch.equal(a.running_mean, b.running_mean) for a, b in zip(
+        (m for m in corrected.modules() if isinstance(m, torch.nn.BatchNorm2d)),
+        (m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))))
+    assert moved == (chosen["statistics"] == "corrected") == (meta["pruned"].get("statistics") == "corrected")
+    assert all(torch.equal(a.weight, b.weight) for a, b in zip(corrected.modules(), model.modules())
+               if isinstance(a, torch.nn.BatchNorm2d))

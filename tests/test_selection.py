@@ -7,9 +7,10 @@ import torch
 
 from fastpurify import InputError
 from fastpurify.inference import predict
-from fastpurify.models import small_cnn
 from fastpurify.pruning import prune
 from fastpurify import selection as S
+
+from .stubs import pruning_subject
 
 pytestmark = pytest.mark.usefixtures("torch_backend")
 
@@ -24,14 +25,7 @@ def test_error_concentration_counts_the_wrong_predictions_only():
     assert S.share_of(point, 3) == 2 / 3 and S.share_of(point, 0) == 0.0
 
 
-def _subject():
-    torch.manual_seed(0)
-    model = small_cnn(num_classes=10, in_channels=3, width=8).eval()
-    g = torch.Generator().manual_seed(0)
-    images, labels = torch.rand(24, 3, 12, 12, generator=g), torch.randint(0, 10, (24,), generator=g)
-    masks = {n: torch.rand(m.num_features, generator=g) for n, m in model.named_modules()
-             if isinstance(m, torch.nn.BatchNorm2d)}
-    return model, masks, images, labels
+_subject = pruning_subject
 
 
 @pytest.mark.parametrize("probe", S.PROBES)

@@ -69,3 +69,24 @@ def evaluation_subject(name):
     idx = torch.randperm(test[1].numel(), generator=torch.Generator().manual_seed(0))[:2000]
     test = (test[0][idx], test[1][idx])
     return model, attack, clean, test, evaluate(model, *test, attack)
+
+
+@torch.no_grad()
+def recalibrated(net, images, passes=0, batch_size=500, padding=4, flip=True):
+    """A copy of ``net`` whose BatchNorm statistics are re-estimated on ``images`` (the cumulative average of the batches'
+    statistics, BatchNorms in training mode): ``passes`` passes with the training augmentation (crop after ``padding``
+    pixels, ``flip``; generator seed 0), or with ``passes=0`` one pass of the images as they are (tenth round)."""
+    import copy
+    from fastpurify.data.sampler import augment_batch, make_generator
+    net = copy.deepcopy(net)
+    bns = [m for m in net.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+    net.eval()
+    for m in bns:
+        m.train()
+    g = make_generator(0)
+    for batch in [images[i:i + batch_size] for i in range(0, images.shape[0], batch_size)] * max(passes, 1):
+        net(augment_batch(batch, g, padding=padding, flip=flip) if passes else batch)
+    return net.eval()

@@ -92,6 +92,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="with --select-order-area auto: read the size with up to this many seeds of the patch "
                         "reconstruction and take the median (it stops at a majority: 3 agreeing of 5); one reading "
                         "is a draw where a class sits near the bar (default: 5)")
+    g.add_argument("--select-correct-stats", action="store_true",
+                   help="auto (fastpurify's own, opt-in): correct the pruned model's BatchNorm running statistics for "
+                        "the pruning, measured on the clean images, and keep the correction only where the probe "
+                        "still finds no backdoor on the corrected model (docs/anp-selection.md, tenth round)")
     g.add_argument("--select-eps", type=float, default=None,
                    help="auto: the probe's bound: the L-inf bound on the pixels (inputs, 32/255), the patch's share "
                         "of the pixels (patch, 0.01) or the neurons' (neurons, 0.4) (default: the probe's)")
@@ -185,6 +189,8 @@ def _check(args) -> None:
             raise InputError("--select-area-readings is how --select-order-area auto reads the size; give that too")
         check_positive_int(args.select_area_readings, "--select-area-readings")
     rule, _ = _rule(args)
+    if args.select_correct_stats and rule != "auto":
+        raise InputError("--select-correct-stats corrects the pruning the auto rule chooses; give it with --select auto")
     if args.select_order != "masks":
         if rule != "auto":
             raise InputError("--select-order is the auto rule's ranking; give it with --select auto")
@@ -219,6 +225,11 @@ def _run(args: argparse.Namespace) -> int:
     _check(args)
     model, meta = load_model(args.model, args.arch, args.num_classes, args.in_channels,
                              trust_pickle=args.trust_pickle)
+    if args.select_correct_stats:  # before any ANP iteration is spent
+        from ..bn_statistics import batch_norms
+        if not batch_norms(model):
+            raise InputError(f"--select-correct-stats corrects BatchNorm running statistics, and {meta['arch']} has no "
+                             "BatchNorm layer that keeps them; drop it")
     size = args.size or (meta.get("image_size") or [None])[0]
     splits = load_source(args.data, size=size, channels=meta.get("in_channels"), seed=args.seed,
                          progress=False if args.no_progress else None)
@@ -279,7 +290,7 @@ def _run(args: argparse.Namespace) -> int:
                                    steps=args.select_steps, order=args.select_order,
                                    order_area=args.select_order_area,
                                    area_readings=args.select_area_readings or DEFAULT_AREA_READINGS,
-                                   progress=not args.no_progress)
+                                   correct_statistics=args.select_correct_stats, progress=not args.no_progress)
         k = selection.pruned
         pruned_model = selection.prune(model)
         print(f"auto pruning: {selection.reason}")
@@ -298,7 +309,9 @@ def _run(args: argparse.Namespace) -> int:
     write_text(out / "sweep.txt", table)
     before, after = evaluate(model, *held_out, attack), evaluate(pruned_model, *held_out, attack)
     save_model(pruned_model, out / "pruned_model.safetensors",
-               metadata={**meta, "pruned": {"neurons": k, "rule": rule, "value": value}})
+               metadata={**meta, "pruned": {"neurons": k, "rule": rule, "value": value,
+                                            **({"statistics": "corrected"} if selection is not None
+                                               and selection.statistics is not None else {})}})
     figures = _figures(args, result, points, rule, value, by, out, selection)
     report = {"fastpurify": __version__, "command": "anp", "model": str(args.model), "arch": meta["arch"],
               "data": splits.name, "clean_images": n, "evaluated_images": int(held_out[1].numel()),

@@ -59,6 +59,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="with --select-order patch: the order's patch, a share of the pixels in (0, 1], or auto: read "
                         "from each subject (the largest of 1-8 %% at which no other class's patch reaches 0.4 of the "
                         "images) (default: the auto rule's 0.01)")
+    g.add_argument("--select-correct-stats", action="store_true",
+                   help="the auto rule corrects the pruned model's BatchNorm statistics for the pruning where its "
+                        "probe still finds no backdoor on the corrected model (fastpurify's own, opt-in)")
     g.add_argument("--no-auto-rule", action="store_true",
                    help="skip the trigger-free auto pruning column (it attacks each candidate pruning with PGD)")
     g = p.add_argument_group("PBE")
@@ -111,6 +114,7 @@ def options(args: argparse.Namespace) -> dict:
         anp_eps=None if args.anp_eps is None else parse_anp_eps(args.anp_eps, "--anp-eps"), threshold=args.threshold,
         max_drop=args.max_drop, anp_seeds=args.anp_seeds,
         auto_rule=False if args.no_auto_rule else None, select_order=args.select_order,
+        select_correct_stats=args.select_correct_stats or None,
         select_order_area=None if args.select_order_area is None else parse_patch_area(args.select_order_area,
                                                                                          "--select-order-area"),
         pbe_settings=None if args.pbe_settings is None else tuple(s.strip() for s in args.pbe_settings.split(",")),

@@ -73,6 +73,7 @@ class ReproduceConfig:
     auto_rule: bool = True  # also prune by the trigger-free auto rule (fastpurify.selection)
     select_order: str = "masks"  # the auto rule's ranking: ANP's masks, or "patch" (fastpurify.patch_order)
     select_order_area: float | str | None = None  # the order's patch: None the probe's 1 %, a share, or "auto"
+    select_correct_stats: bool = False  # the auto rule corrects BatchNorm statistics for its pruning (bn_statistics)
     # PBE (the engine's defaults are the paper's)
     pbe_settings: tuple[str, ...] = PBE_SETTINGS
     pbe_adv_epochs: int | None = None  # None (both): fastpurify.pbe's rounds for the setting
@@ -146,6 +147,8 @@ def check_config(c: ReproduceConfig) -> None:
         if c.select_order != "patch":
             raise InputError("--select-order-area is the patch of --select-order patch; give that too")
         check_auto_or_fraction(c.select_order_area, "--select-order-area", "a share of the pixels")
+    if c.select_correct_stats and not c.auto_rule:
+        raise InputError("--select-correct-stats corrects the auto rule's pruning; drop --no-auto-rule")
     check_fraction(c.threshold, "--threshold", low_open=False)
     check_fraction(c.max_drop, "--max-drop", low_open=False, high_open=False)
     if not c.pbe_settings or any(s not in PBE_SETTINGS for s in c.pbe_settings):

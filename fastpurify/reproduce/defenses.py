@@ -46,8 +46,10 @@ def run_anp(subject: Subject, data: SplitData, config: ReproduceConfig, *, devic
     if config.auto_rule:
         start = time.perf_counter()
         selection = choose_pruning(subject.model, result.masks, *clean, order=config.select_order,
-                                   order_area=config.select_order_area, progress=progress)
+                                   order_area=config.select_order_area,
+                                   correct_statistics=config.select_correct_stats, progress=progress)
         auto = {"pruned": selection.pruned, "reason": selection.reason,
+                "statistics": selection.as_dict()["statistics"],
                 "seconds": round(time.perf_counter() - start, 3), "settings": selection.settings,
                 "order": None if selection.order is None else selection.order.as_dict(),
                 **_metrics(evaluate(selection.prune(subject.model), *data.test, subject.attack))}

@@ -158,8 +158,10 @@ def _header_lines(config: ReproduceConfig, split: SplitData, recipe, budget_info
 
 def _order_text(config: ReproduceConfig) -> str:
     """The auto rule's ranking, as the ANP line says it: nothing for ANP's masks."""
+    stats = ", BatchNorm statistics corrected where the check passes (--select-correct-stats)" \
+        if config.select_correct_stats else ""
     if config.select_order != "patch":
-        return ""
+        return stats
     area = config.select_order_area
     patch = "" if area is None else f", its patch {area if area == 'auto' else format(area, 'g')}"
-    return f", along the trigger-guided order (--select-order patch{patch})"
+    return f", along the trigger-guided order (--select-order patch{patch})" + stats
