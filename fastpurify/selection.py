@@ -49,7 +49,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .bn_statistics import Statistics, batch_norms, corrected_statistics, load_statistics
+from .bn_statistics import Statistics, corrected_statistics, load_statistics, require_batch_norms
 from .inference import model_device, predict
 from .layers import convert
 from .neuron_adversary import perturbed_predictions
@@ -98,10 +98,14 @@ class Selection:
         return {"pruned": self.pruned, "reason": self.reason, "target": self.target, "settings": self.settings,
                 "suspicion": None if self.suspicion is None else asdict(self.suspicion),
                 "order": None if self.order is None else self.order.as_dict(),
-                "statistics": None if self.statistics_check is None else
-                "corrected" if self.statistics is not None else "stored",
+                "statistics": self.statistics_used,
                 "statistics_check": None if self.statistics_check is None else asdict(self.statistics_check),
                 "points": [asdict(p) for p in self.points]}
+
+    @property
+    def statistics_used(self) -> str | None:
+        """``"corrected"`` or ``"stored"`` where the correction was checked (``correct_statistics``), else None."""
+        return None if self.statistics_check is None else "corrected" if self.statistics is not None else "stored"
 
     def prune(self, model: nn.Module) -> nn.Module:
         """A pruned copy of ``model``: the chosen number of neurons along the ranking the walk used
@@ -403,9 +407,8 @@ def choose_pruning(model: nn.Module, masks: dict[str, torch.Tensor], images: tor
     if order_area is not None:
         check_auto_or_fraction(order_area, "order_area", "a share of the pixels")
     check_positive_int(area_readings, "area_readings")
-    if correct_statistics and not batch_norms(model):
-        raise InputError("correct_statistics corrects BatchNorm running statistics, and the model has no BatchNorm "
-                         "layer that keeps them; drop it")
+    if correct_statistics:
+        require_batch_norms(model, "correct_statistics")
     eps = DEFAULT_EPS[probe] if eps is None else eps
     steps = DEFAULT_STEPS[probe] if steps is None else steps
     if not (isinstance(eps, (int, float)) and eps > 0):

@@ -226,10 +226,8 @@ def _run(args: argparse.Namespace) -> int:
     model, meta = load_model(args.model, args.arch, args.num_classes, args.in_channels,
                              trust_pickle=args.trust_pickle)
     if args.select_correct_stats:  # before any ANP iteration is spent
-        from ..bn_statistics import batch_norms
-        if not batch_norms(model):
-            raise InputError(f"--select-correct-stats corrects BatchNorm running statistics, and {meta['arch']} has no "
-                             "BatchNorm layer that keeps them; drop it")
+        from ..bn_statistics import require_batch_norms
+        require_batch_norms(model, "--select-correct-stats", meta["arch"])
     size = args.size or (meta.get("image_size") or [None])[0]
     splits = load_source(args.data, size=size, channels=meta.get("in_channels"), seed=args.seed,
                          progress=False if args.no_progress else None)

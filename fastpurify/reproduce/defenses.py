@@ -49,7 +49,7 @@ def run_anp(subject: Subject, data: SplitData, config: ReproduceConfig, *, devic
                                    order_area=config.select_order_area,
                                    correct_statistics=config.select_correct_stats, progress=progress)
         auto = {"pruned": selection.pruned, "reason": selection.reason,
-                "statistics": selection.as_dict()["statistics"],
+                "statistics": selection.statistics_used,
                 "seconds": round(time.perf_counter() - start, 3), "settings": selection.settings,
                 "order": None if selection.order is None else selection.order.as_dict(),
                 **_metrics(evaluate(selection.prune(subject.model), *data.test, subject.attack))}
