@@ -108,6 +108,16 @@ def check_anp_eps(eps: float | str, name: str) -> None:
     check_auto_or_fraction(eps, name)
 
 
+MAX_HOLD = 10  # the auto rule's look-ahead, in candidates (selection.choose_pruning's hold)
+
+
+def check_hold(value: int, name: str) -> None:
+    """The auto rule's ``hold``: how many candidates after its stop must keep the share under the bar."""
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_HOLD:
+        raise InputError(f"{name} must be a whole number of candidates from 0 to {MAX_HOLD} (0: the first share under "
+                         f"the bar stops the walk), got {value!r}")
+
+
 def check_positive_int(value: int, name: str) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise InputError(f"{name} must be a positive integer, got {value!r}")

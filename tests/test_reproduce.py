@@ -53,6 +53,8 @@ def test_the_papers_settings_and_overrides():
     (dict(select_order="rank"), "--select-order must be one of masks, patch, got 'rank'"),
     (dict(select_order_area=0.04), "--select-order-area is the patch of --select-order patch"),
     (dict(select_correct_stats=True, auto_rule=False), "--select-correct-stats corrects the auto rule's pruning"),
+    (dict(select_hold=1, auto_rule=False), "--select-hold is how the auto rule's walk stops; drop --no-auto-rule"),
+    (dict(select_hold=-1), "--select-hold must be a whole number of candidates from 0 to 10"),
     (dict(select_order="patch", select_order_area="large"), "--select-order-area must be a share of the pixels"),
     (dict(select_order="patch", select_order_area=1.5), "--select-order-area must lie in (0, 1]"),
     (dict(colour="red"), "unknown reproduction setting(s) colour"),
@@ -185,16 +187,19 @@ def test_the_clean_control_is_trained_without_poison_and_has_no_asr(tmp_path, ca
     common = ["--data", "digits", "--arch", "small_cnn", "--attacks", "badnets,none", "--rate", "0.1", "--epochs", "4",
               "--clean-images", "64", "--subject-cache", str(tmp_path / "subjects"), "--no-progress"]
     assert main(["reproduce", "anp", *common, "--iterations", "5", "--anp-eps", "auto", "--select-order", "patch",
-                 "--select-order-area", "auto", "--select-correct-stats", "--out", str(tmp_path / "anp")]) == 0
+                 "--select-order-area", "auto", "--select-correct-stats", "--select-hold", "1",
+                 "--out", str(tmp_path / "anp")]) == 0
     out = capsys.readouterr().out
     anp = json.loads((tmp_path / "anp" / "table.json").read_text())
     assert "eps auto (read from each subject), alpha 0.2" in out and anp["config"]["anp_eps"] == "auto"
     assert anp["config"]["select_order"] == "patch" and anp["config"]["select_order_area"] == "auto"
     assert ("along the trigger-guided order (--select-order patch, its patch auto), BatchNorm statistics corrected "
-            "where the check passes (--select-correct-stats)") in out and anp["config"]["select_correct_stats"]
+            "where the check passes (--select-correct-stats), its stop held over 1 more candidate (--select-hold)") \
+        in out and anp["config"]["select_correct_stats"] and anp["config"]["select_hold"] == 1
     for r in anp["runs"]:  # the auto rule walked the trigger-guided order where a patch reached its target
         auto = r["anp"]["auto"]
         assert auto["settings"]["order"] == "patch" and auto["settings"]["correct_statistics"]
+        assert auto["settings"]["hold"] == 1
         assert auto["statistics"] == (None if auto["pruned"] == 0 else "corrected" if "statistics corrected" in
                                       auto["reason"] else "stored")
         assert (auto["order"] is not None) == (auto["settings"].get("walk") == "patch"), auto["reason"]

@@ -139,6 +139,46 @@ def test_auto_stops_at_the_accuracy_budget_and_falls_back(monkeypatch):
     assert choice.pruned == 0 and "halves the share" in choice.reason  # 0.6 at best: not half of 0.8
 
 
+# digits BadNets s1's walk (docs/anp-selection.md, eleventh round), one candidate a neuron: the patch's share dips to
+# 0.00 at 4 neurons (true ASR 13.5 %), comes back at 5-9 with the backdoor, then stays under the bar from 10 on
+DIP = [1.0, 1.0, 0.35, 0.33, 0.0, 0.14, 0.17, 0.14, 0.11, 0.08, 0.03, 0.03, 0.02, 0.02, 0.01] + [0.02] * 10
+
+
+def test_hold_stops_only_where_the_share_stays_under_the_bar(monkeypatch):
+    _scripted(monkeypatch, {k: (0.9, _pull(s)) for k, s in enumerate(DIP)})
+    plain = _choose()
+    assert plain.pruned == 5 and "fell to 0.00 (<= 0.05) at 4 neurons;" in plain.reason  # ceil(4 * 1.25)
+    assert plain.settings["hold"] == 0
+    held = _choose(hold=1)
+    assert held.pruned == 13 and held.settings["hold"] == 1  # 10 and 11 under the bar: ceil(10 * 1.25)
+    assert "fell to 0.03 (<= 0.05) at 10 neurons and stayed there over the next 1 candidate;" in held.reason
+    assert [p.pruned for p in held.points] == list(range(14))  # looked one past 4 and 10, stopped at the goal
+    two = _choose(hold=2)  # 10, 11, 12 under the bar
+    assert two.pruned == 13 and "over the next 2 candidates" in two.reason
+    # where the margin walks past the look-ahead anyway, the hold costs no candidate and changes nothing
+    _scripted(monkeypatch, {k: (0.9, _pull(0.8 if k < 3 else 0.0)) for k in range(25)})
+    assert _choose(hold=1).pruned == _choose().pruned == 4 and len(_choose(hold=1).points) == 5
+
+
+def test_hold_may_look_past_the_accuracy_budget_but_not_stop_there(monkeypatch):
+    # under the bar from 6 on; from 7 on the clean accuracy is out of the budget: 7 confirms 6, which is chosen
+    _scripted(monkeypatch, {k: (0.9 if k < 7 else 0.7, _pull(0.8 if k < 6 else 0.0)) for k in range(25)})
+    choice = _choose(hold=1)
+    assert choice.pruned == 6 and "at 6 neurons and stayed there" in choice.reason
+    # the share dips at 6 only: 7 refutes it, and the fallback takes the lowest *held* share (0.3 at 5)
+    shares = [0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.0, 0.5]
+    _scripted(monkeypatch, {k: (0.9 if k < 7 else 0.7, _pull(shares[min(k, 7)])) for k in range(25)})
+    assert _choose().pruned == 6  # the plain rule stops on the dip (its goal, 8, lies out of the budget)
+    choice = _choose(hold=1)
+    assert choice.pruned == 5 and "the lowest held, 0.30" in choice.reason and "keeps it there" in choice.reason
+
+
+@pytest.mark.parametrize("hold", [-1, 11, 1.5, True, "1"])
+def test_a_bad_hold_is_refused(hold):
+    with pytest.raises(InputError, match="hold must be a whole number of candidates from 0 to 10"):
+        _choose(hold=hold)
+
+
 def _scripted_probes(monkeypatch, pull, patch, others=None):
     """The input adversary's pull {k: share on class 2} and the patch's {k: share sent to class 2};
     ``others``: the share a patch toward any other class sends there (None: none is asked for)."""

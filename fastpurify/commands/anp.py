@@ -17,7 +17,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..validation import InputError, check_fraction, check_positive_int
+from ..validation import InputError, check_fraction, check_hold, check_positive_int
 from .options import (add_augment_options, add_engine_and_output_options, add_large_model_options,
                       add_model_options, add_trigger_options, micro_batch_option, parse_anp_eps, parse_patch_area,
                       peak_text, plotting_enabled, process_group)
@@ -96,6 +96,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="auto (fastpurify's own, opt-in): correct the pruned model's BatchNorm running statistics for "
                         "the pruning, measured on the clean images, and keep the correction only where the probe "
                         "still finds no backdoor on the corrected model (docs/anp-selection.md, tenth round)")
+    g.add_argument("--select-hold", type=int, default=0, metavar="N",
+                   help="auto (fastpurify's own, opt-in): stop only where the probe's share stays at or under "
+                        "--max-target-share over that candidate and the N after it; a share can dip for one pruning "
+                        "and come back with the next (docs/anp-selection.md, eleventh round) (default: %(default)s)")
     g.add_argument("--select-eps", type=float, default=None,
                    help="auto: the probe's bound: the L-inf bound on the pixels (inputs, 32/255), the patch's share "
                         "of the pixels (patch, 0.01) or the neurons' (neurons, 0.4) (default: the probe's)")
@@ -191,6 +195,10 @@ def _check(args) -> None:
     rule, _ = _rule(args)
     if args.select_correct_stats and rule != "auto":
         raise InputError("--select-correct-stats corrects the pruning the auto rule chooses; give it with --select auto")
+    if args.select_hold:
+        if rule != "auto":
+            raise InputError("--select-hold is how the auto rule's walk stops; give it with --select auto")
+        check_hold(args.select_hold, "--select-hold")
     if args.select_order != "masks":
         if rule != "auto":
             raise InputError("--select-order is the auto rule's ranking; give it with --select auto")
@@ -288,7 +296,8 @@ def _run(args: argparse.Namespace) -> int:
                                    steps=args.select_steps, order=args.select_order,
                                    order_area=args.select_order_area,
                                    area_readings=args.select_area_readings or DEFAULT_AREA_READINGS,
-                                   correct_statistics=args.select_correct_stats, progress=not args.no_progress)
+                                   correct_statistics=args.select_correct_stats, hold=args.select_hold,
+                                   progress=not args.no_progress)
         k = selection.pruned
         pruned_model = selection.prune(model)
         print(f"auto pruning: {selection.reason}")

@@ -62,6 +62,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--select-correct-stats", action="store_true",
                    help="the auto rule corrects the pruned model's BatchNorm statistics for the pruning where its "
                         "probe still finds no backdoor on the corrected model (fastpurify's own, opt-in)")
+    g.add_argument("--select-hold", type=int, default=None, metavar="N",
+                   help="the auto rule stops only where its probe's share stays under the bar over that candidate "
+                        "and the N after it (fastpurify's own, opt-in) (default: 0)")
     g.add_argument("--no-auto-rule", action="store_true",
                    help="skip the trigger-free auto pruning column (it attacks each candidate pruning with PGD)")
     g = p.add_argument_group("PBE")
@@ -114,7 +117,7 @@ def options(args: argparse.Namespace) -> dict:
         anp_eps=None if args.anp_eps is None else parse_anp_eps(args.anp_eps, "--anp-eps"), threshold=args.threshold,
         max_drop=args.max_drop, anp_seeds=args.anp_seeds,
         auto_rule=False if args.no_auto_rule else None, select_order=args.select_order,
-        select_correct_stats=args.select_correct_stats or None,
+        select_correct_stats=args.select_correct_stats or None, select_hold=args.select_hold,
         select_order_area=None if args.select_order_area is None else parse_patch_area(args.select_order_area,
                                                                                          "--select-order-area"),
         pbe_settings=None if args.pbe_settings is None else tuple(s.strip() for s in args.pbe_settings.split(",")),

@@ -7,8 +7,8 @@ from dataclasses import asdict, dataclass, field, replace
 
 from ..backdoor import ATTACKS
 from ..purification import DEFAULT_SCHEDULE, INITIAL, RECIPES, default_exclude_low_loss
-from ..validation import (InputError, check_anp_eps, check_auto_or_fraction, check_fraction, check_positive,
-                          check_positive_int)
+from ..validation import (InputError, check_anp_eps, check_auto_or_fraction, check_fraction, check_hold,
+                          check_positive, check_positive_int)
 
 DEFENSES = ("anp", "pbe")
 PBE_SETTINGS = ("clean", "no-clean")
@@ -74,6 +74,7 @@ class ReproduceConfig:
     select_order: str = "masks"  # the auto rule's ranking: ANP's masks, or "patch" (fastpurify.patch_order)
     select_order_area: float | str | None = None  # the order's patch: None the probe's 1 %, a share, or "auto"
     select_correct_stats: bool = False  # the auto rule corrects BatchNorm statistics for its pruning (bn_statistics)
+    select_hold: int = 0  # the auto rule's stop must hold over this many more candidates (selection.choose_pruning)
     # PBE (the engine's defaults are the paper's)
     pbe_settings: tuple[str, ...] = PBE_SETTINGS
     pbe_adv_epochs: int | None = None  # None (both): fastpurify.pbe's rounds for the setting
@@ -149,6 +150,9 @@ def check_config(c: ReproduceConfig) -> None:
         check_auto_or_fraction(c.select_order_area, "--select-order-area", "a share of the pixels")
     if c.select_correct_stats and not c.auto_rule:
         raise InputError("--select-correct-stats corrects the auto rule's pruning; drop --no-auto-rule")
+    check_hold(c.select_hold, "--select-hold")
+    if c.select_hold and not c.auto_rule:
+        raise InputError("--select-hold is how the auto rule's walk stops; drop --no-auto-rule")
     check_fraction(c.threshold, "--threshold", low_open=False)
     check_fraction(c.max_drop, "--max-drop", low_open=False, high_open=False)
     if not c.pbe_settings or any(s not in PBE_SETTINGS for s in c.pbe_settings):

@@ -47,7 +47,8 @@ def run_anp(subject: Subject, data: SplitData, config: ReproduceConfig, *, devic
         start = time.perf_counter()
         selection = choose_pruning(subject.model, result.masks, *clean, order=config.select_order,
                                    order_area=config.select_order_area,
-                                   correct_statistics=config.select_correct_stats, progress=progress)
+                                   correct_statistics=config.select_correct_stats, hold=config.select_hold,
+                                   progress=progress)
         auto = {"pruned": selection.pruned, "reason": selection.reason,
                 "statistics": selection.statistics_used,
                 "seconds": round(time.perf_counter() - start, 3), "settings": selection.settings,

@@ -160,6 +160,9 @@ def _order_text(config: ReproduceConfig) -> str:
     """The auto rule's ranking, as the ANP line says it: nothing for ANP's masks."""
     stats = ", BatchNorm statistics corrected where the check passes (--select-correct-stats)" \
         if config.select_correct_stats else ""
+    if config.select_hold:
+        stats += f", its stop held over {config.select_hold} more candidate{'s' if config.select_hold > 1 else ''}" \
+                 " (--select-hold)"
     if config.select_order != "patch":
         return stats
     area = config.select_order_area
