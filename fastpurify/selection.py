@@ -558,7 +558,7 @@ def choose_pruning(model: nn.Module, masks: dict[str, torch.Tensor], images: tor
                 and lowest.pruned else chosen)
     reason = "nothing pruned: " + note + (f"no pruning within the accuracy budget ({max_acc_drop}) halves the share "
                                           f"of class {target} ({first.target_share:.2f} unpruned, "
-                                          f"{shares[lowest.pruned]:.2f} at best{' held' + ahead if hold else ''})")
+                                          f"{shares[lowest.pruned]:.2f} at best{', held' + ahead if hold else ''})")
     return Selection(0, reason, target, points, settings, suspicion, ranking, ordered)
 
 
