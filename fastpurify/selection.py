@@ -526,10 +526,9 @@ def choose_pruning(model: nn.Module, masks: dict[str, torch.Tensor], images: tor
         points.append(point if walk == "patch" else _with_share(point, target))
         if bar is not None:
             bar.update(1)
-        if found is None and len(points) > hold + 1:  # the candidate whose look-ahead is now complete
-            candidate = points[-1 - hold]
-            if candidate.acc >= floor and _held_share(points, len(points) - 1 - hold, hold) <= max_target_share:
-                found, goal = candidate, math.ceil(candidate.pruned * (1 + margin))
+        i = len(points) - 1 - hold  # the candidate whose look-ahead is now complete
+        if found is None and i >= 1 and points[i].acc >= floor and _held_share(points, i, hold) <= max_target_share:
+            found, goal = points[i], math.ceil(points[i].pruned * (1 + margin))
         if points[-1].acc < floor:
             break
         if found is not None and k >= goal:

@@ -16,30 +16,33 @@ def key(area, seed):
     return str(area) + (f"@s{seed}" if seed else "")
 
 
-def walk(curve, numbers, area, seeds, margin):
-    """The k choose_pruning's walk stops at (its found / goal / within-budget logic), from the curve."""
+def walk(curve, numbers, area, seeds, margin, hold=0):
+    """The k choose_pruning's walk stops at (its found / goal / within-budget logic, with its look-ahead ``hold``),
+    from the curve."""
     at = {r["k"]: r for r in curve}
     first = at[0]
     floor = first["defender_acc"] - MAX_DROP - 1e-9
     share = lambda r: max(r["shares"][key(area, s)] for s in seeds)
     points, found, goal = [first], None, None
+    held = lambda i: max(share(p) for p in points[i:i + hold + 1])  # the largest share over a point and its look-ahead
     for k in numbers[1:]:
         if k not in at:
             raise SystemExit(f"the curve stops at k = {max(at)}; the walk needs k = {k} (raise KMAX)")
         p = at[k]
         points.append(p)
+        i = len(points) - 1 - hold  # the candidate whose look-ahead is now complete
+        if found is None and i >= 1 and points[i]["defender_acc"] >= floor and held(i) <= MAX_SHARE:
+            found, goal = points[i]["k"], math.ceil(points[i]["k"] * (1 + margin))
         if p["defender_acc"] < floor:
             break
-        if found is None and share(p) <= MAX_SHARE:
-            found, goal = k, math.ceil(k * (1 + margin))
         if found is not None and k >= goal:
             break
-    within = [p for p in points if p["defender_acc"] >= floor]
+    within = [i for i, p in enumerate(points) if p["defender_acc"] >= floor]
     if found is not None:
-        return [p for p in within if p["k"] <= max(goal, found)][-1], f"found at {found}"
-    lowest = min(within, key=lambda p: (share(p), p["k"]))
-    if share(lowest) <= share(first) / 2:
-        return lowest, "lowest share"
+        return [points[i] for i in within if points[i]["k"] <= max(goal, found)][-1], f"found at {found}"
+    lowest = min(within, key=lambda i: (held(i), points[i]["k"]))
+    if held(lowest) <= share(first) / 2:
+        return points[lowest], "lowest share"
     return first, "nothing"
 
 
