@@ -81,10 +81,9 @@ class NeuronArena:
 
     @torch.no_grad()
     def draw_noise(self, eps: float, generator: torch.Generator) -> None:
-        """delta, then xi ~ U(-eps, eps), each drawn as one flat vector over all neurons (the
-        reference's draw order)."""
-        self.noise[1, 0].uniform_(-eps, eps, generator=generator)
-        self.noise[1, 1].uniform_(-eps, eps, generator=generator)
+        """delta, then xi ~ U(-eps, eps): one draw of 2P values, every neuron's delta then every
+        xi (the reference's draw; one launch on a GPU)."""
+        self.noise[1].uniform_(-eps, eps, generator=generator)
 
     def gather_noise_grad(self, loss: torch.Tensor, accumulate: bool = False) -> torch.Tensor:
         """d loss / d (delta, xi) of the perturbed group into ``noise_grad`` (2, P), or added to

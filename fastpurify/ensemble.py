@@ -90,10 +90,10 @@ class EnsembleArena:
 
     @torch.no_grad()
     def draw_noise(self, eps: float, generators: list[torch.Generator]) -> None:
-        """Member k's delta, then its xi ~ U(-eps, eps), from its own generator (a single run's order)."""
+        """Member k's delta, then its xi ~ U(-eps, eps), in one draw from its own generator (a single
+        run's draw)."""
         for k, generator in enumerate(generators):
-            self.noise[k, 0].uniform_(-eps, eps, generator=generator)
-            self.noise[k, 1].uniform_(-eps, eps, generator=generator)
+            self.noise[k].uniform_(-eps, eps, generator=generator)
 
     def gather_noise_grad(self, loss: torch.Tensor, accumulate: bool = False) -> torch.Tensor:
         grads = torch.autograd.grad(loss, self._delta_views + self._xi_views, materialize_grads=True)

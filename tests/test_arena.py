@@ -40,3 +40,28 @@ def test_unconverted_models_and_bad_modes_are_refused():
     arena = NeuronArena(convert(small_cnn(num_classes=10, in_channels=3, width=4)))
     with pytest.raises(InputError, match="mode must be one of"):
         arena.set_mode("noisy")
+
+
+def test_the_noise_is_one_draw_of_every_delta_then_every_xi(monkeypatch):
+    """One uniform_ call per iteration (one launch on a GPU), the reference's documented draw: 2P
+    values from the noise generator, the deltas first."""
+    from fastpurify.ensemble import EnsembleArena
+
+    model = convert(small_cnn(num_classes=10, in_channels=3, width=4))
+    p = NeuronArena(model).num_neurons
+    expected = torch.empty(2 * p).uniform_(-0.4, 0.4, generator=make_generator(3)).view(2, p)
+    calls = []
+    draw = torch.Tensor.uniform_
+
+    def counted(self, *args, **kwargs):
+        calls.append(self.shape)
+        return draw(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "uniform_", counted)
+    arena = NeuronArena(model)
+    arena.draw_noise(0.4, make_generator(3))
+    assert calls == [(2, p)] and torch.equal(arena.noise[1], expected)
+    calls.clear()
+    members = EnsembleArena(model, 3)
+    members.draw_noise(0.4, [make_generator(3 + k) for k in range(3)])
+    assert calls == [(2, p)] * 3 and torch.equal(members.noise[0], expected)

@@ -66,7 +66,9 @@ def test_dry_run_records_what_each_stage_measured(dry_run):
     assert parts["gpu-marked"]["counts"].get("skipped", 0) > 0  # no CUDA: collected, then skipped
     names = {v["name"] for v in stages["anp"]["anp"]["variants"]}
     assert {"reference", "fast"} <= names
-    assert stages["anp"]["anp_end_to_end"]["iterations"] == 20
+    for key, precision in (("anp_end_to_end", "fp32"), ("anp_end_to_end_bf16", "bf16")):
+        run = stages["anp"][key]
+        assert run["iterations"] == 20 and run["precision"] == precision == run["engine"]["precision"]
     assert {v["name"] for v in stages["pgd"]["pgd"]["variants"]} == {"reference", "fast"}
     assert set(stages["pbe"]["pbe_profile"]) == {"reference", "fast"}  # where a round's time goes
     assert all(p["wall_ms_per_step"] > 0 and p["top"] for p in stages["pbe"]["pbe_profile"].values())
@@ -127,13 +129,21 @@ def test_targets_are_judged_from_the_records():
         {"name": "reference", "median_ms": 50.0, "peak_memory_mb": 1000.0, "ratio_vs_reference": 1.0,
          "ratio_vs_compile": 0.5},
         {"name": "fast", "median_ms": 5.0, "peak_memory_mb": 1600.0, "ratio_vs_reference": 10.0,
-         "ratio_vs_compile": 1.5}]},
+         "ratio_vs_compile": 1.5},
+        {"name": "fast-seeds4", "median_ms": 17.0, "ratio_vs_reference": 50 / 17}]},
         "anp_end_to_end": {"iterations": 300, "asked_iterations": 2000, "shortened": True, "seconds": 3.0,
-                           "projected_seconds_for_asked": 20.0}}}
+                           "projected_seconds_for_asked": 20.0},
+        "anp_end_to_end_bf16": {"iterations": 2000, "asked_iterations": 2000, "shortened": False, "seconds": 9.5,
+                                "projected_seconds_for_asked": 9.5}}}
     rows = {r["target"]: r for r in evaluate(stages, seconds=100, budget=480)}
+    assert rows["ANP 2,000 iterations end to end, bf16"]["result"] == "met"
+    assert rows["ANP 2,000 iterations end to end, bf16"]["measured"] == "9.50 s"
+    assert rows["ANP seed ensemble K = 4 vs one seed (issue 19)"]["result"] == "not met"  # 3.4x > 2x
+    assert "17.00 ms/it vs 5.00 ms/it (3.40x)" == rows["ANP seed ensemble K = 4 vs one seed (issue 19)"]["measured"]
     assert rows["ANP it/s vs reference"]["result"] == "met"
     assert rows["ANP it/s vs reference + torch.compile"]["result"] == "not met"
     assert rows["ANP peak memory vs reference"]["result"] == "not met"  # 1.6x > 1.5x
+    assert rows["ANP peak memory vs reference"]["measured"] == "1600 MB vs 1000 MB (1.60x)"
     assert rows["ANP 2,000 iterations end to end"]["result"] == "not met"
     assert "projected" in rows["ANP 2,000 iterations end to end"]["measured"]
     assert rows["PGD-10 images/s vs reference"]["result"] == "not measured"

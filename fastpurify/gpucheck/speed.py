@@ -19,12 +19,13 @@ SIZES = {
     "bn": (dict(shapes="cifar_resnet18", compile_dynamic=True, warmup=5, repeats=30),
            dict(shapes="smoke", warmup=1, repeats=3)),
     "anp": (dict(arch="cifar_resnet18", batch_size=128, num_images=500, image_size=32, warmup=3, iterations=10,
-                 repeats=5, end_to_end=2000, bf16_check=200,
+                 repeats=5, end_to_end=2000, end_to_end_precisions=("fp32", "bf16"), bf16_check=200,
                  variants=("reference", "fast"), profile=("fast", "fast-bf16"),
                  after=("fast-unfused", "reference-autotune", "fast-autotune", "reference-compile", "fast-bf16",
                         "fast-nchw", "fast-seeds4")),
             dict(arch="small_cnn", batch_size=16, num_images=32, image_size=16, warmup=1, iterations=2, repeats=2,
-                 end_to_end=20, bf16_check=0, variants=("reference", "fast"), profile=("fast",),
+                 end_to_end=20, end_to_end_precisions=("fp32", "bf16"), bf16_check=0, variants=("reference", "fast"),
+                 profile=("fast",),
                  after=("fast-eager",))),
     "pgd": (dict(arch="preact_resnet18", batch_size=512, num_images=2048, image_size=32, warmup=3, iterations=4,
                  repeats=5, steps=10,
@@ -154,8 +155,10 @@ def run_anp(record, opts) -> None:
         result = per_variant(record, "anp", s["variants"], run_one, results=runs)
         fast_ms = _median(result, "fast")
         if s["end_to_end"] and fast_ms is not None:
-            record.run_step("anp end to end", lambda: record.put(anp_end_to_end=end_to_end(record, s, fast_ms)),
-                            need=15)
+            for precision in s["end_to_end_precisions"]:  # the target names no precision: fp32 first, then bf16
+                key = "anp_end_to_end" + ("" if precision == "fp32" else f"_{precision}")
+                record.run_step(f"anp end to end ({precision})", lambda key=key, precision=precision: record.put(
+                    **{key: end_to_end(record, s, fast_ms, precision)}), need=15)
         if s["bf16_check"] and fast_ms is not None:
             iters = s["bf16_check"]
             record.run_step("anp bf16 pruned set", lambda: record.put(anp_bf16_pruned_set=bf16_check(s, iters)),
@@ -168,10 +171,11 @@ def run_anp(record, opts) -> None:
     put_tables(record, anp.format_table(result) if result else None, "anp_profile")
 
 
-def end_to_end(record, s: dict, fast_ms: float) -> dict:
-    """One ``fastpurify.anp`` call of ``end_to_end`` iterations (graph capture and checks
-    included), shortened to what fits the stage's time when the timed iterations say it would
-    not; the peak memory and the engine's report."""
+def end_to_end(record, s: dict, fast_ms: float, precision: str = "fp32") -> dict:
+    """One ``fastpurify.anp`` call of ``end_to_end`` iterations in ``precision`` (graph capture
+    and checks included), shortened to what fits the stage's time when the timed fp32 iterations
+    (``fast_ms``; bf16's are shorter, so its estimate errs long) say it would not; the peak memory
+    and the engine's report."""
     from ..benchmarks.common import peak_memory_mb, reset_memory
     from ..engines.anp import anp as fast_anp
 
@@ -181,10 +185,11 @@ def end_to_end(record, s: dict, fast_ms: float) -> dict:
     reset_memory(device)
     start = time.perf_counter()
     run = fast_anp(model, (images, labels), iterations=iterations, batch_size=s["batch_size"], device=device,
-                   progress=False)
+                   precision=precision, progress=False)
     wall = time.perf_counter() - start
     peak = peak_memory_mb(device)
-    return {"iterations": iterations, "asked_iterations": s["end_to_end"], "shortened": iterations < s["end_to_end"],
+    return {"precision": precision, "iterations": iterations, "asked_iterations": s["end_to_end"],
+            "shortened": iterations < s["end_to_end"],
             "seconds": round(run.seconds, 3), "wall_seconds": round(wall, 3), "peak_memory_mb": peak,
             "projected_seconds_for_asked": round(run.seconds * s["end_to_end"] / iterations, 2),
             "engine": run.engine}

@@ -22,12 +22,13 @@ Random draws, in order, per iteration (the contract a fast engine must follow to
 
 1. the batch: ``DeviceBatchSampler(images, labels, batch_size, seed=seed, ...).sample()``
    (indices, then crop offsets, then flips, from the sampler's generator ``make_generator(seed)``);
-2. the noise, from a second generator ``make_generator(seed + 1, device)``:
-   ``uniform_(-eps, eps)`` into one flat vector (the BatchNorm weights' dtype, the model's
-   device) of every neuron's delta (layers in model order, channels in order), then into one
-   flat vector of every neuron's xi. (The script draws with
-   the global RNG layer by layer; the distribution is the same, only the stream order is fixed
-   here so that engines can reproduce it.)
+2. the noise, from a second generator ``make_generator(seed + 1, device)``: one
+   ``uniform_(-eps, eps)`` into one flat vector of 2P values (the BatchNorm weights' dtype, the
+   model's device): every neuron's delta (layers in model order, channels in order), then every
+   neuron's xi. (The script draws with the global RNG layer by layer; the distribution is the
+   same, only the stream order is fixed here so that engines can reproduce it. Until 2026-11-28
+   the deltas and the xis were two draws of P values: on a CPU the same numbers, on a GPU not,
+   where one draw is one launch fewer per iteration.)
 """
 
 from __future__ import annotations
@@ -64,14 +65,14 @@ class ANPState:
         self.noise_optimizer = torch.optim.SGD(self.noise_params, lr=eps / steps)
 
     def reset_noise(self, generator: torch.Generator) -> None:
-        """delta then xi ~ U(-eps, eps), each drawn as one flat vector over all neurons."""
+        """delta then xi ~ U(-eps, eps): one flat draw of every neuron's delta, then every xi."""
         first = next(iter(self.layers.values())).weight
         sizes = [layer.neuron_mask.numel() for layer in self.layers.values()]
         with torch.no_grad():
-            for attr in ("neuron_noise", "neuron_noise_bias"):
-                flat = torch.empty(sum(sizes), device=first.device, dtype=first.dtype)
-                flat.uniform_(-self.eps, self.eps, generator=generator)
-                for layer, part in zip(self.layers.values(), flat.split(sizes)):
+            flat = torch.empty(2 * sum(sizes), device=first.device, dtype=first.dtype)
+            flat.uniform_(-self.eps, self.eps, generator=generator)
+            for attr, half in zip(("neuron_noise", "neuron_noise_bias"), flat.chunk(2)):
+                for layer, part in zip(self.layers.values(), half.split(sizes)):
                     getattr(layer, attr).copy_(part)
 
     def iteration(self, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator) -> float:

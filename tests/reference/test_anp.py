@@ -90,10 +90,9 @@ def hand_iteration(model, x, y, m, buf, delta, xi, *, eps, steps, alpha, clamp, 
 
 
 def draw_noise(generator, eps):
-    """The documented draw: one flat delta over all neurons (model order), then one flat xi."""
+    """The documented draw: one flat vector of every delta (model order), then every xi."""
     sizes = [3, 5]
-    d = torch.empty(8, dtype=torch.float64).uniform_(-eps, eps, generator=generator)
-    z = torch.empty(8, dtype=torch.float64).uniform_(-eps, eps, generator=generator)
+    d, z = torch.empty(16, dtype=torch.float64).uniform_(-eps, eps, generator=generator).chunk(2)
     return dict(zip(NAMES, d.split(sizes))), dict(zip(NAMES, z.split(sizes)))
 
 
