@@ -154,6 +154,12 @@ def _train(args: argparse.Namespace):
               "train_loss": subject.history.loss, "train_accuracy": subject.history.accuracy}
     ra = f", RA {m['ra']:.1%}" if "ra" in m else ""
     print(f"backdoored model: ACC {m['acc']:.1%}, ASR {m['asr']:.1%}{ra} ({seconds:.1f} s)")
+    from .backdoor import implant_warning
+
+    warning = implant_warning(m["asr"])
+    if warning:
+        report["warning"] = warning
+        print(f"warning: {warning}")
     return subject, splits, out, meta, report
 
 

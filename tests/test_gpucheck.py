@@ -222,7 +222,12 @@ def test_the_cifar_stage_runs_both_reproductions_in_a_dry_run(tmp_path):
     anp = rows["CIFAR-10 (JPEG copy): ANP, ResNet-18"]["measured"]
     assert anp.startswith("badnets: before ") and " — none: before " in anp and "/ n/a; threshold " in anp
     readings = [f"{r['attack']} s{r['seed']} {r['anp']['eps_reading']['value']:g}" for r in data["anp"]["runs"]]
-    assert anp.endswith("; eps auto would read: " + ", ".join(readings)) and len(readings) == 2
+    runs = data["anp"]["runs"]  # a subject whose backdoor did not implant is named (the smoke subject's often is not)
+    assert [("warning" in r) for r in runs] == [r["before"]["asr"] is not None and r["before"]["asr"] < 0.8
+                                                for r in runs]
+    weak = [f"{r['attack']} s{r['seed']} ASR {100 * r['before']['asr']:.1f} before" for r in runs if "warning" in r]
+    assert anp.endswith("; eps auto would read: " + ", ".join(readings)
+                        + ("; the backdoor did not implant: " + ", ".join(weak) if weak else "")) and len(readings) == 2
     assert rows["CIFAR-10 (JPEG copy): PBE"]["result"] == "measured"
 
 

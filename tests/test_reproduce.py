@@ -12,7 +12,8 @@ from fastpurify.cli import main
 from fastpurify.data import load_source
 from fastpurify.reproduce import paper_config
 from fastpurify.reproduce.subjects import epochs_within, get_subject, split_data, subject_key
-from fastpurify.reproduce.table import aggregate, markdown
+from fastpurify.backdoor import implant_warning
+from fastpurify.reproduce.table import aggregate, markdown, write_table
 from fastpurify.validation import InputError
 
 pytestmark = pytest.mark.usefixtures("torch_backend")
@@ -133,6 +134,18 @@ def test_the_table_is_mean_and_std_over_seeds_beside_the_paper():
     assert "| blend | 1 | 70.0 | 99.0 | 65.0 | 5.0 | 10 |" in text and text.count("n/a") == 2
     assert "not filled in" not in text
     assert "give them with --paper-numbers" in markdown("anp", rows, {"data": "X", "lines": []}, {})
+    assert "Warning" not in text
+
+
+def test_a_subject_whose_backdoor_did_not_implant_is_named(tmp_path):
+    assert implant_warning(None) is None and implant_warning(0.8) is None and implant_warning(0.99) is None
+    warning = implant_warning(0.12)
+    assert "did not implant (ASR 12.0% < 80%)" in warning and "--epochs" in warning and "--rate" in warning
+    runs = [_run("badnets", 0, 0.5, 0.02), {**_run("badnets", 1, 0.5, 0.02), "warning": warning}]
+    write_table(tmp_path, "anp", runs, {"data": "X", "lines": []}, {}, {})
+    text = (tmp_path / "table.md").read_text()
+    assert f"**Warning**: badnets seed 1: {warning}." in text and "seed 0:" not in text
+    assert json.loads((tmp_path / "table.json").read_text())["runs"][1]["warning"] == warning
 
 
 def test_paper_numbers_file_is_checked(tmp_path, capsys):
@@ -158,6 +171,9 @@ def test_reproduce_on_digits_from_the_command_line(tmp_path, capsys):
     assert main(["reproduce", "anp", *common, "--iterations", "5", "--out", str(tmp_path / "anp")]) == 0
     out = capsys.readouterr().out
     assert out.count("subject trained in") == 2 and "threshold 0.2: pruned" in out and "; auto: pruned" in out
+    runs = json.loads((tmp_path / "anp" / "table.json").read_text())["runs"]
+    weak = [r["before"]["asr"] < 0.8 for r in runs]  # three epochs may leave a backdoor weak: then it is said
+    assert [("warning" in r) for r in runs] == weak and out.count("  warning: the backdoor did not implant") == sum(weak)
     assert main(["reproduce", "pbe", *common, "--pbe-epochs", "1,1", "--pbe-schedule", "0.2,0.5",
                  "--pbe-initial", "high-loss", "--pbe-lr", "0.02", "--pbe-exclude-low-loss", "0.3",
                  "--paper-numbers", str(paper), "--out", str(tmp_path / "pbe")]) == 0

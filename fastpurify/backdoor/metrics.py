@@ -17,6 +17,19 @@ def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch
     return float((predict(model, images, batch_size) == labels).float().mean())
 
 
+IMPLANTED_ASR = 0.8  # below this a subject's backdoor counts as not implanted (the papers' subjects: ~100 %)
+
+
+def implant_warning(asr: float | None) -> str | None:
+    """What to tell the user about a backdoored subject whose ASR (a fraction) stays under
+    ``IMPLANTED_ASR``: a defense's "ASR after" says little where the trigger barely worked before.
+    None where it implanted (or for a clean model, ASR None)."""
+    if asr is None or asr >= IMPLANTED_ASR:
+        return None
+    return (f"the backdoor did not implant (ASR {asr:.1%} < {IMPLANTED_ASR:.0%}): what a defense leaves of it says "
+            "little; train longer (--epochs), on more images (--train-images) or at a higher --rate")
+
+
 def backdoor_metrics(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, attack: Attack,
                      batch_size: int = 512) -> dict[str, float]:
     """ASR and RA on the triggered test images that count (all-to-one excludes the target class).

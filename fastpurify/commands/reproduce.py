@@ -2,7 +2,7 @@
 
     fastpurify reproduce anp --data cifar10-jpeg --attacks badnets,blend --seeds 3 --out runs/anp
     fastpurify reproduce pbe --data cifar10-jpeg --attacks badnets,blend,sig,wanet --budget 300
-    fastpurify reproduce anp --arch small_cnn --train-images 5000 --epochs 10 --iterations 300   # CPU-sized
+    fastpurify reproduce anp --arch small_cnn --train-images 10000 --rate 0.1 --epochs 12 --iterations 300   # CPU-sized
 
 For each attack and seed it trains the backdoored subject the way the paper did (cached: a second
 run reuses it), runs the defense with the paper's settings, and writes table.md, table.json and

@@ -156,7 +156,11 @@ def _fidelity(defense: str, methods: tuple[str, ...]):
             c = row["cells"]
             after = [f"{m} {_acc_asr(c, m)}" for m in methods if m + " ACC" in c]
             parts.append(f"{row['attack']}: before {_acc_asr(c, 'before')}; " + "; ".join(after))
-        return " — ".join(parts) + " (ACC / ASR %)" + _eps_readings(table.get("runs") or []), None
+        runs = table.get("runs") or []
+        weak = [f"{r['attack']} s{r['seed']} ASR {100 * r['before']['asr']:.1f} before"
+                for r in runs if r.get("warning")]
+        return (" — ".join(parts) + " (ACC / ASR %)" + _eps_readings(runs)
+                + ("; the backdoor did not implant: " + ", ".join(weak) if weak else "")), None
     return measure
 
 
@@ -177,7 +181,8 @@ TARGETS = (
     Target("ANP it/s vs reference + torch.compile", ">= 2x", _ratio("anp", "anp", "fast", "ratio_vs_compile", 2)),
     Target("ANP 2,000 iterations end to end", "< 10 s", _anp_end_to_end("anp_end_to_end")),
     Target("ANP 2,000 iterations end to end, bf16", "< 10 s", _anp_end_to_end("anp_end_to_end_bf16")),
-    Target("ANP peak memory vs reference", "<= 1.5x", _anp_pair("fast", "reference", "peak_memory_mb", "{:.0f} MB", 1.5)),
+    Target("ANP peak memory vs reference", "<= 1.5x",
+           _anp_pair("fast", "reference", "peak_memory_mb", "{:.0f} MB", 1.5)),
     Target("bf16 pruned set vs fp32 (threshold 0.2)", "<= 1% of neurons", _bf16),
     Target("ANP seed ensemble K = 4 vs one seed (issue 19)", "<= 2x",
            _anp_pair("fast-seeds4", "fast", "median_ms", "{:.2f} ms/it", 2)),

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from .. import __version__
+from ..backdoor import implant_warning
 from ..data import load_source
 from ..engines.runtime import resolve_device
 from ..files import write_json
@@ -63,6 +64,10 @@ def reproduce(defense: str, data: str = "cifar10-jpeg", *, out: str | Path, budg
         print(f"  subject {how}: ACC {b['acc']:.1%}, ASR {_pct(b.get('asr'))}", flush=True)
         run = {"attack": attack, "seed": seed, "subject": subject.record,
                "before": {"acc": b["acc"], "asr": b.get("asr")}}
+        warning = implant_warning(b.get("asr"))
+        if warning:
+            run["warning"] = warning
+            print(f"  warning: {warning}", flush=True)
         kw = dict(device=device, precision=precision, seed=seed, progress=progress)
         if defense == "anp":
             run["anp"] = result = run_anp(subject, split, config, **kw)

@@ -86,8 +86,9 @@ def _paper(published: dict, attack: str, method: str) -> str:
     return " / ".join("?" if v is None else f"{v:g}" for v in pair)
 
 
-def markdown(defense: str, rows: list[dict], header: dict, published: dict) -> str:
-    """The table with a header naming the data, model, seeds, settings and devices."""
+def markdown(defense: str, rows: list[dict], header: dict, published: dict, warnings: list[str] = ()) -> str:
+    """The table with a header naming the data, model, seeds, settings and devices, and below it
+    ``warnings`` (subjects whose backdoor did not implant)."""
     cols = COLUMNS[defense]
     methods = METHODS[defense]
     lines = [f"# {defense.upper()} reproduction on {header['data']}", ""]
@@ -103,6 +104,8 @@ def markdown(defense: str, rows: list[dict], header: dict, published: dict) -> s
         cells += [_cell(row["cells"].get(h), unit) for h, _, unit in cols]
         cells += [_paper(published, row["attack"], m) for m in methods]
         lines.append("| " + " | ".join(cells) + " |")
+    if warnings:
+        lines += [""] + [f"**Warning**: {w}." for w in warnings]
     lines += ["", f"Paper: {SETTINGS[defense]['paper']}."]
     if not published:
         lines.append("The papers' published values are not filled in (no readable copy of the tables where fastpurify "
@@ -114,7 +117,8 @@ def write_table(out: Path, defense: str, runs: list[dict], header: dict, publish
                 extra: dict) -> list[Path]:
     """table.md, table.json and (with matplotlib) table.png in ``out``."""
     rows = aggregate(defense, runs)
-    files = [write_text(out / "table.md", markdown(defense, rows, header, published)),
+    warnings = [f"{r['attack']} seed {r['seed']}: {r['warning']}" for r in runs if r.get("warning")]
+    files = [write_text(out / "table.md", markdown(defense, rows, header, published, warnings)),
              write_json(out / "table.json", {"defense": defense, "rows": rows, "runs": runs,
                                              "paper": {"settings": SETTINGS[defense], "published": published},
                                              **extra})]
