@@ -31,6 +31,8 @@ def test_anp_writes_masks_report_pruned_model_and_figures(tmp_path, checkpoint, 
     assert report["engine"] == "fast" and report["settings"]["iterations"] == 12
     assert report["pruning"] == {"rule": "threshold", "value": 0.2, "pruned": report["pruning"]["pruned"]}
     assert {"acc", "asr"} <= set(report["before"]) and {"acc", "asr"} <= set(report["after"])
+    weak = report["before"]["asr"] < 0.8  # the untrained suspect carries no backdoor: the user is told
+    assert ("warning" in report) == weak == ("warning: the attack given reaches only" in printed)
     assert report["evaluated_images"] == 359 - 40 and len(report["sweep"]) == 20
     masks = load_masks(out / "mask_values.txt")
     assert list(masks) == list(load_masks(out / "masks.json"))

@@ -55,6 +55,8 @@ def test_clean_extra_set_writes_model_report_and_figure(tmp_path, checkpoint, ca
     assert round_["acc"] == pytest.approx(report["after"]["acc"]) and round_["asr"] == pytest.approx(
         report["after"]["asr"])
     assert {"acc", "asr", "ra"} <= set(report["before"]) and {"acc", "asr", "ra"} <= set(report["after"])
+    weak = report["before"]["asr"] < 0.8  # the untrained suspect carries no backdoor: the user is told
+    assert ("warning" in report) == weak == ("warning: the attack given reaches only" in printed)
     # the purified model reloads through its metadata, differs from the suspect, and scores as reported
     purified, meta = load_model(out / "purified_model.safetensors")
     assert meta["purified"]["defense"] == "pbe" and meta["attack"]["name"] == "badnets"

@@ -12,7 +12,7 @@ from fastpurify.cli import main
 from fastpurify.data import load_source
 from fastpurify.reproduce import paper_config
 from fastpurify.reproduce.subjects import epochs_within, get_subject, split_data, subject_key
-from fastpurify.backdoor import implant_warning
+from fastpurify.backdoor import implant_warning, weak_attack_warning
 from fastpurify.reproduce.table import aggregate, markdown, write_table
 from fastpurify.validation import InputError
 
@@ -141,6 +141,8 @@ def test_a_subject_whose_backdoor_did_not_implant_is_named(tmp_path):
     assert implant_warning(None) is None and implant_warning(0.8) is None and implant_warning(0.99) is None
     warning = implant_warning(0.12)
     assert "did not implant (ASR 12.0% < 80%)" in warning and "--epochs" in warning and "--rate" in warning
+    assert weak_attack_warning(None) is None and weak_attack_warning(0.9) is None
+    assert "reaches only ASR 3.0% (< 80%)" in weak_attack_warning(0.03) and "--target" in weak_attack_warning(0.03)
     runs = [_run("badnets", 0, 0.5, 0.02), {**_run("badnets", 1, 0.5, 0.02), "warning": warning}]
     write_table(tmp_path, "anp", runs, {"data": "X", "lines": []}, {}, {})
     text = (tmp_path / "table.md").read_text()

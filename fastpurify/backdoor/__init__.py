@@ -9,7 +9,8 @@ from __future__ import annotations
 from .badnets import BadNets
 from .base import MODES, Attack
 from .blend import Blend
-from .metrics import accuracy, attack_success_rate, backdoor_metrics, evaluate, implant_warning, robust_accuracy
+from .metrics import (accuracy, attack_success_rate, backdoor_metrics, evaluate, implant_warning, robust_accuracy,
+                      weak_attack_warning)
 from .poison import PoisonedDataset, poison
 from .subject import BackdoorSubject, train_backdoored
 from .sig import SIG

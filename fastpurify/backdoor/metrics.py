@@ -30,6 +30,17 @@ def implant_warning(asr: float | None) -> str | None:
             "little; train longer (--epochs), on more images (--train-images) or at a higher --rate")
 
 
+def weak_attack_warning(asr: float | None) -> str | None:
+    """The same bar for a user's model evaluated with the attack the user named: where that attack
+    hardly works before the defense, the ASR after says little, and the attack given (its kind,
+    target, trigger options) is the likelier mistake. None where it works (or ASR None)."""
+    if asr is None or asr >= IMPLANTED_ASR:
+        return None
+    return (f"the attack given reaches only ASR {asr:.1%} (< {IMPLANTED_ASR:.0%}) on the model before the defense: "
+            "the ASR after says little; check that --attack and its options (--target, --mode, ...) describe the "
+            "backdoor the model carries")
+
+
 def backdoor_metrics(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, attack: Attack,
                      batch_size: int = 512) -> dict[str, float]:
     """ASR and RA on the triggered test images that count (all-to-one excludes the target class).

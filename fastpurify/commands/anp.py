@@ -218,7 +218,7 @@ def _run(args: argparse.Namespace) -> int:
     from .. import __version__
     from .. import distributed as D
     from ..anp_eps import describe as describe_eps
-    from ..backdoor import evaluate
+    from ..backdoor import evaluate, weak_attack_warning
     from ..checkpoint import load_model, save_model
     from ..data import load_source
     from ..engines.anp import ANPDiverged
@@ -315,6 +315,7 @@ def _run(args: argparse.Namespace) -> int:
     table = format_sweep(points)
     write_text(out / "sweep.txt", table)
     before, after = evaluate(model, *held_out, attack), evaluate(pruned_model, *held_out, attack)
+    warning = weak_attack_warning(before.get("asr"))
     save_model(pruned_model, out / "pruned_model.safetensors",
                metadata={**meta, "pruned": {"neurons": k, "rule": rule, "value": value,
                                             **({"statistics": "corrected"} if selection is not None
@@ -328,6 +329,7 @@ def _run(args: argparse.Namespace) -> int:
               "peak_memory_bytes": result.engine.get("peak_memory_bytes"),
               "peak_memory_kind": result.engine.get("peak_memory_kind"),
               "pruning": {"rule": rule, "value": value, "pruned": k}, "before": before, "after": after,
+              **({"warning": warning} if warning else {}),
               "selection": None if selection is None else selection.as_dict(),
               "ensemble": None if not result.members else {
                   "seeds": [args.seed + i for i in range(args.seeds)], "aggregate": args.aggregate,
@@ -340,6 +342,8 @@ def _run(args: argparse.Namespace) -> int:
     asr = lambda m: f", ASR {m['asr']:.1%}" if "asr" in m else ""  # noqa: E731
     print(f"pruned {k} of {result.num_neurons} neurons ({rule}{'' if value is None else f' {value}'}); on {held_out[1].numel()} held-out images: "
           f"before ACC {before['acc']:.1%}{asr(before)}; after ACC {after['acc']:.1%}{asr(after)}")
+    if warning:
+        print(f"warning: {warning}")
     print(f"wrote {out}/mask_values.txt, masks.json, sweep.txt, pruned_model.safetensors, report.json"
           + "".join(f", {Path(f).name}" for f in figures))
     return 0

@@ -344,7 +344,7 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from .. import __version__
     from .. import distributed as D
-    from ..backdoor import evaluate
+    from ..backdoor import evaluate, weak_attack_warning
     from ..checkpoint import load_model, save_model
     from ..files import write_json
     from .anp import _attack
@@ -373,6 +373,9 @@ def _run(args: argparse.Namespace) -> int:
     print(f"PBE: {len(report.rounds)} round(s) in {report.seconds:.1f} s on {report.engine.get('device', '?')}"
           f"{peak_text(report.engine)}; on {inputs.test[1].numel()} test images: before {_metrics(report.before)}; "
           f"after {_metrics(after)}")
+    warning = weak_attack_warning((report.before or {}).get("asr"))
+    if warning:
+        print(f"warning: {warning}")
     summary = report.summary()
     write_json(out / "report.json", {
         "fastpurify": __version__, "command": "pbe", "model": str(args.model), "arch": meta["arch"],
@@ -382,7 +385,7 @@ def _run(args: argparse.Namespace) -> int:
         "engine": args.engine, "engine_info": summary["engine"], "settings": summary["settings"],
         "seconds": round(report.seconds, 3), "peak_memory_bytes": report.engine.get("peak_memory_bytes"),
         "peak_memory_kind": report.engine.get("peak_memory_kind"), "before": report.before, "after": after, "rounds": summary["rounds"],
-        "adversarial_labels": summary["adversarial_labels"],
+        "adversarial_labels": summary["adversarial_labels"], **({"warning": warning} if warning else {}),
         "attack": None if attack is None else repr(attack), "figures": figures,
         "arguments": {k: v for k, v in vars(args).items() if k != "command"}})
     print(f"wrote {out}/" + ", ".join(files + [Path(f).name for f in figures]))
