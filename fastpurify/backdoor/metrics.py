@@ -20,11 +20,16 @@ def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch
 IMPLANTED_ASR = 0.8  # below this a subject's backdoor counts as not implanted (the papers' subjects: ~100 %)
 
 
+def _weak(asr: float | None) -> bool:
+    """An ASR measured (not a clean model's None) and under ``IMPLANTED_ASR``."""
+    return asr is not None and asr < IMPLANTED_ASR
+
+
 def implant_warning(asr: float | None) -> str | None:
     """What to tell the user about a backdoored subject whose ASR (a fraction) stays under
     ``IMPLANTED_ASR``: a defense's "ASR after" says little where the trigger barely worked before.
     None where it implanted (or for a clean model, ASR None)."""
-    if asr is None or asr >= IMPLANTED_ASR:
+    if not _weak(asr):
         return None
     return (f"the backdoor did not implant (ASR {asr:.1%} < {IMPLANTED_ASR:.0%}): what a defense leaves of it says "
             "little; train longer (--epochs), on more images (--train-images) or at a higher --rate")
@@ -34,7 +39,7 @@ def weak_attack_warning(asr: float | None) -> str | None:
     """The same bar for a user's model evaluated with the attack the user named: where that attack
     hardly works before the defense, the ASR after says little, and the attack given (its kind,
     target, trigger options) is the likelier mistake. None where it works (or ASR None)."""
-    if asr is None or asr >= IMPLANTED_ASR:
+    if not _weak(asr):
         return None
     return (f"the attack given reaches only ASR {asr:.1%} (< {IMPLANTED_ASR:.0%}) on the model before the defense: "
             "the ASR after says little; check that --attack and its options (--target, --mode, ...) describe the "

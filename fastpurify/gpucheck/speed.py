@@ -19,13 +19,12 @@ SIZES = {
     "bn": (dict(shapes="cifar_resnet18", compile_dynamic=True, warmup=5, repeats=30),
            dict(shapes="smoke", warmup=1, repeats=3)),
     "anp": (dict(arch="cifar_resnet18", batch_size=128, num_images=500, image_size=32, warmup=3, iterations=10,
-                 repeats=5, end_to_end=2000, end_to_end_precisions=("fp32", "bf16"), bf16_check=200,
+                 repeats=5, end_to_end=2000, bf16_check=200,
                  variants=("reference", "fast"), profile=("fast", "fast-bf16"),
                  after=("fast-unfused", "reference-autotune", "fast-autotune", "reference-compile", "fast-bf16",
                         "fast-nchw", "fast-seeds4")),
             dict(arch="small_cnn", batch_size=16, num_images=32, image_size=16, warmup=1, iterations=2, repeats=2,
-                 end_to_end=20, end_to_end_precisions=("fp32", "bf16"), bf16_check=0, variants=("reference", "fast"),
-                 profile=("fast",),
+                 end_to_end=20, bf16_check=0, variants=("reference", "fast"), profile=("fast",),
                  after=("fast-eager",))),
     "pgd": (dict(arch="preact_resnet18", batch_size=512, num_images=2048, image_size=32, warmup=3, iterations=4,
                  repeats=5, steps=10,
@@ -43,6 +42,7 @@ SIZES = {
               dict(models=(("torchvision:resnet18", 32), ("torchvision:convnext_tiny", 32)), batch_size=2,
                    num_images=4, warmup=1, iterations=1, repeats=1, variants=("reference", "fast"))),
 }
+END_TO_END_PRECISIONS = ("fp32", "bf16")  # the 10 s target names no precision: both are run, fp32 first
 COMPILE_NEED_S = 60  # a torch.compile variant is started only with this much time left
 
 
@@ -155,7 +155,7 @@ def run_anp(record, opts) -> None:
         result = per_variant(record, "anp", s["variants"], run_one, results=runs)
         fast_ms = _median(result, "fast")
         if s["end_to_end"] and fast_ms is not None:
-            for precision in s["end_to_end_precisions"]:  # the target names no precision: fp32 first, then bf16
+            for precision in END_TO_END_PRECISIONS:
                 key = "anp_end_to_end" + ("" if precision == "fp32" else f"_{precision}")
                 record.run_step(f"anp end to end ({precision})", lambda key=key, precision=precision: record.put(
                     **{key: end_to_end(record, s, fast_ms, precision)}), need=15)
