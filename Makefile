@@ -29,11 +29,12 @@ bench: $(STAMP)
 
 # The GPU proof (bench/README.md): on a CUDA machine with torch, triton and pytest already in its
 # Python (no venv, no network), `make gpu-check OUT=DIR [BUDGET=480] [CIFAR=path] [STAGES=a,b]`;
-# `make gpu-check DRY_RUN=1` rehearses the same plan on CPU with smoke sizes (PYTHON=.venv/bin/python).
+# `make gpu-check DRY_RUN=1` rehearses the same plan on CPU with smoke sizes (PYTHON=.venv/bin/python);
+# `make gpu-check ESTIMATE=1 [STAGES=..] [BUDGET=..]` runs nothing and prints the seconds an H200 is expected to need.
 OUT ?= gpucheck-out
 BUDGET ?= 480
 gpu-check:
-	$(PYTHON) -m fastpurify.gpucheck --out $(OUT) --budget $(BUDGET) $(if $(DRY_RUN),--dry-run) \
+	$(PYTHON) -m fastpurify.gpucheck --out $(OUT) --budget $(BUDGET) $(if $(DRY_RUN),--dry-run) $(if $(ESTIMATE),--estimate) \
 		$(if $(CIFAR),--cifar $(CIFAR)) $(if $(STAGES),--stages $(STAGES)) $(if $(COMMIT),--commit $(COMMIT))
 
 clean:

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from fastpurify.gpucheck import main
-from fastpurify.gpucheck.plan import MIN_STAGE_S, STAGE_NAMES, STAGES, allotments, cannot_run, run_stage
+from fastpurify.gpucheck.plan import (MIN_STAGE_S, STAGE_NAMES, STAGES, SUMMARY_RESERVE_S, allotments, cannot_run,
+                                      describe_estimate, estimate, run_stage)
 from fastpurify.gpucheck.summary import TARGETS, evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,19 +80,61 @@ def test_dry_run_records_what_each_stage_measured(dry_run):
     assert rows["ANP it/s vs reference"]["result"] == "dry run (CPU smoke figure)"
     summary = (out / "summary.md").read_text()
     assert "DRY RUN" in summary and "| ANP it/s vs reference |" in summary and "## Stages" in summary
+    expected = {s.name: s.expected_s for s in STAGES}
+    assert all(stages[n]["expected_seconds"] == expected[n] for n in stages if stages[n]["status"] != "skipped" or
+               "not selected" not in stages[n]["reason"])
+    assert f"| anp | ok | {stages['anp']['wall_seconds']:.0f} | {stages['anp']['allotted_seconds']:.0f} | " \
+           f"{expected['anp']:.0f} |" in summary
 
 
 def test_budget_shares_pass_unused_time_on():
     env, rest = STAGES[0], list(STAGES[1:])
-    total = sum(s.share for s in rest)
-    assert allotments(400.0, rest) == pytest.approx(400.0 * rest[0].share / total)
+    total = sum(s.expected_s for s in rest)
+    assert allotments(400.0, rest) == pytest.approx(400.0 * rest[0].expected_s / total)
     # With fewer stages pending, each gets a larger part of what is left.
-    assert allotments(100.0, rest[-2:]) > allotments(100.0, rest)
+    assert allotments(100.0, [rest[0], rest[-1]]) > allotments(100.0, rest)
     # A stage's floor (the install takes its time) is kept when it leaves the others theirs.
-    assert env.min_seconds > 400.0 * env.share / sum(s.share for s in STAGES)
+    assert env.min_seconds > 400.0 * env.expected_s / sum(s.expected_s for s in STAGES)
     assert allotments(400.0, list(STAGES)) == env.min_seconds
     squeezed = allotments(60.0, list(STAGES))
     assert squeezed < env.min_seconds and 60.0 - squeezed >= MIN_STAGE_S * (len(STAGES) - 1) - 1e-9
+    # A budget of the stages' expected seconds gives each at least its expectation (in plan order,
+    # each using exactly that).
+    chosen = [s for s in STAGES if s.name != "cifar"]
+    left = sum(s.expected_s for s in chosen)
+    for i, stage in enumerate(chosen):
+        seconds = allotments(left, chosen[i:])
+        assert seconds >= stage.expected_s - 1e-9, stage.name
+        left -= stage.expected_s
+
+
+def test_the_estimate_says_when_the_budget_is_short_and_how_to_split_it(capsys):
+    """Before a run (and with ``--estimate``, from any machine): the chosen stages' expected seconds
+    on an H200; a budget under them is named with the seconds missing and a split into commands that
+    each fit the budget and one device call, in plan order, each with the environment stage."""
+    everything = estimate(STAGE_NAMES, 480.0, lambda name: True)
+    assert everything["total"] == pytest.approx(sum(s.expected_s for s in STAGES))
+    assert everything["short_by"] == pytest.approx(everything["total"] - (480.0 - SUMMARY_RESERVE_S))
+    calls = everything["calls"]
+    assert len(calls) >= 2 and all(c["stages"][0] == "environment" for c in calls)
+    assert [n for c in calls for n in c["stages"] if n != "environment"] == list(STAGE_NAMES[1:])
+    assert all(c["expected"] <= 480.0 - SUMMARY_RESERVE_S for c in calls)
+    lines = describe_estimate(everything)
+    assert "warning" in lines[-1] and "STAGES=environment," in lines[-1] and f"{everything['short_by']:.0f} s short" \
+        in lines[-1]
+    # Enough budget: no warning; a stage that cannot run is left out of the sum.
+    fits = estimate(("environment", "anp", "cifar"), 400.0, lambda name: name != "cifar")
+    assert set(fits["expected"]) == {"environment", "anp"} and fits["short_by"] == 0.0
+    assert len(describe_estimate(fits)) == 1
+    # Over one device call: said, and the split keeps each command inside it.
+    long = estimate(STAGE_NAMES, 2000.0, lambda name: True)
+    assert long["over_one_call"] and "at most 600 s" in describe_estimate(long)[1]
+    # The command line: no --out and no CUDA needed.
+    assert main(["--estimate", "--stages", "environment,tests,bnplans,anp,pgd,pbe", "--budget", "300"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("plan: environment 20, tests") and "s short" in out
+    assert main(["--estimate", "--budget", "2000"]) == 0
+    assert "cifar" not in capsys.readouterr().out.splitlines()[0]  # no --cifar tarball: the stage would skip
 
 
 def test_stages_that_would_only_skip_get_no_time(tmp_path):

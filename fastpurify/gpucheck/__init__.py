@@ -2,11 +2,14 @@
 prepared command that proves fastpurify on an NVIDIA GPU inside a short time budget and leaves
 all its evidence in one folder.
 
-Stages, in order, each in its own process with its share of the time still left (a stage that
-would overrun is cut off and keeps what it measured; the command always ends inside its budget):
-environment (install, versions, copy bandwidth) -> tests (gpu-marked tests and the kernel suites
-compiled on CUDA) -> sanitizer (memcheck, racecheck) -> bn (fused BatchNorm vs PyTorch, compile,
-cuDNN) -> anp -> pgd -> pbe -> large (ResNet-50, ViT-B/16) -> cifar (real-data fidelity).
+Stages, in order, each in its own process with its share of the time still left, in proportion
+to the seconds it is expected to need on an H200 (a stage that would overrun is cut off and keeps
+what it measured; the command always ends inside its budget): environment (install, versions,
+copy bandwidth) -> tests (gpu-marked tests and the kernel suites compiled on CUDA) -> sanitizer
+(memcheck, racecheck) -> bn (fused BatchNorm vs PyTorch, compile, cuDNN) -> bnplans (the launch
+plans swept) -> anp -> pgd -> pbe -> large (ResNet-50, ViT-B/16) -> cifar (real-data fidelity).
+``--estimate`` runs nothing and prints those seconds against the budget, with a split into calls
+that fit where it falls short.
 
 Into DIR: ``<stage>.json`` for each stage, ``logs/``, ``gpucheck.json`` (everything) and
 ``summary.md`` (each target, measured value, met or not). ``--dry-run`` runs the same plan on
@@ -37,6 +40,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="seconds for the whole command (default: %(default)s)")
     p.add_argument("--stages", default=None, help=f"comma-separated subset of: {', '.join(STAGE_NAMES)} (default: all)")
     p.add_argument("--dry-run", action="store_true", help="the same plan on CPU at smoke sizes (no GPU needed)")
+    p.add_argument("--estimate", action="store_true",
+                   help="run nothing: print the seconds the chosen stages are expected to take on an H200 against "
+                        "--budget, and a split into commands that fit one device call when it falls short")
     p.add_argument("--cifar", default=None, help="the CIFAR-10 JPEG tarball inside the checkout (stage cifar)")
     p.add_argument("--commit", default=None, help="the commit measured (default: git rev-parse HEAD, if a .git is "
                                                   "there)")
@@ -54,6 +60,16 @@ def report(out_dir: Path, result: dict) -> int:
     return 0
 
 
+def print_estimate(stages: tuple[str, ...], budget: float, cifar: str | None) -> int:
+    """``--estimate``: the plan's expected seconds on the GPU, from any machine (the sanitizer is
+    taken to be there; the cifar stage needs its tarball)."""
+    from .fidelity import unavailable
+    from .plan import describe_estimate, estimate
+
+    print("\n".join(describe_estimate(estimate(stages, budget, lambda name: name != "cifar" or not unavailable(cifar)))))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from .environment import ROOT
     from .plan import check_can_run, choose_stages, run_plan
@@ -68,11 +84,13 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         return report(folder, rebuild(folder, Path(args.results_dir) if args.results_dir else None))
     try:
-        if not args.out:
-            raise InputError("--out DIR is required (the folder for the evidence)")
         if not args.budget > 0:
             raise InputError(f"--budget must be a positive number of seconds, got {args.budget}")
         stages = choose_stages(args.stages)
+        if args.estimate:
+            return print_estimate(stages, args.budget, args.cifar)
+        if not args.out:
+            raise InputError("--out DIR is required (the folder for the evidence)")
         check_can_run(args.dry_run)
     except InputError as err:
         print(f"fastpurify gpu-check: error: {err}", file=sys.stderr)

@@ -24,33 +24,44 @@ MIN_STAGE_S = 4.0         # a stage offered less is skipped ("budget")
 KILL_GRACE_S = 3.0        # SIGTERM, then SIGKILL after this long
 
 
+PER_CALL_S = 600.0         # the longest command the project's device tool runs (its README)
+CALL_MARGIN_S = 20.0       # kept under PER_CALL_S: the interpreter's start, the summary's last writes
+
+
 @dataclass(frozen=True)
 class Stage:
     name: str
-    share: float
+    expected_s: float  # seconds it needs on an H200 at its sizes (below); the budget is shared in proportion
     what: str
     min_seconds: float = MIN_STAGE_S  # its share is raised to this when the time left allows
 
 
-# Shares from two runs (H100 and H200, 2026-11-26): the environment about 20 s, the two test parts
-# at once about 50 s, the benchmarks 20-110 s each with their torch.compile variants; at the
-# default 480 s every stage then gets about what it used.
+# Expected seconds on an H200: run 3's stage times (commit b1fe143, bench/NOTES.md) and run 4's
+# (tests, cifar), plus what each stage has gained since, estimated from run 3's step times:
+# - tests: run 4 ran 660 compiled tests in 96 s; 779 today (the ReLU / residual folds, the eval norms);
+# - sanitizer: 37 s over the same kernel tests, a few more of them;
+# - bnplans: never run; 216 distinct kernels to compile (81 s on the 2-core CPU, sm_90), then 200 plans
+#   timed at four shapes in two layouts (bench/NOTES.md: "give it two minutes");
+# - anp: 95 s, + fast-unfused (~4 s), the two autotuned variants (~25 s), the bf16 end to end (~12 s);
+# - pgd: 52 s, + fast-native-norms (~4 s) and the two autotuned variants (~20 s);
+# - pbe: 41 s, + the two autotuned variants (~35 s) and the profiled round (~10 s);
+# - cifar: run 4's 216 s for two attacks and a clean control; it sizes itself to the time it gets.
 STAGES = (
-    Stage("environment", 0.03, "install the checkout (pip --no-deps -e), record device, driver and versions, "
-                               "measure the copy bandwidth", min_seconds=40),  # an H100 took 8 s to install
-    Stage("tests", 0.15, "the gpu-marked tests and the kernel / functional / layer suites on CUDA tensors, "
-                         "compiled kernels, per-test timeout"),
-    Stage("sanitizer", 0.12, "compute-sanitizer memcheck and racecheck over the kernel tests"),
-    Stage("bn", 0.06, "fused BatchNorm vs PyTorch composition vs torch.compile vs cuDNN, CIFAR ResNet-18 shapes, "
-                      "both layouts"),
-    Stage("bnplans", 0.08, "the fused BatchNorm's launch plans swept (tiles, splits, warps) against the default "
-                           "and cuDNN, CIFAR ResNet-18 shapes, channels_last and NCHW"),
-    Stage("anp", 0.25, "bench anp on CIFAR ResNet-18 (batch 128, 500 images), 2,000 iterations end to end, "
-                       "bf16 pruned-set change"),
-    Stage("pgd", 0.14, "bench pgd: PGD-10, batch 512, PreAct-ResNet-18"),
-    Stage("pbe", 0.10, "bench pbe: one PBE round on a clean extra set"),
-    Stage("large", 0.08, "ANP on torchvision ResNet-50 at 224 px (batch 64) and ViT-B/16, peak memory"),
-    Stage("cifar", 0.10, "fidelity on CIFAR-10 (JPEG copy): a backdoored model, fast ANP and PBE, ACC / ASR"),
+    Stage("environment", 20, "install the checkout (pip --no-deps -e), record device, driver and versions, "
+                             "measure the copy bandwidth", min_seconds=40),  # an H100 took 8 s to install
+    Stage("tests", 120, "the gpu-marked tests and the kernel / functional / layer suites on CUDA tensors, "
+                        "compiled kernels, per-test timeout"),
+    Stage("sanitizer", 45, "compute-sanitizer memcheck and racecheck over the kernel tests"),
+    Stage("bn", 25, "fused BatchNorm vs PyTorch composition vs torch.compile vs cuDNN, CIFAR ResNet-18 shapes, "
+                    "both layouts"),
+    Stage("bnplans", 120, "the fused BatchNorm's launch plans swept (tiles, splits, warps) against the default "
+                          "and cuDNN, CIFAR ResNet-18 shapes, channels_last and NCHW"),
+    Stage("anp", 140, "bench anp on CIFAR ResNet-18 (batch 128, 500 images), 2,000 iterations end to end, "
+                      "bf16 pruned-set change"),
+    Stage("pgd", 80, "bench pgd: PGD-10, batch 512, PreAct-ResNet-18"),
+    Stage("pbe", 90, "bench pbe: one PBE round on a clean extra set"),
+    Stage("large", 30, "ANP on torchvision ResNet-50 at 224 px (batch 64) and ViT-B/16, peak memory"),
+    Stage("cifar", 250, "fidelity on CIFAR-10 (JPEG copy): a backdoored model, fast ANP and PBE, ACC / ASR"),
 )
 STAGE_NAMES = tuple(s.name for s in STAGES)
 
@@ -67,12 +78,52 @@ def choose_stages(names: str | None) -> tuple[str, ...]:
 
 
 def allotments(left: float, pending: list[Stage]) -> float:
-    """Seconds for the first of ``pending`` stages: its share of what is left, raised to its
-    ``min_seconds`` where that leaves the others at least their shares' worth of MIN_STAGE_S."""
-    total = sum(s.share for s in pending)
-    seconds = left * pending[0].share / total if total > 0 else 0.0
+    """Seconds for the first of ``pending`` stages: its share of what is left (in proportion to
+    the stages' expected seconds), raised to its ``min_seconds`` where that leaves the others at
+    least MIN_STAGE_S each."""
+    total = sum(s.expected_s for s in pending)
+    seconds = left * pending[0].expected_s / total if total > 0 else 0.0
     floor = min(pending[0].min_seconds, left - MIN_STAGE_S * (len(pending) - 1))
     return max(seconds, floor, 0.0)
+
+
+def estimate(stages: tuple[str, ...], budget: float, runnable) -> dict:
+    """What the ``stages`` that ``runnable(name)`` says can run are expected to take on an H200,
+    against ``budget``: each stage's seconds, the total, how far short the budget falls (then every
+    stage gets only its proportional part and the later variants of each are cut), and a split
+    into commands that each fit one device call (``PER_CALL_S``) and the budget, in plan order,
+    each starting with ``environment`` where it was asked for."""
+    chosen = [s for s in STAGES if s.name in stages and runnable(s.name)]
+    total = sum(s.expected_s for s in chosen)
+    room = min(budget, PER_CALL_S - CALL_MARGIN_S) - SUMMARY_RESERVE_S
+    head = [s for s in chosen if s.name == "environment"]
+    calls: list[list[Stage]] = []
+    for stage in chosen:
+        if stage in head:
+            continue
+        if not calls or sum(s.expected_s for s in calls[-1]) + stage.expected_s > room:
+            calls.append(list(head))
+        calls[-1].append(stage)
+    return {"expected": {s.name: s.expected_s for s in chosen}, "total": total, "budget": budget,
+            "short_by": max(0.0, total - (budget - SUMMARY_RESERVE_S)),
+            "over_one_call": budget > PER_CALL_S - CALL_MARGIN_S,
+            "calls": [{"stages": [s.name for s in call], "expected": sum(s.expected_s for s in call)}
+                      for call in calls]}
+
+
+def describe_estimate(est: dict) -> list[str]:
+    """The estimate as lines to print before the run (and with ``--estimate``)."""
+    parts = ", ".join(f"{name} {s:.0f}" for name, s in est["expected"].items())
+    lines = [f"plan: {parts}: about {est['total']:.0f} s expected on an H200 (budget {est['budget']:.0f} s)"]
+    if est["over_one_call"]:
+        lines.append(f"note: the budget is over {PER_CALL_S - CALL_MARGIN_S:.0f} s; the project's device tool runs "
+                     f"a command for at most {PER_CALL_S:.0f} s")
+    if est["short_by"] > 0:
+        split = "; ".join(f"STAGES={','.join(c['stages'])} (about {c['expected']:.0f} s)" for c in est["calls"])
+        lines.append(f"warning: the budget is about {est['short_by']:.0f} s short: every stage gets its proportional "
+                     "part and the later variants of each are cut. Raise the budget or run fewer stages"
+                     + (f"; in calls that fit: {split}" if len(est["calls"]) > 1 else ""))
+    return lines
 
 
 def cannot_run(name: str, *, dry_run: bool, cifar: str | None) -> str | None:
@@ -180,6 +231,10 @@ def run_plan(out_dir: Path, *, budget: float, stages: tuple[str, ...], dry_run: 
     if cifar:
         args += ["--cifar", str(cifar)]
     chosen = [s for s in STAGES if s.name in stages]
+    for line in describe_estimate(estimate(stages, budget, lambda name: cannot_run(
+            name, dry_run=dry_run, cifar=cifar) is None)):
+        print(line + (" (GPU figures; a dry run takes its own)" if dry_run and line.startswith("plan") else ""),
+              flush=True)
     records = []
     for i, stage in enumerate(chosen):
         left = budget - (time.monotonic() - start) - SUMMARY_RESERVE_S
@@ -194,6 +249,7 @@ def run_plan(out_dir: Path, *, budget: float, stages: tuple[str, ...], dry_run: 
         else:
             print(f"== {stage.name}: {stage.what} ({seconds:.0f} s)", flush=True)
             rec = run_stage(stage, seconds, out_dir, args, env, root)
+        rec["expected_seconds"] = stage.expected_s
         records.append(rec)
         print(f"   {stage.name}: {rec['status']} in {rec.get('wall_seconds', 0):.0f} s"
               f"{' - ' + rec['reason'] if rec.get('reason') else ''}", flush=True)

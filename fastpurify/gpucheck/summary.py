@@ -242,10 +242,13 @@ def markdown(result: dict) -> str:
              f"- copy bandwidth: {(env.get('copy_bandwidth') or {}).get('gb_per_s', 'not measured')} GB/s "
              "(read + written)", "", "## Targets", "", "| target | goal | measured | result |", "|---|---|---|---|"]
     lines += [f"| {r['target']} | {r['goal']} | {r['measured']} | {r['result']} |" for r in result["targets"]]
-    lines += ["", "## Stages", "", "| stage | status | seconds | allotted | note |", "|---|---|---|---|---|"]
+    lines += ["", "## Stages", "", "| stage | status | seconds | allotted | expected on an H200 | note |",
+              "|---|---|---|---|---|---|"]
     for name, rec in result["stages"].items():
+        expected = rec.get("expected_seconds")  # records before 2026-11-28 have none
         lines.append(f"| {name} | {rec['status']} | {rec.get('wall_seconds', rec.get('seconds', 0)):.0f} | "
-                     f"{rec.get('allotted_seconds', 0):.0f} | {rec.get('reason', '')} |")
+                     f"{rec.get('allotted_seconds', 0):.0f} | {'-' if expected is None else f'{expected:.0f}'} | "
+                     f"{rec.get('reason', '')} |")
     failures = []
     for name, rec in result["stages"].items():
         failures += [f"- {name} / {s['name']}: {s['status']} — {_first_line(s['reason'])}" for s in rec.get("steps", [])
