@@ -111,10 +111,12 @@ def estimate(stages: tuple[str, ...], budget: float, runnable) -> dict:
                       for call in calls]}
 
 
-def describe_estimate(est: dict) -> list[str]:
-    """The estimate as lines to print before the run (and with ``--estimate``)."""
+def describe_estimate(est: dict, dry_run: bool = False) -> list[str]:
+    """The estimate as lines to print before the run (and with ``--estimate``); a dry run's says
+    its figures are the GPU's."""
     parts = ", ".join(f"{name} {s:.0f}" for name, s in est["expected"].items())
-    lines = [f"plan: {parts}: about {est['total']:.0f} s expected on an H200 (budget {est['budget']:.0f} s)"]
+    lines = [f"plan: {parts}: about {est['total']:.0f} s expected on an H200 (budget {est['budget']:.0f} s)"
+             + (" (GPU figures; a dry run takes its own)" if dry_run else "")]
     if est["over_one_call"]:
         lines.append(f"note: the budget is over {PER_CALL_S - CALL_MARGIN_S:.0f} s; the project's device tool runs "
                      f"a command for at most {PER_CALL_S:.0f} s")
@@ -231,10 +233,8 @@ def run_plan(out_dir: Path, *, budget: float, stages: tuple[str, ...], dry_run: 
     if cifar:
         args += ["--cifar", str(cifar)]
     chosen = [s for s in STAGES if s.name in stages]
-    for line in describe_estimate(estimate(stages, budget, lambda name: cannot_run(
-            name, dry_run=dry_run, cifar=cifar) is None)):
-        print(line + (" (GPU figures; a dry run takes its own)" if dry_run and line.startswith("plan") else ""),
-              flush=True)
+    est = estimate(stages, budget, lambda name: cannot_run(name, dry_run=dry_run, cifar=cifar) is None)
+    print("\n".join(describe_estimate(est, dry_run)), flush=True)
     records = []
     for i, stage in enumerate(chosen):
         left = budget - (time.monotonic() - start) - SUMMARY_RESERVE_S
