@@ -62,11 +62,11 @@ def report(out_dir: Path, result: dict) -> int:
 
 def print_estimate(stages: tuple[str, ...], budget: float, cifar: str | None) -> int:
     """``--estimate``: the plan's expected seconds on the GPU, from any machine (the sanitizer is
-    taken to be there; the cifar stage needs its tarball)."""
-    from .fidelity import unavailable
-    from .plan import describe_estimate, estimate
+    taken to be there, as on the device machine; every other stage by the run's own check)."""
+    from .plan import cannot_run, describe_estimate, estimate
 
-    print("\n".join(describe_estimate(estimate(stages, budget, lambda name: name != "cifar" or not unavailable(cifar)))))
+    runnable = lambda name: name == "sanitizer" or cannot_run(name, dry_run=False, cifar=cifar) is None  # noqa: E731
+    print("\n".join(describe_estimate(estimate(stages, budget, runnable))))
     return 0
 
 
